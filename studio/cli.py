@@ -1,0 +1,87 @@
+"""The `studio` command: one entry point, a subcommand per job.
+
+Each subcommand lives in the module that owns the job and registers itself here through a
+``register(subparsers)`` function, so this file stays a thin dispatcher. Errors that are the
+user's to fix (:class:`studio.errors.StudioError`) print as one line on stderr with exit
+status 2; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+# modules that contribute subcommands, in the order `studio --help` lists them
+COMMAND_MODULES: tuple[str, ...] = (
+    "studio.commands.info",
+    "studio.commands.generate",
+    "studio.micro.cli",
+    "studio.evals.cli",
+)
+
+log = logging.getLogger("studio")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="studio",
+        description="diffusion-studio: train, keep and mix adapters for diffusers text-to-image models.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name == name:  # a subcommand module not built yet: no stub is shown
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def _setup_logging(debug: bool, quiet: bool) -> None:
+    level = logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(message)s" if not debug else "%(levelname)s %(name)s: %(message)s")
+    if not debug:
+        # the libraries' own chatter (weights loading bars, deprecation notes) hides our output
+        for noisy in ("diffusers", "transformers", "accelerate", "peft", "httpx", "urllib3"):
+            logging.getLogger(noisy).setLevel(logging.ERROR)
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+        import warnings
+
+        warnings.filterwarnings("ignore")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    quiet = "-q" in argv or "--quiet" in argv
+    _setup_logging(debug, quiet)
+    from studio.errors import StudioError
+
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        result = args.func(args)
+        return int(result or 0)
+    except StudioError as exc:
+        if debug:
+            raise
+        print(f"studio: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("studio: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
