@@ -128,11 +128,9 @@ def tiny_ldm(seed: int = 0):
 
     tok = tiny_tokenizer()
     torch.manual_seed(seed)
-    vq = VQModel(block_out_channels=(8, 16), in_channels=3, out_channels=3, latent_channels=3, norm_num_groups=4,
-                 down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                 num_vq_embeddings=32, sample_size=32)
+    vq = _vq(seed)
     unet = UNet2DConditionModel(
-        block_out_channels=(16, 32), layers_per_block=1, sample_size=16, in_channels=3, out_channels=3,
+        block_out_channels=(16, 32), layers_per_block=1, sample_size=4, in_channels=3, out_channels=3,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=16, attention_head_dim=2, norm_num_groups=8,
     )
@@ -142,13 +140,35 @@ def tiny_ldm(seed: int = 0):
                                   unet=unet, scheduler=sched)
 
 
-BUILDERS = {"sd1": tiny_sd1, "sd2": tiny_sd2, "sdxl": tiny_sdxl, "ldm": tiny_ldm}
+def _vq(seed: int):
+    from diffusers import VQModel
+
+    torch.manual_seed(seed)
+    # four levels: factor 8, which LDM pipelines assume (they divide the size by 8 themselves)
+    return VQModel(block_out_channels=(8, 8, 16, 16), in_channels=3, out_channels=3, latent_channels=3,
+                   norm_num_groups=4, down_block_types=("DownEncoderBlock2D",) * 4,
+                   up_block_types=("UpDecoderBlock2D",) * 4, num_vq_embeddings=32, sample_size=32)
+
+
+def tiny_ldm_uncond(seed: int = 0):
+    """Unconditional latent diffusion (LDMPipeline): VQ autoencoder + UNet2DModel, no text."""
+    from diffusers import DDIMScheduler, LDMPipeline, UNet2DModel
+
+    vq = _vq(seed)
+    torch.manual_seed(seed)
+    unet = UNet2DModel(block_out_channels=(16, 32), layers_per_block=1, sample_size=4, in_channels=3,
+                       out_channels=3, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                       up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=8)
+    return LDMPipeline(vqvae=vq, unet=unet, scheduler=DDIMScheduler(clip_sample=False))
+
+
+BUILDERS = {"sd1": tiny_sd1, "sd2": tiny_sd2, "sdxl": tiny_sdxl, "ldm": tiny_ldm, "ldm-uncond": tiny_ldm_uncond}
 
 
 def tiny_pipeline(family: str, seed: int = 0):
-    """A seeded tiny pipeline of ``family`` (one of sd1, sd2, sdxl, ldm)."""
+    """A seeded tiny pipeline of ``family`` (sd1, sd2, sdxl, ldm, or ldm-uncond)."""
     if family not in BUILDERS:
-        raise ValueError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
+        raise ValueError(f"unknown family {family!r}; choose one of {', '.join(BUILDERS)}")
     pipe = BUILDERS[family](seed)
     pipe.set_progress_bar_config(disable=True)
     return pipe

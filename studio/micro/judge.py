@@ -20,11 +20,8 @@ from studio.micro.world import ATTRIBUTES
 FEATURE_DIM = 128
 
 
-def _block(cin: int, cout: int) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.SiLU(),
-        nn.Conv2d(cout, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.SiLU(),
-    )
+def _conv(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.SiLU())
 
 
 class Judge(nn.Module):
@@ -32,11 +29,12 @@ class Judge(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
+        # one conv per scale keeps a training step cheap on two CPU cores; the world is simple
         self.trunk = nn.Sequential(
-            _block(3, 32), nn.MaxPool2d(2),  # 32
-            _block(32, 64), nn.MaxPool2d(2),  # 16
-            _block(64, 96), nn.MaxPool2d(2),  # 8
-            _block(96, FEATURE_DIM), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+            _conv(3, 32), nn.MaxPool2d(2),  # 32x32
+            _conv(32, 64), nn.MaxPool2d(2),  # 16x16
+            _conv(64, 128), nn.MaxPool2d(2),  # 8x8
+            _conv(128, 128), _conv(128, FEATURE_DIM), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
         )
         self.heads = nn.ModuleDict({a: nn.Linear(FEATURE_DIM, len(v)) for a, v in ATTRIBUTES.items()})
 

@@ -43,7 +43,7 @@ class PretrainConfig:
     tiny: bool = False  # the smoke test's architecture
     threads: int = 0  # torch threads; 0 = leave torch's default
     judge_images: int = 24000
-    judge_steps: int = 3000
+    judge_steps: int = 2000
     judge_batch: int = 64
     vae_steps: int = 1600
     vae_batch: int = 16

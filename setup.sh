@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Set up diffusion-studio in .venv inside this checkout: torch (CPU build where no torch is
+# present), then the studio with its test extras. Safe to run again; never replaces a torch
+# that is already there (a CUDA build stays a CUDA build).
+set -euo pipefail
+cd "$(dirname "$0")"
+PYTHON=${PYTHON:-python3}
+TORCH_PIN=${STUDIO_TORCH:-torch==2.13.0}
+
+if [ ! -x .venv/bin/python ]; then
+  # reuse a torch the system interpreter already has (e.g. a CUDA build) instead of a second copy
+  if "$PYTHON" -c "import torch" >/dev/null 2>&1; then
+    echo "setup: using the torch of $PYTHON ($("$PYTHON" -c 'import torch; print(torch.__version__)'))"
+    "$PYTHON" -m venv --system-site-packages .venv
+  else
+    "$PYTHON" -m venv .venv
+  fi
+fi
+PIP=".venv/bin/python -m pip"
+$PIP install -q --upgrade pip >/dev/null 2>&1 || true
+if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
+  echo "setup: installing $TORCH_PIN (CPU build here)"
+  $PIP install -q "$TORCH_PIN"
+fi
+echo "setup: installing diffusion-studio and its test extras"
+$PIP install -q -e ".[dev]"
+.venv/bin/python -c "import torch, diffusers, transformers, peft, accelerate, gradio, studio; \
+print(f'setup: ok (torch {torch.__version__}, diffusers {diffusers.__version__}, studio {studio.__version__})')"
