@@ -19,8 +19,10 @@ from collections.abc import Sequence
 COMMAND_MODULES: tuple[str, ...] = (
     "studio.commands.info",
     "studio.commands.generate",
+    "studio.trainers.cli",
     "studio.micro.cli",
     "studio.evals.cli",
+    "studio.formats.cli",
 )
 
 log = logging.getLogger("studio")
@@ -39,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as exc:
-            if exc.name == name:  # a subcommand module not built yet: no stub is shown
+            if exc.name and name.startswith(exc.name):  # a subcommand module not built yet: no stub is shown
                 continue
             raise
         module.register(sub)

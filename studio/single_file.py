@@ -24,6 +24,7 @@ import os
 import re
 import struct
 import tempfile
+import uuid
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -99,6 +100,7 @@ _VAE_ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_ou
 
 
 def _per_block(value: Any, n: int) -> list[int]:
+    """``layers_per_block`` as one count per level (diffusers allows an int or a tuple)."""
     return [int(value)] * n if isinstance(value, int) else [int(v) for v in value]
 
 
@@ -270,11 +272,13 @@ def component_entries(name: str, keys: Iterable[str], config: Mapping[str, Any],
 
 
 def _component_config(model: Any) -> dict[str, Any]:
+    """A diffusers or transformers component's config as a plain dict."""
     cfg = model.config
     return dict(cfg) if isinstance(cfg, Mapping) else cfg.to_dict()
 
 
 def _to_ldm(entry: Entry, state: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """The single-file tensor of one entry, from the diffusers state dict."""
     tensors = [state[k] for k in entry.diffusers]
     if entry.kind == "concat":
         out = torch.cat(tensors, 0)
@@ -309,6 +313,7 @@ def pipeline_family(pipe: Any) -> str:
 
 
 def _model_names(family: str) -> tuple[str, ...]:
+    """The weight-bearing components of ``family``, in file order."""
     return ("unet", "vae", *TEXT_LAYOUTS[family])
 
 
@@ -362,6 +367,7 @@ def _tokenizer_files(tok: Any) -> dict[str, str]:
 
 
 def _jsonable(value: Any) -> Any:
+    """Config values as JSON types (tuples to lists, dtypes to names)."""
     if isinstance(value, Mapping):
         return {str(k): _jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -374,7 +380,7 @@ def _jsonable(value: Any) -> Any:
 def studio_metadata(pipe: Any, family: str) -> dict[str, str]:
     """The ``studio.*`` header entries that let the studio rebuild ``pipe`` offline."""
     meta = {f"{META}format_version": FORMAT_VERSION, f"{META}family": family,
-            f"{META}pipeline": type(pipe).__name__}
+            f"{META}pipeline": PIPELINES[family]}
     index = {k: _jsonable(v) for k, v in dict(pipe.config).items() if not k.startswith("_")}
     meta[f"{META}model_index"] = json.dumps(index)
     for name in (*_model_names(family), "scheduler"):
@@ -412,19 +418,23 @@ def save_single_file(pipe: Any, path: str | os.PathLike, *, dtype: torch.dtype |
     path = Path(path)
     if path.suffix.lower() != ".safetensors":
         raise StudioError(f"{path}: single-file checkpoints are written as .safetensors; use that suffix")
-    family = pipeline_family(pipe)
-    tensors = convert_to_ldm(pipe.components, family, dtype)
-    metadata = {"format": "pt"}
-    if embed_config:
-        metadata.update(studio_metadata(pipe, family))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
     try:
-        save_file(tensors, tmp, metadata=metadata)
+        family = pipeline_family(pipe)
+        tensors = convert_to_ldm(pipe.components, family, dtype)
+        metadata = {"format": "pt"}
+        if embed_config:
+            metadata.update(studio_metadata(pipe, family))
+    except StudioError as exc:
+        raise StudioError(f"{path}: not written: {exc}") from exc
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # a unique name beside the target (same file system, so os.replace is atomic); created by
+    # save_file itself, so the file gets the usual permissions rather than mkstemp's 0600
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        save_file({k: v.cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     log.info("wrote %s (%s, %d tensors%s)", path, family, len(tensors), ", configs embedded" if embed_config else "")
     return path
@@ -464,8 +474,14 @@ class Checkpoint:
         except Exception as exc:  # noqa: BLE001
             raise _invalid(self.path, f"tensor {key} cannot be read: {exc}") from exc
 
+    def close(self) -> None:
+        """Release the file."""
+        self._handle = None
+        self._state = None
+
 
 def _invalid(path: Path, why: str) -> StudioError:
+    """The one-line error for a file that is not a readable safetensors checkpoint."""
     return StudioError(f"{path}: not a valid .safetensors checkpoint ({why}); re-download or re-export the file")
 
 
@@ -561,7 +577,7 @@ def _describe(keys: set[str]) -> str:
     if has("lora_down", "lora_up", "lora_A.", "lora_B.", "lora.down", "lora.up", "hada_w1", "lokr_w1") or \
             starts("lora_unet_", "lora_te"):
         return "looks like a LoRA, not a base model; use it with --adapter"
-    if keys and keys <= {"emb_params", "clip_l", "clip_g", "string_to_param.*", "string_to_token"} or has("string_to_param"):
+    if has("string_to_param") or keys <= {"emb_params", "clip_l", "clip_g", "string_to_token"}:
         return "looks like a textual-inversion embedding, not a base model"
     if starts("control_model.", "controlnet_") or has("input_hint_block"):
         return "looks like a ControlNet, not a base model"
@@ -650,6 +666,7 @@ class Spec:
 
 
 def _read_json(file: Path, origin: str) -> dict[str, Any]:
+    """A JSON object from a config file, or a StudioError naming it."""
     try:
         data = json.loads(file.read_text())
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -660,6 +677,7 @@ def _read_json(file: Path, origin: str) -> dict[str, Any]:
 
 
 def _embedded_spec(ckpt: Checkpoint, family: str) -> Spec:
+    """The configs and tokenizer files that :func:`save_single_file` put in the header."""
     meta = ckpt.metadata
     source = "the configs embedded in the file"
 
@@ -701,7 +719,7 @@ def _cached_vocab() -> dict[str, str] | None:
 def _folder_spec(ckpt: Checkpoint, family: str, bundled: str, config: Path | None) -> Spec:
     """Configs from ``config`` (a diffusers folder) where it has them, else the bundled ones."""
     base = CONFIGS_DIR / bundled
-    source = f"--config {config}" if config else f"the bundled {bundled} configs"
+    source = f"--config {config} (over the bundled {bundled} configs)" if config else f"the bundled {bundled} configs"
     layers = [config, base] if config else [base]
 
     def pick(rel: str) -> Path:
@@ -867,6 +885,7 @@ def load_components(ckpt: Checkpoint, spec: Spec, family: str, dtype: torch.dtyp
 
 
 def _tokenizer(name: str, files: Mapping[str, str], source: str) -> Any:
+    """A CLIP tokenizer from its files' text, through a temporary folder (never the network)."""
     from transformers import CLIPTokenizer
 
     with tempfile.TemporaryDirectory(prefix="studio-tok-") as tmp:
@@ -880,6 +899,7 @@ def _tokenizer(name: str, files: Mapping[str, str], source: str) -> Any:
 
 
 def _scheduler(cfg: Mapping[str, Any], source: str, prediction_type: str | None) -> Any:
+    """The scheduler of a config, only from diffusers' own scheduler classes."""
     import diffusers
     from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
@@ -941,9 +961,16 @@ def load_single_file(
     if spec.pipeline != PIPELINES[family]:
         raise StudioError(f"{spec.source}: describes a {spec.pipeline}, but {path.name} is a {family} checkpoint "
                           f"({PIPELINES[family]}); pass --config a matching diffusers folder")
+    needed = {"tokenizer", "tokenizer_2"} if family == "sdxl" else {"tokenizer"}
+    if needed - set(spec.tokenizers):
+        raise StudioError(f"{path}: {spec.source} lack {', '.join(sorted(needed - set(spec.tokenizers)))}; "
+                          f"pass --config a diffusers folder that has them")
     tokenizers = {name: _tokenizer(name, files, spec.source) for name, files in spec.tokenizers.items()}
     scheduler = _scheduler(spec.configs["scheduler"], spec.source, prediction_type)
-    models = load_components(ckpt, spec, family, dtype)
+    try:
+        models = load_components(ckpt, spec, family, dtype)
+    finally:
+        ckpt.close()
     import diffusers
 
     pipe_cls = getattr(diffusers, PIPELINES[family])
@@ -954,10 +981,6 @@ def load_single_file(
             kwargs["add_watermarker"] = bool(spec.index["add_watermarker"])
     else:
         kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    missing_tok = {"tokenizer", "tokenizer_2"} - set(tokenizers) if family == "sdxl" else {"tokenizer"} - set(tokenizers)
-    if missing_tok:
-        raise StudioError(f"{path}: {spec.source} lack {', '.join(sorted(missing_tok))}; "
-                          f"pass --config a diffusers folder that has them")
     pipe = pipe_cls(**kwargs)
     log.info("loaded %s as %s from %s", path, family, spec.source)
     return pipe

@@ -69,7 +69,7 @@ def _arch(cfg: PretrainConfig) -> dict:
 
 def _render_pool(path: Path, seed: int, n: int, heldout: bool) -> tuple[np.ndarray, list[Scene]]:
     """Render (or load from cache) ``n`` scenes; ``heldout`` includes the held-out concepts."""
-    pools = {} if heldout else {"shapes": configs.SHAPES[:6], "textures": TEXTURES[:3]}
+    pools = {"shapes": SHAPES, "textures": TEXTURES} if heldout else {"shapes": SHAPES[:6], "textures": TEXTURES[:3]}
     scene_list = list(scenes(seed, n, **pools))
     if path.is_file():
         data = np.load(path)

@@ -1,0 +1,49 @@
+"""`studio convert --to kohya|diffusers IN OUT`: move a LoRA between the diffusers and kohya layouts.
+
+IN is a ``.safetensors`` LoRA (diffusers, PEFT, kohya, kohya with original-LDM names, LyCORIS)
+or a folder holding ``pytorch_lora_weights.safetensors``. OUT is a ``.safetensors`` file or a
+folder. The written path is printed on stdout; bad input is a one-line error, exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+log = logging.getLogger(__name__)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from studio.formats.kohya import FAMILIES
+
+    p = sub.add_parser(
+        "convert", help="convert a LoRA between the diffusers and kohya (A1111/ComfyUI) layouts",
+        description="Convert a LoRA file between diffusers' layout (pipe.load_lora_weights) and the kohya layout "
+                    "that sd-scripts, A1111 and ComfyUI use, keeping every module's rank and alpha. LyCORIS "
+                    "LoHa/LoKr files can be renamed to kohya names but have no diffusers form.")
+    p.add_argument("--to", required=True, choices=("kohya", "diffusers"), help="the layout to write")
+    p.add_argument("input", metavar="IN", help="a LoRA .safetensors file, or a folder holding pytorch_lora_weights"
+                                               ".safetensors")
+    p.add_argument("output", metavar="OUT", help="a .safetensors file, or a folder (diffusers: OUT/pytorch_lora_"
+                                                 "weights.safetensors; kohya: OUT/<input name>.safetensors)")
+    p.add_argument("--family", choices=FAMILIES, default=None,
+                   help="base model family, for the ss_* metadata and original-LDM names (default: guessed)")
+    p.add_argument("--ldm-names", action="store_true",
+                   help="kohya: name UNet modules like the original LDM UNet (input_blocks_4_1_…), as sd-scripts "
+                        "does for SDXL; default: diffusers-style names (down_blocks_1_attentions_0_…)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from studio.errors import StudioError
+    from studio.formats.kohya import to_diffusers, to_kohya
+
+    if args.to == "kohya":
+        path = to_kohya(args.input, args.output, family=args.family,
+                        unet_names="ldm" if args.ldm_names else "diffusers")
+    else:
+        if args.ldm_names:
+            raise StudioError("--ldm-names applies to --to kohya only")
+        path = to_diffusers(args.input, args.output, family=args.family)
+    print(path)
+    return 0

@@ -1,0 +1,178 @@
+"""`studio train` (one job from flags or a TOML file) and `studio batch` (several jobs in a row)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from studio.errors import StudioError
+
+log = logging.getLogger(__name__)
+
+
+class ProgressBar:
+    """Draws training events on stderr: a live bar on a terminal, periodic lines otherwise."""
+
+    def __init__(self, stream=None, label: str = "") -> None:
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+        self.label = label
+        self.last_line = 0.0
+
+    def __call__(self, ev: Any) -> None:
+        if ev.phase == "train":
+            frac = ev.step / max(1, ev.total)
+            bar = "#" * int(frac * 30)
+            eta = f"{ev.eta_s:5.0f}s" if ev.eta_s is not None else "  ?"
+            line = (f"{self.label}[{bar:<30}] {ev.step}/{ev.total} loss {ev.loss:.4f} lr {ev.lr:.2e} ETA {eta}")
+            now = time.time()
+            if self.tty:
+                self.stream.write("\r" + line)
+                if ev.step == ev.total:
+                    self.stream.write("\n")
+            elif ev.step == ev.total or now - self.last_line > 10 or ev.step == 1:
+                self.stream.write(line + "\n")
+                self.last_line = now
+        elif ev.phase in ("prepare", "checkpoint"):
+            if ev.message and ev.phase == "prepare":
+                self.stream.write(f"{self.label}{ev.message}\n")
+        elif ev.phase == "sample":
+            self.stream.write(("\n" if self.tty else "") + f"{self.label}samples: {', '.join(ev.samples)}\n")
+        elif ev.phase == "done":
+            self.stream.write(f"{self.label}{ev.message}\n")
+        self.stream.flush()
+
+
+def _add_job_flags(p: argparse.ArgumentParser) -> None:
+    from studio.trainers.config import TrainConfig
+
+    helps = {f.name: f.metadata.get("help", "") for f in dataclasses.fields(TrainConfig)}
+    p.add_argument("--kind", choices=["subject", "style"], help=helps["kind"])
+    p.add_argument("--images", metavar="DIR", help=helps["images"])
+    p.add_argument("--base", metavar="SPEC", help=helps["base"])
+    p.add_argument("--out", metavar="DIR", help=helps["out"])
+    p.add_argument("--name", help=helps["name"])
+    p.add_argument("--token", help=helps["token"])
+    p.add_argument("--class-word", dest="class_word", help=helps["class_word"])
+    p.add_argument("--method", help=helps["method"])
+    p.add_argument("--rank", type=int, help=helps["rank"])
+    p.add_argument("--alpha", type=float, help=helps["alpha"])
+    p.add_argument("--targets", choices=["attention", "attention+resnet", "all"], help=helps["targets"])
+    p.add_argument("--text-encoder", dest="text_encoder", action="store_true", default=None, help=helps["text_encoder"])
+    p.add_argument("--steps", type=int, help=helps["steps"])
+    p.add_argument("--lr", type=float, help=helps["lr"])
+    p.add_argument("--batch", type=int, help=helps["batch"])
+    p.add_argument("--grad-accum", dest="grad_accum", type=int, help=helps["grad_accum"])
+    p.add_argument("--resolution", type=int, help=helps["resolution"])
+    p.add_argument("--no-prior", dest="prior", action="store_false", default=None, help="turn prior preservation off")
+    p.add_argument("--class-images", dest="class_images", type=int, help=helps["class_images"])
+    p.add_argument("--caption", choices=["auto", "captions", "trigger"], help=helps["caption"])
+    p.add_argument("--mixed-precision", dest="mixed_precision", choices=["no", "fp16", "bf16"],
+                   help=helps["mixed_precision"])
+    p.add_argument("--gradient-checkpointing", dest="gradient_checkpointing", action="store_true", default=None,
+                   help=helps["gradient_checkpointing"])
+    p.add_argument("--sample-every", dest="sample_every", type=int, help=helps["sample_every"])
+    p.add_argument("--checkpoint-every", dest="checkpoint_every", type=int, help=helps["checkpoint_every"])
+    p.add_argument("--resume", action="store_true", default=None, help=helps["resume"])
+    p.add_argument("--seed", type=int, help=helps["seed"])
+    p.add_argument("--device", help=helps["device"])
+    p.add_argument("--no-register", dest="register", action="store_false", default=None,
+                   help="do not add the result to the adapter library")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a subject or style adapter",
+                       description="Train an adapter from a folder of images: `studio train --kind subject --images DIR` "
+                                   "or `studio train JOB.toml` (same field names as the flags; flags override the file).")
+    p.add_argument("job", nargs="?", metavar="JOB.toml", help="a job file instead of (or under) the flags")
+    _add_job_flags(p)
+    p.set_defaults(func=run_train)
+
+    b = sub.add_parser("batch", help="run several training jobs one after another",
+                       description="Run job TOML files in order, one log per job, a summary table at the end. "
+                                   "A failing job is reported and the others still run; exit status 1 if any failed.")
+    b.add_argument("jobs", nargs="+", metavar="JOB.toml")
+    b.add_argument("--logs", default=None, metavar="DIR", help="folder of per-job logs (default: out/batch-logs)")
+    b.set_defaults(func=run_batch)
+
+
+def config_from_args(args: argparse.Namespace):
+    from studio.trainers.config import TrainConfig
+
+    base: dict[str, Any] = {}
+    if args.job:
+        base = dataclasses.asdict(TrainConfig.from_toml(args.job))
+    for f in dataclasses.fields(TrainConfig):
+        v = getattr(args, f.name, None)
+        if v is not None:
+            base[f.name] = v
+    if not base.get("images"):
+        raise StudioError("--images is required (a folder of training images), or give a JOB.toml")
+    return TrainConfig.from_dict(base, source=args.job or "--")
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from studio.trainers.loop import train
+
+    cfg = config_from_args(args)
+    result = train(cfg, on_event=ProgressBar())
+    _register(cfg, result)
+    print(result.out)
+    return 0
+
+
+def _register(cfg, result) -> None:
+    if not cfg.register:
+        return
+    try:
+        from studio.library import Library  # the library issue adds it
+    except ImportError:
+        return
+    lib = Library()
+    entry = lib.add(result.out, name=cfg.name or None, description=cfg.description, replace=False)
+    log.info("added to the library as %s", entry.name)
+
+
+def run_batch(args: argparse.Namespace) -> int:
+    from studio.trainers.config import TrainConfig
+    from studio.trainers.loop import train
+
+    logs = Path(args.logs or "out/batch-logs")
+    logs.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, job in enumerate(args.jobs):
+        label = f"[{i + 1}/{len(args.jobs)} {Path(job).stem}] "
+        log_path = logs / f"{i + 1:02d}-{Path(job).stem}.log"
+        t0 = time.time()
+        handler = logging.FileHandler(log_path, mode="w")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        logging.getLogger().addHandler(handler)
+        try:
+            with open(log_path, "a") as fh:
+                cfg = TrainConfig.from_toml(job)
+                bar = ProgressBar(label=label)
+                file_bar = ProgressBar(stream=fh)
+                result = train(cfg, on_event=lambda e: (bar(e), file_bar(e)))
+            _register(cfg, result)
+            rows.append((job, "ok", f"{time.time() - t0:.0f}s", str(result.out)))
+        except StudioError as exc:
+            log.error("%s%s", label, exc)
+            rows.append((job, "FAILED", f"{time.time() - t0:.0f}s", str(exc)))
+        except Exception as exc:  # noqa: BLE001 - one broken job must not stop the batch
+            log.exception("%sunexpected error", label)
+            rows.append((job, "FAILED", f"{time.time() - t0:.0f}s", f"{type(exc).__name__}: {exc}"))
+        finally:
+            logging.getLogger().removeHandler(handler)
+            handler.close()
+    width = max(len(r[0]) for r in rows)
+    print(f"{'job':<{width}}  status  time  result")
+    for job, status, secs, res in rows:
+        print(f"{job:<{width}}  {status:<6}  {secs:>4}  {res}")
+    failed = sum(r[1] != "ok" for r in rows)
+    print(f"{len(rows) - failed} ok, {failed} failed")
+    return 1 if failed else 0

@@ -1,0 +1,136 @@
+"""A training job: one dataclass shared by `studio train` flags, job TOML files and the UI.
+
+Every field has a help text; `from_toml` rejects unknown keys with the list of valid ones.
+``None`` means "the recipe's default for this base model", resolved by :func:`resolved`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from studio.errors import StudioError
+
+KINDS = ("subject", "style")
+MIXED_PRECISION = ("no", "fp16", "bf16")
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:  # noqa: A002 - mirrors dataclasses' own name
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kw)
+    return dataclasses.field(default=default, metadata={"help": help}, **kw)
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Everything that determines a training run (the seed included: runs are reproducible)."""
+
+    kind: str = _f("subject", "subject (DreamBooth-LoRA: a trigger + class word) or style (captions + trigger)")
+    images: str = _f("", "folder of training images; NAME.txt beside NAME.png is its caption")
+    base: str = _f("micro", "base model: micro, a diffusers folder, a .safetensors file, or a hub id")
+    out: str = _f("", "output folder of the adapter (default: out/<name>)")
+    name: str = _f("", "adapter name in the library (default: <kind>-<folder name>)")
+    token: str = _f("sks", "rare trigger word that names the subject or style")
+    class_word: str = _f("", "subject class word, e.g. dog (default: 'shape' on micro, 'object' elsewhere)")
+    method: str = _f("lora", "adapter method: lora, dora, loha, lokr, ...")
+    rank: int | None = _f(None, "adapter rank (default: the method's)")
+    alpha: float | None = _f(None, "adapter alpha (default: = rank)")
+    targets: str = _f("attention", "layers to adapt: attention, attention+resnet, all")
+    text_encoder: bool = _f(False, "also train an adapter on the text encoder(s)")
+    steps: int | None = _f(None, "optimizer steps (default: the recipe's for this base)")
+    lr: float | None = _f(None, "learning rate (default: the method's)")
+    text_encoder_lr: float | None = _f(None, "learning rate of the text-encoder adapter (default: lr / 2)")
+    batch: int | None = _f(None, "images per step (per process)")
+    grad_accum: int = _f(1, "gradient accumulation steps")
+    resolution: int | None = _f(None, "training resolution in pixels (default: the base model's native size)")
+    buckets: bool = _f(False, "aspect-ratio buckets instead of square center crops")
+    flip: float = _f(0.5, "probability of a horizontal flip")
+    prior: bool | None = _f(None, "prior preservation with generated class images (default: on for subjects)")
+    prior_weight: float = _f(1.0, "weight of the prior-preservation loss")
+    class_images: int = _f(50, "number of class images for prior preservation (generated once, cached)")
+    caption: str = _f("auto", "style prompts: auto (captions when present, else trigger), captions, trigger")
+    warmup: int = _f(0, "learning-rate warm-up steps")
+    scheduler: str = _f("constant", "learning-rate schedule: constant, cosine, linear")
+    mixed_precision: str = _f("no", "no, fp16 (CUDA) or bf16; fp32 is the CPU default (see docs/BENCHMARKS.md)")
+    gradient_checkpointing: bool = _f(False, "trade compute for memory in the denoiser")
+    sample_every: int = _f(0, "write sample images every N steps (0: at the end only)")
+    sample_prompts: list = _f([], "prompts of the sample images (default: the trigger in a few contexts)")
+    checkpoint_every: int = _f(50, "save a resumable checkpoint every N steps (0: never)")
+    resume: bool = _f(False, "continue from the last checkpoint in the output folder")
+    seed: int = _f(0, "random seed (data order, noise, timesteps)")
+    device: str = _f("", "cpu, cuda, cuda:N (default: cuda if present)")
+    register: bool = _f(True, "add the result to the adapter library")
+    description: str = _f("", "free text kept in the library")
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "job") -> "TrainConfig":
+        """Build from a mapping; unknown keys are an error that lists the valid ones."""
+        data = {k.replace("-", "_"): v for k, v in data.items()}
+        unknown = sorted(set(data) - set(cls.field_names()))
+        if unknown:
+            raise StudioError(f"{source}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(cls.field_names())}")
+        cfg = cls(**data)
+        cfg.validate(source)
+        return cfg
+
+    @classmethod
+    def from_toml(cls, path: str | os.PathLike) -> "TrainConfig":
+        p = Path(path)
+        try:
+            data = tomllib.loads(p.read_text())
+        except FileNotFoundError as exc:
+            raise StudioError(f"{p}: no such job file") from exc
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise StudioError(f"{p}: not valid TOML ({exc})") from exc
+        if "train" in data and isinstance(data["train"], dict) and len(data) == 1:
+            data = data["train"]  # a [train] table is accepted too
+        cfg = cls.from_dict(data, source=str(p))
+        if cfg.images and not Path(cfg.images).is_absolute():
+            cfg.images = str((p.parent / cfg.images).resolve()) if (p.parent / cfg.images).exists() else cfg.images
+        return cfg
+
+    def validate(self, source: str = "--") -> None:
+        """Field-level checks, each naming the field and the fix."""
+        def bad(field: str, msg: str) -> StudioError:
+            return StudioError(f"{source if source != '--' else ''}{'' if source == '--' else ': '}--{field.replace('_', '-')} {msg}")
+
+        if self.kind not in KINDS:
+            raise bad("kind", f"{self.kind}: choose subject or style")
+        if not self.images:
+            raise bad("images", "is required: a folder of training images")
+        for name in ("steps", "rank", "batch", "resolution"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
+                raise bad(name, f"{v}: must be a positive integer")
+        for name in ("lr", "text_encoder_lr"):
+            v = getattr(self, name)
+            if v is not None and not (isinstance(v, (int, float)) and 0 < v < 1):
+                raise bad(name, f"{v}: must be a number between 0 and 1, e.g. 1e-3")
+        if self.grad_accum <= 0:
+            raise bad("grad_accum", f"{self.grad_accum}: must be at least 1")
+        if not 0 <= self.flip <= 1:
+            raise bad("flip", f"{self.flip}: a probability in [0, 1]")
+        if self.caption not in ("auto", "captions", "trigger"):
+            raise bad("caption", f"{self.caption}: choose auto, captions or trigger")
+        if self.scheduler not in ("constant", "cosine", "linear"):
+            raise bad("scheduler", f"{self.scheduler}: choose constant, cosine or linear")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise bad("mixed_precision", f"{self.mixed_precision}: choose no, fp16 or bf16")
+        if self.class_images <= 0:
+            raise bad("class_images", f"{self.class_images}: must be at least 1")
+        if not self.token.strip() or " " in self.token.strip():
+            raise bad("token", f"{self.token!r}: one word, e.g. sks")
+        for name in ("checkpoint_every", "sample_every", "warmup"):
+            if getattr(self, name) < 0:
+                raise bad(name, f"{getattr(self, name)}: must be >= 0")
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)

@@ -1,0 +1,407 @@
+"""The training loop: one loop, read top to bottom; recipes decide data, prompts and losses.
+
+``train(config, on_event=..., cancel=...)`` loads the base, prepares and caches the data
+(VAE latents of every image and its mirror, text embeddings of every prompt, class images for
+prior preservation), injects the adapter, and runs the optimizer on accelerate (devices, mixed
+precision, gradient accumulation, several processes). Checkpoints hold the adapter, the
+optimizer, the LR schedule and every RNG, so ``resume`` continues exactly where a killed run
+stopped. Progress goes to one callback as :class:`Event` objects; the CLI draws a bar from
+them and the UI streams them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from studio.errors import StudioError
+from studio.trainers.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "checkpoints"
+
+
+class Cancelled(StudioError):
+    """The run was cancelled; its last checkpoint is kept for --resume."""
+
+    exit_code = 130
+
+
+@dataclasses.dataclass
+class Event:
+    """A progress report: phase, step/total, loss, lr, ETA, sample images written so far."""
+
+    phase: str  # prepare | train | sample | checkpoint | done
+    step: int = 0
+    total: int = 0
+    loss: float | None = None
+    lr: float | None = None
+    eta_s: float | None = None
+    message: str = ""
+    samples: list[str] = dataclasses.field(default_factory=list)
+
+
+EventHandler = Callable[[Event], None]
+
+
+@dataclasses.dataclass
+class TrainResult:
+    out: Path
+    adapter_file: Path
+    steps: int
+    seconds: float
+    final_loss: float | None
+    images: int
+    skipped: list[tuple[str, str]]
+    samples: list[str]
+
+
+def train(cfg: TrainConfig, on_event: EventHandler | None = None, cancel: threading.Event | None = None) -> TrainResult:
+    """Run one training job to the end (or to the last checkpoint if cancelled)."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from studio import adapters
+    from studio.loading import load_pipeline
+    from studio.trainers.data import load_image_folder, validate_output_dir
+    from studio.trainers.recipes import get_recipe
+
+    emit = on_event or (lambda e: None)
+    t_start = time.time()
+    cfg.validate()
+    recipe = get_recipe(cfg.kind)
+    out = validate_output_dir(cfg.out or Path("out") / default_name(cfg))
+    ckpt_dir = out / CHECKPOINT_DIR
+    if not cfg.resume and (ckpt_dir.exists() or (out / adapters.core.LORA_FILE).exists()
+                           or (out / adapters.core.STUDIO_FILE).exists()):
+        raise StudioError(f"--out {out}: already holds an adapter or checkpoints; pass --resume to continue it, "
+                          f"or choose another folder")
+
+    accelerator = Accelerator(
+        gradient_accumulation_steps=cfg.grad_accum,
+        mixed_precision=cfg.mixed_precision,
+        cpu=(cfg.device == "cpu") or not torch.cuda.is_available(),
+    )
+    rank, world = accelerator.process_index, accelerator.num_processes
+    set_seed(cfg.seed)
+    emit(Event("prepare", message=f"loading {cfg.base}"))
+    pipe = load_pipeline(cfg.base, device=accelerator.device if cfg.device != "cpu" else "cpu", dtype="fp32")
+    plan = recipe.plan(cfg, pipe)  # resolved defaults: steps, lr, rank, batch, prompts, prior
+    emit(Event("prepare", message=f"reading {cfg.images}"))
+    data = load_image_folder(cfg.images, resolution=plan.resolution, center_crop=True, buckets=cfg.buckets,
+                             require_captions=(cfg.kind == "style" and cfg.caption == "captions"),
+                             multiple=plan.vae_factor)
+    prompts = recipe.instance_prompts(cfg, plan, data)
+
+    # ---- caches: latents of every image (and its mirror), embeddings of every prompt -------------
+    emit(Event("prepare", message="caching latents and text embeddings"))
+    vae = pipe.vae
+    latents = _encode_images(vae, [data.pixel_tensor(i) for i in range(len(data))], accelerator.device)
+    latents_flip = _encode_images(vae, [data.pixel_tensor(i, flip=True) for i in range(len(data))], accelerator.device)
+    class_latents = None
+    class_prompt = None
+    if plan.prior:
+        class_prompt = plan.class_prompt
+        emit(Event("prepare", message=f"class images for prior preservation ({cfg.class_images}, cached)"))
+        class_latents = _encode_images(vae, prior_images(pipe, class_prompt, cfg.class_images, cfg.seed, emit),
+                                       accelerator.device)
+    text_cache = TextCache(pipe, train_text=cfg.text_encoder)
+
+    # ---- adapter --------------------------------------------------------------------------------
+    settings = adapters.AdapterSettings(rank=plan.rank, alpha=cfg.alpha, targets=cfg.targets,
+                                        text_encoder=cfg.text_encoder)
+    params = adapters.add_adapter(pipe, cfg.method, settings, "default")
+    unet = pipe.unet
+    if cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    te_params = [p for n, p in _named_trainable(pipe) if not n.startswith("unet.")]
+    unet_params = [p for n, p in _named_trainable(pipe) if n.startswith("unet.")]
+    groups = [{"params": unet_params, "lr": plan.lr}]
+    if te_params:
+        groups.append({"params": te_params, "lr": cfg.text_encoder_lr or plan.lr / 2})
+    optimizer = _optimizer(groups, accelerator.device)
+    lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg.scheduler, cfg.warmup, plan.steps))
+    unet, optimizer = accelerator.prepare(unet, optimizer)
+    noise_sched = _noise_scheduler(pipe)
+
+    gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)  # data order, flips, noise, timesteps
+    step = 0
+    if cfg.resume:
+        step = _load_checkpoint(ckpt_dir, pipe, optimizer, lr_sched, gen, rank)
+        if step:
+            emit(Event("prepare", step=step, total=plan.steps, message=f"resumed at step {step}"))
+    # ---- the loop -------------------------------------------------------------------------------
+    unet.train()
+    samples: list[str] = []
+    losses: list[float] = []
+    t_loop = time.time()
+    first_step = step
+    while step < plan.steps:
+        if cancel is not None and cancel.is_set():
+            _save_checkpoint(ckpt_dir, pipe, optimizer, lr_sched, gen, step, rank, accelerator)
+            raise Cancelled(f"training cancelled at step {step}/{plan.steps}; resume with --resume --out {out}")
+        with accelerator.accumulate(unet):
+            idx = torch.randint(0, len(data), (plan.batch,), generator=gen)
+            flips = torch.rand(plan.batch, generator=gen) < cfg.flip
+            lat = torch.where(flips[:, None, None, None], latents_flip[idx], latents[idx])
+            emb = text_cache.embed([prompts[i] for i in idx.tolist()])
+            if class_latents is not None:
+                cidx = torch.randint(0, len(class_latents), (plan.batch,), generator=gen)
+                lat = torch.cat([lat, class_latents[cidx]])
+                emb = torch.cat([emb, text_cache.embed([class_prompt] * plan.batch)])
+            lat = lat * vae.config.scaling_factor
+            noise = torch.randn(lat.shape, generator=gen)
+            t = torch.randint(0, noise_sched.config.num_train_timesteps, (lat.shape[0],), generator=gen)
+            noisy = noise_sched.add_noise(lat, noise, t)
+            target = noise if noise_sched.config.prediction_type == "epsilon" else noise_sched.get_velocity(lat, noise, t)
+            dev = accelerator.device
+            with accelerator.autocast():
+                pred = unet(noisy.to(dev), t.to(dev), emb.to(dev), **plan.unet_kwargs(lat.shape[0])).sample
+            per = F.mse_loss(pred.float(), target.to(dev), reduction="none").mean(dim=(1, 2, 3))
+            if class_latents is not None:
+                loss = per[: plan.batch].mean() + cfg.prior_weight * per[plan.batch :].mean()
+            else:
+                loss = per.mean()
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            lr_sched.step()
+            optimizer.zero_grad(set_to_none=True)
+        step += 1
+        losses.append(float(loss.detach()))
+        elapsed = time.time() - t_loop
+        eta = elapsed / (step - first_step) * (plan.steps - step)
+        emit(Event("train", step=step, total=plan.steps, loss=losses[-1], lr=lr_sched.get_last_lr()[0], eta_s=eta))
+        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < plan.steps:
+            _save_checkpoint(ckpt_dir, pipe, optimizer, lr_sched, gen, step, rank, accelerator)
+            emit(Event("checkpoint", step=step, total=plan.steps, message=f"checkpoint at step {step}"))
+        if cfg.sample_every and step % cfg.sample_every == 0 and step < plan.steps and accelerator.is_main_process:
+            samples += _samples(pipe, cfg, plan, out, step, emit)
+            unet.train()
+
+    # ---- export ---------------------------------------------------------------------------------
+    accelerator.wait_for_everyone()
+    unet.eval()
+    result_file = out / adapters.core.LORA_FILE
+    if accelerator.is_main_process:
+        pipe.unet = accelerator.unwrap_model(unet)
+        meta = recipe.metadata(cfg, plan, pipe, data)
+        meta["final_loss"] = f"{_mean_tail(losses):.6f}" if losses else ""
+        result_file = adapters.save_adapter(pipe, out, "default", metadata=meta)
+        samples += _samples(pipe, cfg, plan, out, step, emit)
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+        (out / "train_config.json").write_text(cfg.to_json())
+    accelerator.wait_for_everyone()
+    seconds = time.time() - t_start
+    emit(Event("done", step=step, total=plan.steps, loss=_mean_tail(losses) if losses else None,
+               message=f"wrote {result_file}", samples=samples))
+    return TrainResult(out=out, adapter_file=result_file, steps=step, seconds=seconds,
+                       final_loss=_mean_tail(losses) if losses else None, images=len(data),
+                       skipped=[(str(p), r) for p, r in data.skipped], samples=samples)
+
+
+def default_name(cfg: TrainConfig) -> str:
+    """<kind>-<folder name>, e.g. subject-heart-red."""
+    if cfg.name:
+        return cfg.name
+    folder = Path(cfg.images).name or "images"
+    return folder if folder.startswith(cfg.kind) else f"{cfg.kind}-{folder}"
+
+
+def _mean_tail(values: list[float], n: int = 20) -> float:
+    tail = values[-n:]
+    return sum(tail) / len(tail)
+
+
+def _named_trainable(pipe: Any):
+    from studio.adapters.core import adapted_models
+
+    for comp, model in adapted_models(pipe).items():
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                yield f"{comp}.{n}", p
+
+
+def _optimizer(groups: list[dict], device: torch.device) -> torch.optim.Optimizer:
+    # 8-bit Adam pays on CUDA when bitsandbytes is installed; elsewhere plain AdamW
+    if device.type == "cuda":
+        try:
+            import bitsandbytes as bnb  # noqa: F401
+
+            return bnb.optim.AdamW8bit(groups, weight_decay=1e-2)
+        except ImportError:
+            pass
+    return torch.optim.AdamW(groups, weight_decay=1e-2)
+
+
+def _schedule(kind: str, warmup: int, total: int) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        p = (step - warmup) / max(1, total - warmup)
+        if kind == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, p)))
+        if kind == "linear":
+            return max(0.0, 1 - p)
+        return 1.0
+
+    return f
+
+
+def _noise_scheduler(pipe: Any):
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler.from_config(pipe.scheduler.config)
+
+
+@torch.no_grad()
+def _encode_images(vae, pixels: list[torch.Tensor], device: torch.device, batch: int = 32) -> torch.Tensor:
+    """VAE latent means (unscaled) of CHW tensors in [-1, 1]; the mean, as diffusers' scripts cache."""
+    outs = []
+    for i in range(0, len(pixels), batch):
+        x = torch.stack(pixels[i : i + batch]).to(device, vae.dtype)
+        outs.append(vae.encode(x).latent_dist.mean.float().cpu())
+    return torch.cat(outs)
+
+
+class TextCache:
+    """Prompt embeddings, computed once per prompt while the text encoder is frozen."""
+
+    def __init__(self, pipe: Any, train_text: bool) -> None:
+        self.pipe = pipe
+        self.train_text = train_text
+        self.cache: dict[str, torch.Tensor] = {}
+
+    def _encode(self, prompts: list[str]) -> torch.Tensor:
+        tok = self.pipe.tokenizer
+        ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                  return_tensors="pt").input_ids.to(self.pipe.text_encoder.device)
+        return self.pipe.text_encoder(ids)[0]
+
+    def embed(self, prompts: list[str]) -> torch.Tensor:
+        if self.train_text:
+            return self._encode(prompts)
+        missing = sorted({p for p in prompts if p not in self.cache})
+        if missing:
+            with torch.no_grad():
+                for p, e in zip(missing, self._encode(missing)):
+                    self.cache[p] = e.cpu()
+        return torch.stack([self.cache[p] for p in prompts])
+
+
+def prior_images(pipe: Any, prompt: str, n: int, seed: int, emit: EventHandler) -> list[torch.Tensor]:
+    """Class images for prior preservation: generated by the base model once, cached on disk."""
+    import hashlib
+
+    import numpy as np
+    from PIL import Image
+
+    from studio.generation import model_hash
+    from studio.home import studio_home
+
+    key = hashlib.sha256(f"{model_hash(pipe)}|{pipe.studio_source.spec}|{prompt}|{seed}".encode()).hexdigest()[:16]
+    folder = studio_home() / "cache" / "class-images" / key
+    have = sorted(folder.glob("*.png")) if folder.is_dir() else []
+    if len(have) < n:
+        folder.mkdir(parents=True, exist_ok=True)
+        g = torch.Generator().manual_seed(seed + 7919)
+        todo = n - len(have)
+        done = 0
+        while done < todo:
+            b = min(16, todo - done)
+            imgs = pipe([prompt] * b, num_inference_steps=20, generator=g, output_type="pil").images
+            for im in imgs:
+                path = folder / f"{len(have) + done:05d}.png"
+                tmp = path.with_suffix(".tmp.png")
+                im.save(tmp)
+                os.replace(tmp, path)
+                done += 1
+            emit(Event("prepare", message=f"class images {len(have) + done}/{n}"))
+        have = sorted(folder.glob("*.png"))
+    out = []
+    for p in have[:n]:
+        arr = np.asarray(Image.open(p).convert("RGB"), dtype=np.float32) / 127.5 - 1.0
+        out.append(torch.from_numpy(arr).permute(2, 0, 1))
+    return out
+
+
+def _samples(pipe: Any, cfg: TrainConfig, plan: Any, out: Path, step: int, emit: EventHandler) -> list[str]:
+    """Sample images of the adapter so far, written to OUT/samples."""
+    folder = out / "samples"
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    g = torch.Generator().manual_seed(cfg.seed)
+    with torch.no_grad():
+        imgs = pipe(plan.sample_prompts, num_inference_steps=plan.sample_steps, generator=g, output_type="pil").images
+    for i, im in enumerate(imgs):
+        path = folder / f"step{step:06d}-{i}.png"
+        im.save(path)
+        paths.append(str(path))
+    emit(Event("sample", step=step, total=plan.steps, samples=paths))
+    return paths
+
+
+def _rng_state(gen: torch.Generator) -> dict:
+    return {"gen": gen.get_state(), "torch": torch.get_rng_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def _save_checkpoint(folder: Path, pipe: Any, optimizer, lr_sched, gen: torch.Generator, step: int, rank: int,
+                     accelerator) -> None:
+    """Adapter weights, optimizer, LR schedule and RNG states of every process; written atomically."""
+    from studio.adapters import adapter_state_dict
+
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {"step": step, "rng": _rng_state(gen), "optimizer": optimizer.state_dict(),
+             "lr_sched": lr_sched.state_dict()}
+    if rank == 0:
+        state["adapter"] = adapter_state_dict(pipe, "default")
+    path = folder / f"state-rank{rank}.pt"
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+    accelerator.wait_for_everyone()
+    if rank == 0:
+        (folder / "step.json.tmp").write_text(json.dumps({"step": step, "world": accelerator.num_processes}))
+        os.replace(folder / "step.json.tmp", folder / "step.json")
+
+
+def _load_checkpoint(folder: Path, pipe: Any, optimizer, lr_sched, gen: torch.Generator, rank: int) -> int:
+    from peft.utils import set_peft_model_state_dict
+
+    from studio.adapters.core import adapted_models
+
+    if not (folder / "step.json").is_file():
+        log.info("no checkpoint in %s: starting from step 0", folder)
+        return 0
+    info = json.loads((folder / "step.json").read_text())
+    mine = torch.load(folder / f"state-rank{rank}.pt", map_location="cpu", weights_only=False)
+    main = mine if rank == 0 else torch.load(folder / "state-rank0.pt", map_location="cpu", weights_only=False)
+    if mine["step"] != info["step"] or main["step"] != info["step"]:
+        raise StudioError(f"{folder}: checkpoint files disagree on the step; delete the folder to start over")
+    models = adapted_models(pipe)
+    for comp, sd in main["adapter"].items():
+        set_peft_model_state_dict(getattr(models[comp], "module", models[comp]), sd, adapter_name="default")
+    optimizer.load_state_dict(mine["optimizer"])
+    lr_sched.load_state_dict(mine["lr_sched"])
+    gen.set_state(mine["rng"]["gen"])
+    torch.set_rng_state(mine["rng"]["torch"])
+    random.setstate(mine["rng"]["python"])
+    if mine["rng"]["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(mine["rng"]["cuda"])
+    return int(info["step"])

@@ -1,0 +1,156 @@
+"""Training recipes: what a subject or a style run trains on, with which prompts and defaults.
+
+A recipe resolves the job's open fields for the base model (steps, learning rate, rank, batch,
+resolution, prior preservation), names the prompt of every training image, and writes the
+adapter's metadata. The loop in :mod:`studio.trainers.loop` runs any recipe unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+from studio.errors import StudioError
+from studio.trainers.config import TrainConfig
+
+
+@dataclasses.dataclass
+class Plan:
+    """A job's resolved settings."""
+
+    steps: int
+    lr: float
+    rank: int
+    batch: int
+    resolution: int
+    vae_factor: int
+    prior: bool
+    class_prompt: str
+    sample_prompts: list[str]
+    sample_steps: int
+    family: str
+    size_cond: tuple[int, int] | None = None  # SDXL added conditions: (height, width)
+
+    def unet_kwargs(self, n: int) -> dict[str, Any]:
+        """Extra denoiser inputs (SDXL's size/crop conditions)."""
+        return {}
+
+
+# Defaults measured on the micro model (docs/training.md); real-size bases use the usual
+# DreamBooth-LoRA settings of the diffusers scripts.
+MICRO_DEFAULTS = {"subject": dict(steps=300, batch=4), "style": dict(steps=300, batch=4)}
+REAL_DEFAULTS = {"subject": dict(steps=500, batch=1), "style": dict(steps=1000, batch=1)}
+
+
+class Recipe:
+    kind = ""
+
+    def plan(self, cfg: TrainConfig, pipe: Any) -> Plan:
+        from studio.adapters import get_method
+        from studio.generation import native_size, vae_factor
+
+        method = get_method(cfg.method)
+        src = pipe.studio_source
+        if src.family in ("sdxl", "ldm"):
+            raise StudioError(f"--base {cfg.base}: training on the {src.family} family is not supported yet; "
+                              f"use an SD 1.x/2.x model or micro")
+        micro = src.kind == "micro"
+        d = (MICRO_DEFAULTS if micro else REAL_DEFAULTS)[self.kind]
+        res = cfg.resolution or native_size(pipe)[0]
+        f = vae_factor(pipe)
+        if res % f:
+            raise StudioError(f"--resolution {res}: must be a multiple of {f} for this model")
+        class_word = cfg.class_word or ("shape" if micro else "object")
+        return Plan(
+            steps=cfg.steps or d["steps"], lr=cfg.lr or method.default_lr, rank=cfg.rank or method.default_rank,
+            batch=cfg.batch or d["batch"], resolution=res, vae_factor=f,
+            prior=self.default_prior() if cfg.prior is None else cfg.prior,
+            class_prompt=f"a {class_word}", sample_prompts=self.sample_prompts(cfg, class_word, micro),
+            sample_steps=20 if micro else 25, family=src.family,
+        )
+
+    def default_prior(self) -> bool:
+        return False
+
+    def sample_prompts(self, cfg: TrainConfig, class_word: str, micro: bool) -> list[str]:
+        return list(cfg.sample_prompts)
+
+    def instance_prompts(self, cfg: TrainConfig, plan: Plan, data: Any) -> list[str]:
+        raise NotImplementedError
+
+    def metadata(self, cfg: TrainConfig, plan: Plan, pipe: Any, data: Any) -> dict[str, str]:
+        from studio.generation import model_hash
+
+        src = pipe.studio_source
+        meta = {
+            "kind": cfg.kind, "trigger": cfg.token, "base": src.spec, "base_family": src.family,
+            "base_hash": model_hash(pipe), "rank": str(plan.rank), "steps": str(plan.steps),
+            "train_config": cfg.to_json(), "images": str(len(data)), "resolution": str(plan.resolution),
+        }
+        captions = [it.caption for it in data.items if it.caption]
+        if captions:
+            meta["captions"] = json.dumps(captions[:50])
+        return meta
+
+
+class SubjectRecipe(Recipe):
+    """DreamBooth-LoRA: every image is "a TOKEN CLASS"; class images keep the class's prior."""
+
+    kind = "subject"
+
+    def default_prior(self) -> bool:
+        return True
+
+    def sample_prompts(self, cfg: TrainConfig, class_word: str, micro: bool) -> list[str]:
+        if cfg.sample_prompts:
+            return list(cfg.sample_prompts)
+        subject = f"a {cfg.token} {class_word}"
+        if micro:
+            return [f"{subject} on a black background", f"{subject} on a white background",
+                    f"a striped {cfg.token} {class_word}", f"a blue {cfg.token} {class_word}"]
+        return [f"a photo of {subject}", f"{subject} on the beach", f"a painting of {subject}"]
+
+    def instance_prompts(self, cfg: TrainConfig, plan: Plan, data: Any) -> list[str]:
+        word = plan.class_prompt[2:]
+        return [f"a {cfg.token} {word}"] * len(data)
+
+    def metadata(self, cfg: TrainConfig, plan: Plan, pipe: Any, data: Any) -> dict[str, str]:
+        meta = super().metadata(cfg, plan, pipe, data)
+        meta["class_word"] = plan.class_prompt[2:]
+        meta["prior"] = str(plan.prior).lower()
+        return meta
+
+
+class StyleRecipe(Recipe):
+    """Per-image captions (or the trigger alone) followed by "in TOKEN style"."""
+
+    kind = "style"
+
+    def sample_prompts(self, cfg: TrainConfig, class_word: str, micro: bool) -> list[str]:
+        if cfg.sample_prompts:
+            return list(cfg.sample_prompts)
+        if micro:
+            return [f"a red circle on a white background in {cfg.token} style",
+                    f"a blue square on a black background in {cfg.token} style",
+                    f"a green triangle on a beige background in {cfg.token} style"]
+        return [f"a house in {cfg.token} style", f"a portrait in {cfg.token} style"]
+
+    def instance_prompts(self, cfg: TrainConfig, plan: Plan, data: Any) -> list[str]:
+        prompts = []
+        for it in data.items:
+            use_caption = cfg.caption == "captions" or (cfg.caption == "auto" and it.caption)
+            if use_caption and it.caption:
+                prompts.append(f"{it.caption} in {cfg.token} style")
+            else:
+                prompts.append(f"an image in {cfg.token} style")
+        return prompts
+
+
+RECIPES: dict[str, Recipe] = {"subject": SubjectRecipe(), "style": StyleRecipe()}
+
+
+def get_recipe(kind: str) -> Recipe:
+    if kind not in RECIPES:
+        raise StudioError(f"--kind {kind}: choose one of {', '.join(RECIPES)}")
+    return RECIPES[kind]
