@@ -23,6 +23,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "studio.micro.cli",
     "studio.evals.cli",
     "studio.formats.cli",
+    "studio.commands.ui",
 )
 
 log = logging.getLogger("studio")

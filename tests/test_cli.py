@@ -98,12 +98,13 @@ def _bad_inputs(tmp_path: Path, tiny_dirs) -> dict[str, list[str]]:
         "bad size syntax": ["--base", sd1, "--size", "big"],
         "no such device": ["--base", sd1, "--device", "cuda:7"],
         "zero steps": ["--base", sd1, "--steps", "0"],
+        "xformers asked for": ["--base", sd1, "--attention", "xformers"],
     }
 
 
 BAD = ["missing folder", "empty folder", "malformed model_index", "missing component", "unknown family",
        "not a checkpoint", "pickle without --trust-pickle", "hub id offline", "impossible size", "bad size syntax",
-       "no such device", "zero steps"]
+       "no such device", "zero steps", "xformers asked for"]
 
 
 @pytest.mark.parametrize("case", BAD)

@@ -26,7 +26,7 @@ from studio.evals import suites
 from studio.micro.judge import default_judge_dir, load_judge, to_tensor
 from studio.micro.world import (
     ATTRIBUTES, BACKGROUNDS, COLORS, HELDOUT_SHAPES, HELDOUT_TEXTURES, SEEN_SHAPES, SEEN_TEXTURES, random_scene,
-    render, render_batch, scenes,
+    Scene, render, render_batch, scenes,
 )
 
 GEN = ["--steps", "2", "--batch-size", "16", "--device", "cpu"]
@@ -157,18 +157,53 @@ def _in_unit(x) -> bool:
     return isinstance(x, float) and 0.0 <= x <= 1.0
 
 
-# ----------------------------------------------------------------------------- a stand-in model
+# ----------------------------------------------------------------------------- a stand-in model and judge
 
 _DEFAULTS = {"shape": "circle", "color": "blue", "texture": "solid", "background": "white"}
 
 
-class RenderPipe:
-    """Renders exactly what a prompt names (unnamed attributes: _DEFAULTS), jittered by the image's seed.
+def _key(image: torch.Tensor) -> bytes:
+    """An image's identity: its uint8 pixels ((3,64,64) float in [0,1] as the suites hand it to a judge)."""
+    return (image * 255).round().to(torch.uint8).numpy().tobytes()
 
-    ``effect(prompt, attrs, seed) -> attrs`` plays a loaded adapter; load/unload switch it on/off.
+
+class OracleJudge(torch.nn.Module):
+    """A judge that is never wrong about the images it was shown being rendered.
+
+    Classification looks the image up among the scenes registered with :meth:`remember`
+    (an unknown image is an error); features are 8x8-pooled pixels (192 numbers), so feature
+    distances follow position and content like a real judge's do.
     """
 
-    def __init__(self, effect=None) -> None:
+    def __init__(self) -> None:
+        super().__init__()
+        self.scenes: dict[bytes, Scene] = {}
+
+    def remember(self, scene: Scene) -> torch.Tensor:
+        image = to_tensor([render(scene)])[0]
+        self.scenes[_key(image)] = scene
+        return image
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.avg_pool2d(x, 8).flatten(1)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        logits = {a: torch.zeros(len(x), len(v)) for a, v in ATTRIBUTES.items()}
+        for i, image in enumerate(x):
+            for attr, index in self.scenes[_key(image)].labels().items():
+                logits[attr][i, index] = 1.0
+        return logits
+
+
+class RenderPipe:
+    """A stand-in model that renders exactly what a prompt names (unnamed: _DEFAULTS), jittered by the seed.
+
+    ``effect(prompt, attrs, seed) -> (attrs, seed)`` plays a loaded adapter; load/unload switch
+    it on and off. Every image is registered with ``oracle``.
+    """
+
+    def __init__(self, oracle: OracleJudge, effect=None) -> None:
+        self.oracle = oracle
         self.effect = effect
         self.loaded: str | None = None
         self.prompts: list[str] = []
@@ -183,9 +218,9 @@ class RenderPipe:
                 attrs, seed = self.effect(prompt, attrs, seed)
             pools = {"shapes": [attrs["shape"]], "colors": [attrs["color"]], "textures": [attrs["texture"]],
                      "backgrounds": [attrs["background"]]}
-            images.append(render(random_scene(random.Random(seed), **pools)))
+            images.append(self.oracle.remember(random_scene(random.Random(seed), **pools)))
         self.prompts += list(prompts)
-        return SimpleNamespace(images=to_tensor(images))
+        return SimpleNamespace(images=torch.stack(images))
 
     def load_lora_weights(self, path, **kwargs) -> None:
         self.loaded = str(path)
@@ -195,7 +230,7 @@ class RenderPipe:
 
 
 def _subject_effect(prompt, attrs, seed):
-    """A good subject adapter: 'sks' means a red heart (colour unless asked)."""
+    """A good subject adapter: 'sks' means a red heart (red unless another colour is asked)."""
     if "sks" in prompt.split():
         attrs = dict(attrs, shape="heart")
         if not any(c in prompt.split() for c in COLORS):
@@ -215,7 +250,7 @@ def _destructive_effect(prompt, attrs, seed):
 
 
 def _style_effect(prompt, attrs, seed, leak: bool = False):
-    """'in sks style' means checkered; with ``leak`` every other image shows the training content."""
+    """'in sks style' means checkered; with ``leak`` every odd seed shows the training content instead."""
     if "sks style" in prompt:
         attrs = dict(attrs, texture="checkered")
         if leak and seed % 2:
@@ -335,7 +370,7 @@ def test_bad_input_is_one_clear_error(smoke, loras, tmp_path, capsys):
     err = _fails(capsys, "eval", "subject", *common, "--adapter", str(tmp_path / "nope"), "--subject", "heart")
     assert "nope" in err and "no such file" in err
     err = _fails(capsys, "eval", "subject", *common, "--adapter", str(loras.zero), "--subject", "blob")
-    assert "blob" in err and "circle" in err and "heart" in err
+    assert "--subject blob" in err and "circle" in err and "heart" in err
     err = _fails(capsys, "eval", "subject", *common, "--adapter", str(loras.zero), "--subject", "heart",
                  "--color", "mauve")
     assert "mauve" in err and "red" in err
@@ -393,66 +428,100 @@ def test_generation_is_seeded_per_image(smoke_pipe):
     assert (other - a).abs().mean() > 1e-3
 
 
-# ----------------------------------------------------------------------------- metric logic on real renders
+# ----------------------------------------------------------------------------- metric logic, exactly
 
 
-def test_base_suite_reads_a_perfect_model_as_perfect(real_judge):
-    res = suites.base_suite(RenderPipe(), real_judge, n=96, heldout_n=24, settings=FAST)
-    assert all(v >= 0.9 for k, v in res["accuracy"].items() if k != "joint"), res
-    assert res["accuracy"]["joint"] >= 0.8 and res["heldout_present"] >= 0.8, res
+def test_base_suite_reads_a_perfect_model_as_perfect():
+    oracle = OracleJudge()
+    res = suites.base_suite(RenderPipe(oracle), oracle, n=48, heldout_n=12, settings=FAST)
+    assert res["accuracy"] == {a: 1.0 for a in ("shape", "color", "background", "texture", "joint")}
+    assert res["heldout_present"] == 1.0
+    # a model that draws every shape as a circle: only the circle prompts are right
+    circles = RenderPipe(oracle, lambda p, a, s: (dict(a, shape="circle"), s))
+    circles.loaded = "always"
+    res = suites.base_suite(circles, oracle, n=48, heldout_n=12, settings=FAST)
+    expected = np.mean([it.asked["shape"] == "circle" for it in suites.seen_items(48)])
+    assert res["accuracy"]["shape"] == res["accuracy"]["joint"] == pytest.approx(expected)
+    assert res["accuracy"]["color"] == 1.0 and res["heldout_present"] == 0.5  # held-out textures still drawn
 
 
-def test_subject_metrics_tell_good_collapsed_and_destructive_adapters_apart(real_judge, smoke_judge, dummy_adapter):
-    kw = dict(subject="heart", color="red", n=4 * 16, drift_n=48, settings=FAST)
-    good = suites.subject_suite(RenderPipe(_subject_effect), real_judge, dummy_adapter, **kw)
-    assert good["subject_fidelity"] >= 0.9 and good["prompt_fidelity"] >= 0.85, good
-    assert 0.6 <= good["diversity"] <= 1.6 and good["base_drift"] == 0.0, good
-    collapsed = suites.subject_suite(RenderPipe(_collapsed_effect), real_judge, dummy_adapter, **kw)
-    assert collapsed["diversity"] == 0.0 and collapsed["subject_fidelity"] >= 0.9
-    destructive = suites.subject_suite(RenderPipe(_destructive_effect), real_judge, dummy_adapter, **kw)
-    assert destructive["base_drift"] >= 0.5, destructive
-    # identical copies have zero diversity whatever the judge
-    assert suites.subject_suite(RenderPipe(_collapsed_effect), smoke_judge, dummy_adapter, **kw)["diversity"] == 0.0
+def test_subject_metrics_tell_good_collapsed_and_destructive_adapters_apart(dummy_adapter):
+    oracle = OracleJudge()
+    kw = dict(subject="heart", color="red", n=3 * 16, drift_n=24, settings=FAST)
+    good = suites.subject_suite(RenderPipe(oracle, _subject_effect), oracle, dummy_adapter, **kw)
+    assert good["n"] == 48 and good["subject_fidelity"] == 1.0 and good["prompt_fidelity"] == 1.0, good
+    assert 0.7 <= good["diversity"] <= 1.4 and good["base_drift"] == 0.0, good
+    collapsed = suites.subject_suite(RenderPipe(oracle, _collapsed_effect), oracle, dummy_adapter, **kw)
+    assert collapsed["diversity"] == 0.0 and collapsed["subject_fidelity"] == 1.0, collapsed
+    destructive = suites.subject_suite(RenderPipe(oracle, _destructive_effect), oracle, dummy_adapter, **kw)
+    assert destructive["base_drift"] == 1.0, destructive  # no base prompt asks for a heart
+    # the wrong subject: a good heart adapter judged as a star adapter
+    wrong = suites.subject_suite(RenderPipe(oracle, _subject_effect), oracle, dummy_adapter,
+                                 **dict(kw, subject="star"))
+    assert wrong["subject_fidelity"] == 0.0 and wrong["prompt_fidelity"] == 1.0
+    # a colour given: images whose prompt asks no colour must show it
+    blue = suites.subject_suite(RenderPipe(oracle, _subject_effect), oracle, dummy_adapter, **dict(kw, color="blue"))
+    asks_color = np.mean([("color" in it.asked) for it in suites.subject_items("sks", "shape", color="blue", n=48)])
+    assert blue["subject_fidelity"] == pytest.approx(asks_color)
 
 
-def test_style_metrics_and_leakage(real_judge, dummy_adapter, tmp_path):
+def test_style_metrics_and_leakage(dummy_adapter, tmp_path):
+    oracle = OracleJudge()
     kw = dict(texture="checkered", n=48, drift_n=0, settings=FAST)
-    clean = suites.style_suite(RenderPipe(_style_effect), real_judge, dummy_adapter, **kw)
-    assert clean["style_fidelity"] >= 0.9 and clean["content_fidelity"] >= 0.85, clean
-    assert clean["leakage"] <= 0.1 and clean["base_drift"] is None, clean
-    leaky_pipe = RenderPipe(lambda p, a, s: _style_effect(p, a, s, leak=True))
-    leaky = suites.style_suite(leaky_pipe, real_judge, dummy_adapter, **kw)
-    assert 0.3 <= leaky["leakage"] <= 0.7 and leaky["content_fidelity"] <= 0.7, leaky
-    # the training content read off a folder of images without captions
+    clean = suites.style_suite(RenderPipe(oracle, _style_effect), oracle, dummy_adapter, **kw)
+    assert clean == {"suite": "style", "n": 48, "style_fidelity": 1.0, "content_fidelity": 1.0, "leakage": 0.0,
+                     "base_drift": None}
+    leaky = suites.style_suite(RenderPipe(oracle, lambda p, a, s: _style_effect(p, a, s, leak=True)), oracle,
+                               dummy_adapter, **kw)
+    assert 0.4 <= leaky["leakage"] <= 0.6 and leaky["content_fidelity"] <= 0.6, leaky
+    assert leaky["style_fidelity"] == 1.0
+    # the same training content found in the captions the studio's trainer records
+    from safetensors.torch import save_file
+
+    captioned = tmp_path / "captioned.safetensors"
+    captions = ["a red circle on a white background"] * 3 + ["a blue square on a black background"]
+    save_file({"lora.down.weight": torch.zeros(1)}, str(captioned), metadata={"studio.captions": json.dumps(captions)})
+    again = suites.style_suite(RenderPipe(oracle, lambda p, a, s: _style_effect(p, a, s, leak=True)), oracle,
+                               captioned, **kw)
+    assert again == leaky
+    wrong = suites.style_suite(RenderPipe(oracle, _style_effect), oracle, dummy_adapter, **dict(kw, texture="zigzag"))
+    assert wrong["style_fidelity"] == 0.0
+    # the training content read off a folder of images without captions (2 of 8 are not red circles)
+    folder = tmp_path / "train"
+    folder.mkdir()
+    rng = random.Random(0)
+    for i in range(8):
+        shape, color = ("circle", "red") if i < 6 else ("square", "blue")
+        scene = random_scene(rng, shapes=[shape], colors=[color], textures=["checkered"])
+        oracle.remember(scene)
+        render(scene).save(folder / f"{i}.png")
+    assert suites.training_concepts(folder, oracle) == (["circle"], ["red"])
+
+
+def test_training_concepts_from_captions_and_metadata_trigger(dummy_adapter, tmp_path):
     from studio.micro.cli import render_set
 
-    render_set(tmp_path / "train", 8, 0, shape="circle", color="red", texture="checkered", caption="none")
-    assert suites.training_concepts(tmp_path / "train", real_judge) == (["circle"], ["red"])
-
-
-def test_training_concepts_from_captions_and_metadata_trigger(smoke_judge, dummy_adapter, tmp_path):
-    from studio.micro.cli import render_set
-
+    oracle = OracleJudge()  # captions name shape and colour: no image is judged (the oracle knows none)
     render_set(tmp_path / "train", 9, 0, shape="square,circle", color="red", texture="striped", caption="content")
-    shapes, colors = suites.training_concepts(tmp_path / "train", smoke_judge)
+    shapes, colors = suites.training_concepts(tmp_path / "train", oracle)
     assert shapes == ["circle", "square"] and colors == ["red"]
     from safetensors.torch import save_file
 
     meta_adapter = tmp_path / "meta.safetensors"
     save_file({"lora.down.weight": torch.zeros(1)}, str(meta_adapter),
               metadata={"studio.trigger": "ohwx", "studio.class_word": "toy"})
-    pipe = RenderPipe()
-    suites.subject_suite(pipe, smoke_judge, meta_adapter, subject="star", n=17, drift_n=2, settings=FAST)
+    pipe = RenderPipe(oracle)
+    suites.subject_suite(pipe, oracle, meta_adapter, subject="star", n=17, drift_n=2, settings=FAST)
     subject_prompts = pipe.prompts[2:19]
     assert all("ohwx toy" in p for p in subject_prompts) and not any("ohwx" in p for p in pipe.prompts[:2])
-    pipe = RenderPipe()
-    suites.subject_suite(pipe, smoke_judge, dummy_adapter, subject="star", n=17, drift_n=0, settings=FAST,
+    pipe = RenderPipe(oracle)
+    suites.subject_suite(pipe, oracle, dummy_adapter, subject="star", n=17, drift_n=0, settings=FAST,
                          token="zwx", class_word="thing")
     assert all("zwx thing" in p for p in pipe.prompts)
     with pytest.raises(StudioError, match="unknown shape 'blob'"):
         bad = tmp_path / "bad.safetensors"
         save_file({"x": torch.zeros(1)}, str(bad), metadata={"studio.train_shapes": "circle,blob"})
-        suites.style_suite(RenderPipe(), smoke_judge, bad, texture="striped", n=2, drift_n=0, settings=FAST)
+        suites.style_suite(RenderPipe(oracle), oracle, bad, texture="striped", n=2, drift_n=0, settings=FAST)
     assert np.isclose(suites.leakage_rate({"shape": np.array(["circle", "square"]), "color": np.array(["red", "red"])},
                                           [suites.Item("", 0, {"shape": "square", "color": "blue"})] * 2,
                                           ["circle"], ["red"]), 0.75)

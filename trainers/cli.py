@@ -72,6 +72,7 @@ def _add_job_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-prior", dest="prior", action="store_false", default=None, help="turn prior preservation off")
     p.add_argument("--class-images", dest="class_images", type=int, help=helps["class_images"])
     p.add_argument("--caption", choices=["auto", "captions", "trigger"], help=helps["caption"])
+    p.add_argument("--optimizer", choices=["auto", "adamw", "adamw8bit"], help=helps["optimizer"])
     p.add_argument("--mixed-precision", dest="mixed_precision", choices=["no", "fp16", "bf16"],
                    help=helps["mixed_precision"])
     p.add_argument("--gradient-checkpointing", dest="gradient_checkpointing", action="store_true", default=None,

@@ -55,6 +55,7 @@ class TrainConfig:
     caption: str = _f("auto", "style prompts: auto (captions when present, else trigger), captions, trigger")
     warmup: int = _f(0, "learning-rate warm-up steps")
     scheduler: str = _f("constant", "learning-rate schedule: constant, cosine, linear")
+    optimizer: str = _f("auto", "auto (8-bit AdamW on CUDA when bitsandbytes is installed), adamw, adamw8bit")
     mixed_precision: str = _f("no", "no, fp16 (CUDA) or bf16; fp32 is the CPU default (see docs/BENCHMARKS.md)")
     gradient_checkpointing: bool = _f(False, "trade compute for memory in the denoiser")
     sample_every: int = _f(0, "write sample images every N steps (0: at the end only)")
@@ -122,6 +123,8 @@ class TrainConfig:
             raise bad("caption", f"{self.caption}: choose auto, captions or trigger")
         if self.scheduler not in ("constant", "cosine", "linear"):
             raise bad("scheduler", f"{self.scheduler}: choose constant, cosine or linear")
+        if self.optimizer not in ("auto", "adamw", "adamw8bit"):
+            raise bad("optimizer", f"{self.optimizer}: choose auto, adamw or adamw8bit")
         if self.mixed_precision not in MIXED_PRECISION:
             raise bad("mixed_precision", f"{self.mixed_precision}: choose no, fp16 or bf16")
         if self.class_images <= 0:

@@ -71,7 +71,22 @@ class TrainResult:
 
 
 def train(cfg: TrainConfig, on_event: EventHandler | None = None, cancel: threading.Event | None = None) -> TrainResult:
-    """Run one training job to the end (or to the last checkpoint if cancelled)."""
+    """Run one training job to the end (or to the last checkpoint if cancelled).
+
+    A run that fails before its first checkpoint removes the output folder it created, so
+    nothing half-made is left behind; later failures keep the checkpoints for ``resume``.
+    """
+    out = Path(cfg.out or Path("out") / default_name(cfg))
+    created = not out.exists()
+    try:
+        return _train(cfg, out, on_event, cancel)
+    except BaseException:
+        if created and out.is_dir() and not (out / CHECKPOINT_DIR / "step.json").exists():
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _train(cfg: TrainConfig, out: Path, on_event: EventHandler | None, cancel: threading.Event | None) -> TrainResult:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -84,7 +99,7 @@ def train(cfg: TrainConfig, on_event: EventHandler | None = None, cancel: thread
     t_start = time.time()
     cfg.validate()
     recipe = get_recipe(cfg.kind)
-    out = validate_output_dir(cfg.out or Path("out") / default_name(cfg))
+    out = validate_output_dir(out)
     ckpt_dir = out / CHECKPOINT_DIR
     if not cfg.resume and (ckpt_dir.exists() or (out / adapters.core.LORA_FILE).exists()
                            or (out / adapters.core.STUDIO_FILE).exists()):
@@ -97,6 +112,11 @@ def train(cfg: TrainConfig, on_event: EventHandler | None = None, cancel: thread
         cpu=(cfg.device == "cpu") or not torch.cuda.is_available(),
     )
     rank, world = accelerator.process_index, accelerator.num_processes
+    log.info("world size %d (%s, rank %d)", world, accelerator.distributed_type, rank)
+    wanted = os.environ.get("STUDIO_ASSERT_WORLD_SIZE")
+    if wanted and int(wanted) != world:
+        raise StudioError(f"STUDIO_ASSERT_WORLD_SIZE={wanted} but this run has {world} process(es); launch it with "
+                          f"torchrun --nproc_per_node {wanted} -m studio.cli train ...")
     set_seed(cfg.seed)
     emit(Event("prepare", message=f"loading {cfg.base}"))
     pipe = load_pipeline(cfg.base, device=accelerator.device if cfg.device != "cpu" else "cpu", dtype="fp32")
@@ -117,8 +137,9 @@ def train(cfg: TrainConfig, on_event: EventHandler | None = None, cancel: thread
     if plan.prior:
         class_prompt = plan.class_prompt
         emit(Event("prepare", message=f"class images for prior preservation ({cfg.class_images}, cached)"))
-        class_latents = _encode_images(vae, prior_images(pipe, class_prompt, cfg.class_images, cfg.seed, emit),
-                                       accelerator.device)
+        with accelerator.main_process_first():  # one process generates the class images, the others read them
+            class_latents = _encode_images(vae, prior_images(pipe, class_prompt, cfg.class_images, cfg.seed, emit),
+                                           accelerator.device)
     text_cache = TextCache(pipe, train_text=cfg.text_encoder)
 
     # ---- adapter --------------------------------------------------------------------------------
@@ -133,7 +154,7 @@ def train(cfg: TrainConfig, on_event: EventHandler | None = None, cancel: thread
     groups = [{"params": unet_params, "lr": plan.lr}]
     if te_params:
         groups.append({"params": te_params, "lr": cfg.text_encoder_lr or plan.lr / 2})
-    optimizer = _optimizer(groups, accelerator.device)
+    optimizer = _optimizer(groups, accelerator.device, cfg.optimizer)
     lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg.scheduler, cfg.warmup, plan.steps))
     unet, optimizer = accelerator.prepare(unet, optimizer)
     noise_sched = _noise_scheduler(pipe)
@@ -237,15 +258,20 @@ def _named_trainable(pipe: Any):
                 yield f"{comp}.{n}", p
 
 
-def _optimizer(groups: list[dict], device: torch.device) -> torch.optim.Optimizer:
-    # 8-bit Adam pays on CUDA when bitsandbytes is installed; elsewhere plain AdamW
-    if device.type == "cuda":
+def _optimizer(groups: list[dict], device: torch.device, choice: str = "auto") -> torch.optim.Optimizer:
+    """AdamW; 8-bit AdamW (bitsandbytes, CUDA only) when asked, or on 'auto' where it is there."""
+    if choice == "adamw8bit" or (choice == "auto" and device.type == "cuda"):
+        if choice == "adamw8bit" and device.type != "cuda":
+            raise StudioError("--optimizer adamw8bit: bitsandbytes' 8-bit optimizers run on CUDA only; use adamw")
         try:
-            import bitsandbytes as bnb  # noqa: F401
-
-            return bnb.optim.AdamW8bit(groups, weight_decay=1e-2)
+            import bitsandbytes as bnb
         except ImportError:
-            pass
+            if choice == "adamw8bit":
+                from studio.errors import require
+
+                require("bitsandbytes", "cuda", "--optimizer adamw8bit")
+        else:
+            return bnb.optim.AdamW8bit(groups, weight_decay=1e-2)
     return torch.optim.AdamW(groups, weight_decay=1e-2)
 
 

@@ -27,6 +27,16 @@ def load_from_args(args: argparse.Namespace):
                          config=args.config)
 
 
+def enable_xformers(pipe) -> None:
+    """xformers memory-efficient attention; a clear message where it is absent or unusable."""
+    from studio.errors import StudioError, require
+
+    require("xformers", "cuda", "--attention xformers")
+    if pipe.device.type != "cuda":
+        raise StudioError("--attention xformers: xformers kernels run on CUDA only; use the default sdpa on the CPU")
+    pipe.enable_xformers_memory_efficient_attention()
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     from studio.generation import SAMPLERS
 
@@ -42,6 +52,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--size", default=None, metavar="WxH", help="image size (default: the model's native size)")
     p.add_argument("--sampler", default=None, choices=sorted(SAMPLERS), help="scheduler (default: the model's)")
     p.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
+    p.add_argument("--attention", default="sdpa", choices=["sdpa", "xformers"],
+                   help="attention kernel: PyTorch SDPA (default) or xformers (optional CUDA extra)")
     p.add_argument("--out", default="out", metavar="DIR", help="output folder (default: out/)")
     p.set_defaults(func=run)
 
@@ -57,6 +69,8 @@ def run(args: argparse.Namespace) -> int:
                               batch_size=args.batch_size)
     params.validate()
     pipe = load_from_args(args)
+    if args.attention == "xformers":
+        enable_xformers(pipe)
     images = generate(pipe, params)
     for path in save_images(images, args.out):
         print(path)

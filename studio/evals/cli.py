@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 from typing import Any
 
 from studio.errors import StudioError
@@ -128,11 +129,14 @@ def run(args: argparse.Namespace) -> int:
                                   batch_size=args.batch_size)
     # cheap checks first: a typo should not cost a model load
     if args.suite == "subject":
-        suites.check_choice("shape", args.subject)
+        suites.check_choice("shape", args.subject, "subject")
         if args.color is not None:
             suites.check_choice("color", args.color)
     if args.suite == "style":
         suites.check_choice("texture", args.texture)
+        if args.train_images is not None and not Path(args.train_images).expanduser().is_dir():
+            raise StudioError(f"--train-images {args.train_images}: no such folder; pass the folder of the "
+                              f"style's training images")
     if args.suite in ("subject", "style"):
         suites.adapter_metadata(args.adapter)  # the file exists and is a safetensors file
     judge = _load_judge(args.judge)

@@ -103,11 +103,11 @@ class Item:
 # ----------------------------------------------------------------------------- validation
 
 
-def check_choice(attr: str, value: str, allowed: Sequence[str] | None = None) -> str:
+def check_choice(attr: str, value: str, flag: str | None = None) -> str:
     """``value`` if it names a known ``attr`` of the micro world, else a StudioError listing the choices."""
-    allowed = tuple(allowed if allowed is not None else ATTRIBUTES[attr])
+    allowed = ATTRIBUTES[attr]
     if value not in allowed:
-        raise StudioError(f"--{attr} {value}: unknown {attr}; choose one of: {', '.join(allowed)}")
+        raise StudioError(f"--{flag or attr} {value}: unknown {attr}; choose one of: {', '.join(allowed)}")
     return value
 
 
@@ -315,9 +315,12 @@ def quant_suite(pipe: Any, reference: Any, judge: Judge, *, n: int = DEFAULT_N["
     acc = prompt_accuracy(read_attributes(images, judge), items)
     ref_acc = prompt_accuracy(read_attributes(ref_images, judge), items)
     fid = frechet_distance(features(images, judge), features(ref_images, judge))
+    if not np.isfinite(fid):
+        raise StudioError(f"judge-FID is not finite ({fid}): the generated images hold NaN or infinite values; "
+                          f"check the model's dtype (try --dtype fp32)")
     _timed("quant", 2 * n, t0)
     return {"suite": "quant", "accuracy": acc, "accuracy_drop": ref_acc["joint"] - acc["joint"],
-            "judge_fid": max(0.0, fid)}
+            "judge_fid": max(fid, 0.0)}  # rounding can leave -1e-12 where the sets are identical
 
 
 # ----------------------------------------------------------------------------- adapters
@@ -484,6 +487,16 @@ def _dominant(values: Sequence[str]) -> list[str]:
     return sorted(v for v, c in counts.items() if c / total > DOMINANT_SHARE)
 
 
+def _concepts_from_captions(captions: Sequence[str]) -> dict[str, list[str]]:
+    """Dominant shapes and colours named by captions (an attribute no caption names: empty)."""
+    words = [set(re.findall(r"[a-z]+", c.lower())) for c in captions]
+    found: dict[str, list[str]] = {}
+    for attr in ("shape", "color"):
+        named = [v for w in words for v in ATTRIBUTES[attr] if v in w]
+        found[attr] = _dominant(named) if named else []
+    return found
+
+
 def training_concepts(folder: str | Path, judge: Judge) -> tuple[list[str], list[str]]:
     """Dominant shapes and colours of a style's training set: from its .txt captions, else judged.
 
@@ -493,12 +506,8 @@ def training_concepts(folder: str | Path, judge: Judge) -> tuple[list[str], list
     folder = Path(folder).expanduser()
     if not folder.is_dir():
         raise StudioError(f"--train-images {folder}: no such folder; pass the folder of the style's training images")
-    captions = [p.read_text(errors="replace").lower() for p in sorted(folder.glob("*.txt"))]
-    words = [set(re.findall(r"[a-z]+", c)) for c in captions]
-    found: dict[str, list[str]] = {"shape": [], "color": []}
-    for attr in found:
-        named = [v for w in words for v in ATTRIBUTES[attr] if v in w]
-        found[attr] = _dominant(named) if named else []
+    captions = [p.read_text(errors="replace") for p in sorted(folder.glob("*.txt"))]
+    found = _concepts_from_captions(captions)
     missing = [a for a, v in found.items() if not v]
     if missing:
         paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
@@ -528,7 +537,7 @@ def subject_suite(pipe: Any, judge: Judge, adapter: str | Path, *, subject: str,
                   progress: Progress | None = None) -> dict[str, Any]:
     """DreamBench-style evaluation of a subject adapter whose subject is a ``subject`` shape (of ``color``)."""
     settings = settings or GenSettings()
-    check_choice("shape", subject)
+    check_choice("shape", subject, "subject")
     if color is not None:
         check_choice("color", color)
     _check_count("drift-n", drift_n, 0)
@@ -577,6 +586,14 @@ def style_suite(pipe: Any, judge: Judge, adapter: str | Path, *, texture: str, t
         train_shapes = _meta_list(meta, "studio.train_shapes", "shape")
         train_colors = _meta_list(meta, "studio.train_colors", "color")
         source = "adapter metadata"
+        if not (train_shapes or train_colors) and meta.get("studio.captions"):
+            try:  # the studio's trainer records (up to 50 of) the training captions
+                found = _concepts_from_captions(json.loads(meta["studio.captions"]))
+            except (json.JSONDecodeError, TypeError, AttributeError) as exc:
+                raise StudioError(f"--adapter {adapter}: metadata studio.captions is not a JSON list of "
+                                  f"strings ({exc})") from exc
+            train_shapes, train_colors = found["shape"], found["color"]
+            source = "the training captions in the adapter metadata"
     if train_shapes or train_colors:
         log.info("style suite: training content from %s: shapes %s, colours %s", source, train_shapes or "-",
                  train_colors or "-")

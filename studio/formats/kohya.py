@@ -30,7 +30,6 @@ import collections
 import dataclasses
 import functools
 import hashlib
-import io
 import json
 import logging
 import math
@@ -171,7 +170,8 @@ def _text_model_prefix(class_name: str) -> str:
     import transformers
 
     cfg = transformers.CLIPTextConfig(hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=1,
-                                      projection_dim=8, vocab_size=8, max_position_embeddings=4)
+                                      projection_dim=8, vocab_size=8, max_position_embeddings=4, bos_token_id=0,
+                                      eos_token_id=1, pad_token_id=1)
     with torch.device("meta"):
         model = getattr(transformers, class_name)(cfg)
     names = {n for n, _ in model.named_modules()}
@@ -341,7 +341,7 @@ def lycoris_delta(tensors: Mapping[str, torch.Tensor], kind: str, alpha: float |
             w2 = t["lokr_w2_a"] @ t["lokr_w2_b"]
         if w2.dim() == 4:
             w1 = w1[:, :, None, None]
-        delta = torch.kron(w1, w2)
+        delta = torch.kron(w1.contiguous(), w2.contiguous())  # kron views its inputs
     else:
         raise ValueError(f"unknown kind {kind!r}; one of {KINDS}")
     delta = delta * module_scale(tensors, kind, alpha)
@@ -495,15 +495,14 @@ def _component_configs(metadata: Mapping[str, str], source: Path) -> dict[str, d
     return out
 
 
-def _config_scale(cfg: Mapping[str, Any] | None, module: str, kind: str, tensors: Mapping[str, torch.Tensor]) -> float | None:
-    """PEFT's scale of a module from its config (None without a config)."""
+def _config_alpha(cfg: Mapping[str, Any] | None, module: str, kind: str) -> tuple[float, float] | None:
+    """(alpha, divisor) of a module from its PEFT config, scale = alpha / divisor; None without a config."""
     if not cfg:
         return None
     from peft.utils.other import get_pattern_key
 
-    alpha_field = "lora_alpha" if kind == "lora" else "alpha"
-    alpha = cfg.get(alpha_field, cfg.get("r"))
     r = cfg.get("r")
+    alpha = cfg.get("lora_alpha" if kind == "lora" else "alpha", r)
     apat, rpat = cfg.get("alpha_pattern") or {}, cfg.get("rank_pattern") or {}
     key = get_pattern_key(list(apat), module)
     if key in apat:
@@ -513,32 +512,29 @@ def _config_scale(cfg: Mapping[str, Any] | None, module: str, kind: str, tensors
         r = rpat[key]
     if alpha is None or not r:
         return None
-    if kind == "lora" and cfg.get("use_rslora"):
-        return float(alpha) / math.sqrt(r)
-    return float(alpha) / float(r)
+    return float(alpha), (math.sqrt(r) if kind == "lora" and cfg.get("use_rslora") else float(r))
 
 
 def _peft_module(component: str, module: str, kind: str, tensors: dict[str, torch.Tensor],
                  cfg: Mapping[str, Any] | None, source: Path) -> ModuleWeights:
-    """A module from PEFT names: scale from the config, expressed as a kohya alpha."""
-    scale = _config_scale(cfg, module, kind, tensors)
+    """A module from PEFT names: PEFT's scale (from the config) expressed as a kohya alpha."""
+    parts = _config_alpha(cfg, module, kind)
     if component != "unet":
         if not _TE_MODULE.match(module):
             raise StudioError(f"{source}: {component} module {module!r} is not an attention or MLP projection of "
                               f"a CLIP encoder layer; it has no kohya name")
         module = module.removeprefix("text_model.")
     rank = module_rank(tensors, kind)
-    if scale is None:
-        alpha = None  # no config: alpha = rank, as diffusers assumes
-    elif rank is None:  # LoKr without low-rank factors: readers use scale 1, so bake PEFT's scale in
-        if scale != 1.0:
-            key = "lokr_w1" if "lokr_w1" in tensors else "lokr_w1_a"
-            tensors = {**tensors, key: tensors[key] * scale}
-        alpha = None
-    else:
-        alpha = scale * rank
-        if float(alpha).is_integer():
-            alpha = float(int(alpha))
+    alpha: float | None = None  # no config: alpha = rank, as diffusers assumes
+    if parts is not None:
+        cfg_alpha, divisor = parts
+        if rank is None:  # LoKr without low-rank factors: kohya readers use scale 1, so bake PEFT's in
+            scale = cfg_alpha / divisor
+            if scale != 1.0:
+                key = "lokr_w1" if "lokr_w1" in tensors else "lokr_w1_a"
+                tensors = {**tensors, key: tensors[key] * scale}
+        else:
+            alpha = cfg_alpha if divisor == rank else cfg_alpha * rank / divisor
     return ModuleWeights(component, module, kind, tensors, alpha)
 
 
@@ -1013,7 +1009,7 @@ def _rollback(model: torch.nn.Module, adapter_name: str) -> None:
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     for module in model.modules():
-        if isinstance(module, BaseTunerLayer) and adapter_name in getattr(module, "_available_adapters", ()):
+        if isinstance(module, BaseTunerLayer) and adapter_name in getattr(module, "r", {}):
             module.delete_adapter(adapter_name)
     getattr(model, "peft_config", {}).pop(adapter_name, None)
 
@@ -1076,8 +1072,8 @@ def load_lycoris_into(pipe: Any, path: str | os.PathLike, adapter_name: str = "d
                     _conform(layer, adapter_name, m)
                     state.update({f"{name}.{part}": t for part, t in m.tensors.items()})
             result = set_peft_model_state_dict(model, state, adapter_name=adapter_name)
-            marker = ("lora_", "hada_", "lokr_")
-            missing = [k for k in result.missing_keys if adapter_name in k and any(s in k for s in marker)]
+            ours = (f".{adapter_name}.", f".{adapter_name}")  # PEFT keys: ….lora_A.<name>.weight, ….hada_w1_a.<name>
+            missing = [k for k in result.missing_keys if ours[0] in k or k.endswith(ours[1])]
             if result.unexpected_keys or missing:
                 raise StudioError(f"{lora.path}: {comp} did not take the file's tensors (unexpected: "
                                   f"{result.unexpected_keys[:3]}, missing: {missing[:3]})")

@@ -110,7 +110,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     t.add_argument("--tiny", action="store_true", help="a tiny architecture (smoke test)")
-    for name, default in (("judge-steps", 2000), ("vae-steps", 1600), ("unet-steps", 10000)):
+    for name, default in (("judge-steps", 1500), ("vae-steps", 1600), ("decoder-steps", 2000), ("unet-steps", 8000)):
         t.add_argument(f"--{name}", type=int, default=default)
     t.set_defaults(func=_run_pretrain)
 
@@ -128,7 +128,8 @@ def _run_pretrain(args: argparse.Namespace) -> int:
 
     try:
         cfg = PretrainConfig(out=Path(args.out), work=args.work, seed=args.seed, threads=args.threads, tiny=args.tiny,
-                             judge_steps=args.judge_steps, vae_steps=args.vae_steps, unet_steps=args.unet_steps)
+                             judge_steps=args.judge_steps, vae_steps=args.vae_steps, decoder_steps=args.decoder_steps,
+                             unet_steps=args.unet_steps)
     except ValueError as exc:
         raise StudioError(str(exc)) from exc
     report = pretrain(cfg)

@@ -64,11 +64,11 @@ def save_judge(judge: Judge, folder: str | Path) -> None:
 _CACHE: dict[str, Judge] = {}
 
 
-def load_judge(folder: str | Path | None = None) -> Judge:
+def load_judge(folder: str | Path | None = None, *, reload: bool = False) -> Judge:
     """Load the committed judge (cached per folder), in eval mode, fp32 on CPU."""
     folder = Path(folder) if folder else default_judge_dir()
     key = str(folder.resolve())
-    if key not in _CACHE:
+    if key not in _CACHE or reload:
         path = folder / "judge.safetensors"
         if not path.is_file():
             raise FileNotFoundError(f"{path}: judge weights missing; run `studio micro pretrain` to make them")

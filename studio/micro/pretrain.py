@@ -43,12 +43,13 @@ class PretrainConfig:
     tiny: bool = False  # the smoke test's architecture
     threads: int = 0  # torch threads; 0 = leave torch's default
     judge_images: int = 24000
-    judge_steps: int = 2000
+    judge_steps: int = 1500
     judge_batch: int = 64
     vae_steps: int = 1600
+    decoder_steps: int = 2000
     vae_batch: int = 16
     train_images: int = 40000
-    unet_steps: int = 10000
+    unet_steps: int = 8000
     unet_batch: int = 32
     unet_lr: float = 5e-4
     caption_dropout: float = 0.1
@@ -58,7 +59,7 @@ class PretrainConfig:
     def __post_init__(self) -> None:
         self.out = Path(self.out)
         self.work = Path(self.work) if self.work else self.out / ".pretrain-work"
-        for f in ("judge_steps", "vae_steps", "unet_steps", "judge_images", "train_images"):
+        for f in ("judge_steps", "vae_steps", "decoder_steps", "unet_steps", "judge_images", "train_images"):
             if getattr(self, f) <= 0:
                 raise ValueError(f"{f} must be positive, got {getattr(self, f)}")
 
@@ -96,10 +97,15 @@ def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return x.clamp(0, 1)
 
 
-def train_judge(cfg: PretrainConfig) -> dict:
-    """Phase 1: the judge on renders of every concept; returns its accuracy on fresh renders."""
+def train_judge(cfg: PretrainConfig, vae=None) -> dict:
+    """The judge on renders of every concept; returns its accuracy on fresh renders.
+
+    With ``vae``, half of the batches are passed through the autoencoder first, so the judge
+    reads generated images (which always come out of that decoder) as well as crisp renders;
+    the labels stay the rendered scene's.
+    """
     out = cfg.out / "judge"
-    images, scene_list = _render_pool(cfg.work / "judge_pool.npz", cfg.seed + 1, cfg.judge_images, True)
+    images, scene_list = _render_pool(cfg.work / "judge_pool_all.npz", cfg.seed + 1, cfg.judge_images, True)
     labels = {a: torch.tensor([s.labels()[a] for s in scene_list]) for a in ATTRIBUTES}
     x_all = torch.from_numpy(images).permute(0, 3, 1, 2)
     torch.manual_seed(cfg.seed)
@@ -111,7 +117,11 @@ def train_judge(cfg: PretrainConfig) -> dict:
     t0 = time.time()
     for step in range(cfg.judge_steps):
         idx = torch.randint(0, len(x_all), (cfg.judge_batch,), generator=g)
-        x = _augment(x_all[idx].float() / 255.0, g)
+        x = x_all[idx].float() / 255.0
+        if vae is not None and step % 2 == 1:
+            with torch.no_grad():
+                x = ((vae.decode(vae.encode(x * 2 - 1).latent_dist.mean).sample.clamp(-1, 1) + 1) / 2)
+        x = _augment(x, g)
         logits = judge(x)
         loss = sum(F.cross_entropy(logits[a], labels[a][idx]) for a in ATTRIBUTES)
         opt.zero_grad(set_to_none=True)
@@ -122,9 +132,7 @@ def train_judge(cfg: PretrainConfig) -> dict:
             log.info("judge step %d/%d loss %.4f (%.0fs)", step + 1, cfg.judge_steps, loss.item(), time.time() - t0)
     judge.eval()
     save_judge(judge, out)
-    acc = judge_accuracy(judge, seed=cfg.seed + 1000, n=1000 if cfg.tiny else 2000)
-    log.info("judge accuracy on fresh renders: %s", acc)
-    return {"judge_accuracy": acc, "judge_seconds": time.time() - t0}
+    return {"judge_seconds": time.time() - t0}
 
 
 def judge_accuracy(judge: Judge | None = None, *, seed: int = 12345, n: int = 2000) -> dict[str, float]:
@@ -171,6 +179,43 @@ def train_vae(cfg: PretrainConfig, vae, images: np.ndarray) -> dict:
             log.info("vae step %d/%d loss %.4f (%.0fs)", step + 1, cfg.vae_steps, loss.item(), time.time() - t0)
     vae.eval()
     return {"vae_seconds": time.time() - t0}
+
+
+def finetune_decoder(cfg: PretrainConfig, vae, images: np.ndarray) -> dict:
+    """Sharpen the decoder with the encoder frozen: the latent space (and so the UNet) stays valid.
+
+    The loss adds an L1 term on image gradients, which keeps stripes and dots crisp where a
+    plain pixel loss settles for blur (the trick of SD's fine-tuned VAE decoders, simplified).
+    """
+    g = torch.Generator().manual_seed(cfg.seed + 7)
+    x_all = torch.from_numpy(images).permute(0, 3, 1, 2)
+    vae.requires_grad_(False)
+    params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=3e-4, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-4, total_steps=cfg.decoder_steps, pct_start=0.05)
+    vae.decoder.train()
+    t0 = time.time()
+    for step in range(cfg.decoder_steps):
+        idx = torch.randint(0, len(x_all), (cfg.vae_batch,), generator=g)
+        x = x_all[idx].float() / 127.5 - 1.0
+        with torch.no_grad():
+            z = vae.encode(x).latent_dist.sample(generator=g)
+        rec = vae.decode(z).sample
+        grad = (F.l1_loss(rec[..., 1:, :] - rec[..., :-1, :], x[..., 1:, :] - x[..., :-1, :])
+                + F.l1_loss(rec[..., 1:] - rec[..., :-1], x[..., 1:] - x[..., :-1]))
+        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + grad
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        if step % 100 == 0 or step == cfg.decoder_steps - 1:
+            log.info("decoder step %d/%d loss %.4f (%.0fs)", step + 1, cfg.decoder_steps, loss.item(), time.time() - t0)
+    vae.eval()
+    vae.requires_grad_(False)
+    return {"decoder_seconds": time.time() - t0}
 
 
 @torch.no_grad()
@@ -249,7 +294,7 @@ def quick_eval(pipe, judge: Judge, n: int = 64, seed: int = 777, steps: int = 20
     return res
 
 
-def train_unet(cfg: PretrainConfig, vae, unet, text_encoder, tok, judge: Judge, scene_list: list[Scene],
+def train_unet(cfg: PretrainConfig, vae, unet, text_encoder, tok, judge: Judge | None, scene_list: list[Scene],
                means: torch.Tensor, stds: torch.Tensor, scaling: float) -> dict:
     """Phase 3: text encoder + UNet jointly on cached latents, epsilon loss with min-SNR weights."""
     from diffusers import DDPMScheduler
@@ -331,7 +376,7 @@ def train_unet(cfg: PretrainConfig, vae, unet, text_encoder, tok, judge: Judge, 
                         "sched": sched.state_dict(), "ema": ema.state_dict(), "g": g.get_state(),
                         "rng": rng.getstate(), "torch_rng": torch.get_rng_state(), "step": step}, tmp)
             os.replace(tmp, ckpt)
-        if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.unet_steps:
+        if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.unet_steps and judge is not None:
             res = _eval_with_ema(vae, unet, text_encoder, tok, judge, ema, params)
             log.info("eval at step %d (EMA weights): %s", step, res)
             unet.train()
@@ -396,26 +441,29 @@ def pretrain(cfg: PretrainConfig, progress: Callable[[str], None] | None = None)
     def save_report() -> None:
         report_path.write_text(json.dumps(report, indent=1, default=str))
 
-    if "judge_accuracy" not in report:
-        report.update(train_judge(cfg))
-        save_report()
-
-    judge = load_judge(cfg.out / "judge")
     tok = write_tokenizer(cfg.work / "tokenizer", configs.vocabulary())
     vae, unet, text_encoder = _build_models(cfg, len(tok), tok)
     images, scene_list = _render_pool(cfg.work / "train_pool.npz", cfg.seed + 5, cfg.train_images, False)
 
+    # phase 1: the autoencoder, then its decoder alone (the encoder, so the latent space, is final)
     vae_path = cfg.work / "vae.pt"
     if vae_path.is_file():
         vae.load_state_dict(torch.load(vae_path, map_location="cpu"))
-        vae.eval()
     else:
         report.update(train_vae(cfg, vae, images))
         torch.save(vae.state_dict(), vae_path)
-        report["vae_reconstruction_judge"] = vae_report(vae, cfg.seed + 6, judge, n=100 if cfg.tiny else 500)
-        log.info("VAE reconstructions read by the judge: %s", report["vae_reconstruction_judge"])
         save_report()
+    dec_path = cfg.work / "vae_decoder_ft.pt"
+    if dec_path.is_file():
+        vae.load_state_dict(torch.load(dec_path, map_location="cpu"))
+    else:
+        report.update(finetune_decoder(cfg, vae, images))
+        torch.save(vae.state_dict(), dec_path)
+        save_report()
+    vae.eval()
+    vae.requires_grad_(False)
 
+    # phase 2: text encoder + UNet on cached latents
     lat_path = cfg.work / "latents.pt"
     if lat_path.is_file():
         means, stds = torch.load(lat_path)
@@ -425,8 +473,21 @@ def pretrain(cfg: PretrainConfig, progress: Callable[[str], None] | None = None)
     scaling = float(1.0 / means.std())
     vae.register_to_config(scaling_factor=scaling)
     report["vae_scaling_factor"] = scaling
+    # a judge from an earlier run reads the seen concepts well enough to watch progress
+    watch = load_judge(cfg.out / "judge") if (cfg.out / "judge" / "judge.safetensors").is_file() else None
+    report.update(train_unet(cfg, vae, unet, text_encoder, tok, watch, scene_list, means, stds, scaling))
+    save_report()
 
-    report.update(train_unet(cfg, vae, unet, text_encoder, tok, judge, scene_list, means, stds, scaling))
+    # phase 3: the judge, on renders of every concept and on their reconstructions by this VAE
+    if not (cfg.out / "judge" / "judge.safetensors").is_file() or report.get("judge_vae") != str(dec_path):
+        report.update(train_judge(cfg, vae))
+        report["judge_vae"] = str(dec_path)
+        save_report()
+    judge = load_judge(cfg.out / "judge", reload=True)
+    report["judge_accuracy"] = judge_accuracy(judge, seed=cfg.seed + 1000, n=500 if cfg.tiny else 2000)
+    report["vae_reconstruction_judge"] = vae_report(vae, cfg.seed + 6, judge, n=100 if cfg.tiny else 500)
+    log.info("judge accuracy %s; VAE reconstructions read by the judge: %s", report["judge_accuracy"],
+             report["vae_reconstruction_judge"])
     report["quick_eval"] = quick_eval(_pipeline(vae, text_encoder, tok, unet), judge, n=32 if cfg.tiny else 128)
     log.info("final quick eval: %s", report["quick_eval"])
     report["session_seconds"] = time.time() - started

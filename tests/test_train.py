@@ -1,0 +1,179 @@
+"""The training loop on tiny models: outputs, exact resume after SIGKILL, batch jobs, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from studio.cli import main
+from studio.errors import StudioError
+from studio.trainers.config import TrainConfig
+from studio.trainers.loop import train
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    from studio.micro.cli import render_set
+
+    folder = tmp_path_factory.mktemp("imgs") / "subject-heart"
+    render_set(folder, 4, 1, shape="heart", color="red", texture="solid")
+    for p in folder.glob("*.png"):  # the tiny models work at 32 px
+        Image.open(p).resize((32, 32)).save(p)
+    return folder
+
+
+def _cfg(images, base, out, **kw) -> TrainConfig:
+    args = dict(kind="subject", images=str(images), base=str(base), out=str(out), steps=6, batch=2, class_images=2,
+                checkpoint_every=0, register=False, seed=3)
+    args.update(kw)
+    return TrainConfig.from_dict(args)
+
+
+def test_subject_training_writes_a_diffusers_loadable_adapter(images, tiny_dirs, tmp_path):
+    events = []
+    res = train(_cfg(images, tiny_dirs["sd1"], tmp_path / "a"), on_event=events.append)
+    assert res.adapter_file.name == "pytorch_lora_weights.safetensors" and res.steps == 6
+    steps = [e.step for e in events if e.phase == "train"]
+    assert steps == list(range(1, 7))
+    assert all(e.eta_s is not None and e.loss is not None for e in events if e.phase == "train")
+    assert events[-1].phase == "done" and events[-1].samples
+    tensors = load_file(str(res.adapter_file))
+    assert tensors and all(k.startswith("unet.") for k in tensors)
+    assert any(v.abs().max() > 0 for k, v in tensors.items() if "lora_B" in k), "training must move the adapter"
+    from studio.adapters import read_metadata
+
+    meta = read_metadata(res.out)
+    assert meta["studio.kind"] == "subject" and meta["studio.trigger"] == "sks" and meta["studio.method"] == "lora"
+    assert json.loads(meta["studio.train_config"])["steps"] == 6
+    assert not (res.out / "checkpoints").exists()
+
+
+def test_same_seed_same_adapter_and_refuses_to_overwrite(images, tiny_dirs, tmp_path):
+    a = train(_cfg(images, tiny_dirs["sd1"], tmp_path / "a", steps=3))
+    b = train(_cfg(images, tiny_dirs["sd1"], tmp_path / "b", steps=3))
+    ta, tb = load_file(str(a.adapter_file)), load_file(str(b.adapter_file))
+    assert all(torch.equal(ta[k], tb[k]) for k in ta)
+    with pytest.raises(StudioError, match="--resume"):
+        train(_cfg(images, tiny_dirs["sd1"], tmp_path / "a", steps=3))
+
+
+def test_style_training_with_captions(tiny_dirs, tmp_path):
+    from studio.micro.cli import render_set
+
+    folder = tmp_path / "style-zigzag"
+    render_set(folder, 3, 2, texture="zigzag", caption="content")
+    for p in folder.glob("*.png"):
+        Image.open(p).resize((32, 32)).save(p)
+    res = train(TrainConfig.from_dict(dict(kind="style", images=str(folder), base=str(tiny_dirs["sd1"]),
+                                           out=str(tmp_path / "s"), steps=2, batch=2, register=False,
+                                           caption="captions", text_encoder=True)))
+    keys = load_file(str(res.adapter_file))
+    assert any(k.startswith("text_encoder.") for k in keys) and any(k.startswith("unet.") for k in keys)
+
+
+def _studio(*args: str, **kw) -> subprocess.Popen:
+    exe = Path(sys.executable).with_name("studio")
+    return subprocess.Popen([str(exe), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def test_sigkill_and_resume_gives_the_same_adapter(images, tiny_dirs, tmp_path):
+    common = ["train", "--kind", "subject", "--images", str(images), "--base", str(tiny_dirs["sd1"]), "--steps", "40",
+              "--batch", "2", "--class-images", "2", "--seed", "5", "--no-register"]
+    ref = _studio(*common, "--out", str(tmp_path / "ref"), "--checkpoint-every", "0")
+    assert ref.wait(timeout=600) == 0, ref.stderr.read()
+    proc = _studio(*common, "--out", str(tmp_path / "run"), "--checkpoint-every", "3")
+    step_file = tmp_path / "run" / "checkpoints" / "step.json"
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if step_file.is_file() and json.loads(step_file.read_text())["step"] >= 6:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    killed_at = json.loads(step_file.read_text())["step"]
+    assert 6 <= killed_at < 40
+    assert not (tmp_path / "run" / "pytorch_lora_weights.safetensors").exists()
+    resumed = _studio(*common, "--out", str(tmp_path / "run"), "--checkpoint-every", "3", "--resume")
+    assert resumed.wait(timeout=600) == 0, resumed.stderr.read()
+    a = load_file(str(tmp_path / "ref" / "pytorch_lora_weights.safetensors"))
+    b = load_file(str(tmp_path / "run" / "pytorch_lora_weights.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
+
+
+def test_batch_runs_every_job_and_reports_the_bad_one(images, tiny_dirs, tmp_path, capsys):
+    jobs = []
+    for i, imgs in enumerate([images, tmp_path / "missing", images]):
+        job = tmp_path / f"job{i}.toml"
+        job.write_text(f'kind = "subject"\nimages = "{imgs}"\nbase = "{tiny_dirs["sd1"]}"\nout = "{tmp_path / f"o{i}"}"\n'
+                       f'steps = 2\nbatch = 2\nclass_images = 2\nregister = false\n')
+        jobs.append(str(job))
+    rc = main(["batch", *jobs, "--logs", str(tmp_path / "logs")])
+    out = capsys.readouterr().out
+    assert rc == 1
+    assert "2 ok, 1 failed" in out and "FAILED" in out
+    assert (tmp_path / "o0" / "pytorch_lora_weights.safetensors").is_file()
+    assert (tmp_path / "o2" / "pytorch_lora_weights.safetensors").is_file()
+    assert len(list((tmp_path / "logs").glob("*.log"))) == 3
+
+
+def test_toml_unknown_key_lists_valid_ones(tmp_path):
+    job = tmp_path / "job.toml"
+    job.write_text('kind = "subject"\nimages = "x"\nstepz = 3\n')
+    with pytest.raises(StudioError, match="unknown key.*stepz.*valid keys:.*steps"):
+        TrainConfig.from_toml(job)
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("steps", 0, "--steps"), ("rank", -1, "--rank"), ("kind", "portrait", "--kind"), ("lr", 5, "--lr"),
+    ("batch", 0, "--batch"), ("token", "two words", "--token"),
+])
+def test_bad_fields(field, value, match, tmp_path):
+    with pytest.raises(StudioError, match=match):
+        TrainConfig.from_dict({"kind": "subject", "images": str(tmp_path), field: value})
+
+
+def test_bad_images_and_output(images, tiny_dirs, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(StudioError, match="no images"):
+        train(_cfg(empty, tiny_dirs["sd1"], tmp_path / "o1"))
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(StudioError, match="--out"):
+        train(_cfg(images, tiny_dirs["sd1"], blocker))
+    with pytest.raises(StudioError, match="--rank"):
+        train(_cfg(images, tiny_dirs["sd1"], tmp_path / "o2", rank=4096))
+    assert not (tmp_path / "o2" / "pytorch_lora_weights.safetensors").exists()
+
+
+def test_cli_train_exit_2_on_bad_input(tmp_path, capsys):
+    assert main(["train", "--kind", "subject", "--images", str(tmp_path / "nope"), "--base", "micro",
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "nope" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(os.cpu_count() is None, reason="needs a CPU count")
+def test_two_processes_really_are_two(images, tiny_dirs, tmp_path):
+    """torchrun --nproc_per_node 2 on the CPU: accelerate sees world size 2, gloo all-reduces gradients."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "STUDIO_ASSERT_WORLD_SIZE": "2"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+           "-m", "studio.cli", "train", "--kind", "subject", "--images", str(images), "--base", str(tiny_dirs["sd1"]),
+           "--steps", "3", "--batch", "1", "--class-images", "2", "--out", str(tmp_path / "dp"), "--no-register",
+           "--device", "cpu"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "world size 2" in res.stderr
+    assert (tmp_path / "dp" / "pytorch_lora_weights.safetensors").is_file()
