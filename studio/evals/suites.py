@@ -550,10 +550,7 @@ def subject_suite(pipe: Any, judge: Judge, adapter: str | Path, *, subject: str,
     log.info("subject suite: %d prompts like %r, %d images", len({it.group for it in items}), items[0].prompt,
              len(items))
     t0 = time.perf_counter()
-    drift_items, before = _drift_images(pipe, drift_n, settings)
-    with adapter_applied(pipe, adapter):
-        images = generate(pipe, items, settings, progress)
-        after = generate(pipe, drift_items, settings)
+    images, drift_items, before, after = _adapter_run(pipe, adapter, items, drift_n, settings, progress)
     seen = read_attributes(images, judge)
     subject_ok = [seen["shape"][i] == subject and (color is None or "color" in it.asked or seen["color"][i] == color)
                   for i, it in enumerate(items)]
@@ -566,6 +563,16 @@ def subject_suite(pipe: Any, judge: Judge, adapter: str | Path, *, subject: str,
     }
     _timed("subject", len(items) + 2 * drift_n, t0)
     return result
+
+
+def _adapter_run(pipe: Any, adapter: str | Path, items: list, drift_n: int, settings: GenSettings,
+                 progress: Progress | None) -> tuple:
+    """The suite's images with the adapter, and the drift set's images without and with it."""
+    drift_items, before = _drift_images(pipe, drift_n, settings)
+    with adapter_applied(pipe, adapter):
+        images = generate(pipe, items, settings, progress)
+        after = generate(pipe, drift_items, settings)
+    return images, drift_items, before, after
 
 
 def style_suite(pipe: Any, judge: Judge, adapter: str | Path, *, texture: str, token: str | None = None,
@@ -602,10 +609,7 @@ def style_suite(pipe: Any, judge: Judge, adapter: str | Path, *, texture: str, t
                     "pass --train-images DIR, or train with the studio so the adapter records them")
     items = style_items(token, texture, n=n, seed=settings.seed)
     t0 = time.perf_counter()
-    drift_items, before = _drift_images(pipe, drift_n, settings)
-    with adapter_applied(pipe, adapter):
-        images = generate(pipe, items, settings, progress)
-        after = generate(pipe, drift_items, settings)
+    images, drift_items, before, after = _adapter_run(pipe, adapter, items, drift_n, settings, progress)
     seen = read_attributes(images, judge)
     content = np.all(np.stack([_hits(seen, items, a) for a in ("shape", "color", "background")]), axis=0)
     result = {
