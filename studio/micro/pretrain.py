@@ -446,20 +446,18 @@ def pretrain(cfg: PretrainConfig, progress: Callable[[str], None] | None = None)
     images, scene_list = _render_pool(cfg.work / "train_pool.npz", cfg.seed + 5, cfg.train_images, False)
 
     # phase 1: the autoencoder, then its decoder alone (the encoder, so the latent space, is final)
-    vae_path = cfg.work / "vae.pt"
-    if vae_path.is_file():
-        vae.load_state_dict(torch.load(vae_path, map_location="cpu"))
-    else:
-        report.update(train_vae(cfg, vae, images))
-        torch.save(vae.state_dict(), vae_path)
+    def phase(path: Path, run: Callable[[], dict]) -> None:
+        """Load the VAE's state from an earlier run of this phase, or run it and keep the result."""
+        if path.is_file():
+            vae.load_state_dict(torch.load(path, map_location="cpu"))
+            return
+        report.update(run())
+        torch.save(vae.state_dict(), path)
         save_report()
+
+    phase(cfg.work / "vae.pt", lambda: train_vae(cfg, vae, images))
     dec_path = cfg.work / "vae_decoder_ft.pt"
-    if dec_path.is_file():
-        vae.load_state_dict(torch.load(dec_path, map_location="cpu"))
-    else:
-        report.update(finetune_decoder(cfg, vae, images))
-        torch.save(vae.state_dict(), dec_path)
-        save_report()
+    phase(dec_path, lambda: finetune_decoder(cfg, vae, images))
     vae.eval()
     vae.requires_grad_(False)
 
