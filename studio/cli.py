@@ -60,9 +60,30 @@ def _setup_logging(debug: bool, quiet: bool) -> None:
         os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         os.environ.setdefault("TQDM_DISABLE", "1")  # weight-loading bars of diffusers/transformers
+        _quiet_loaded_libraries()
         import warnings
 
         warnings.filterwarnings("ignore")
+
+
+def _quiet_loaded_libraries() -> None:
+    """Turn off progress bars of libraries already imported (when main() runs in-process).
+
+    The environment variables above are read at import time, so a library imported before
+    main() (a test, a notebook, the UI) needs its own switch.
+    """
+    if "diffusers" in sys.modules:
+        from diffusers.utils import logging as diffusers_logging
+
+        diffusers_logging.disable_progress_bar()
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
+    if "huggingface_hub" in sys.modules:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
