@@ -15,6 +15,8 @@ import os
 import sys
 from collections.abc import Sequence
 
+from studio.logs import setup_logging
+
 # modules that contribute subcommands, in the order `studio --help` lists them
 COMMAND_MODULES: tuple[str, ...] = (
     "studio.commands.info",
@@ -49,49 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _setup_logging(debug: bool, quiet: bool) -> None:
-    level = logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO
-    logging.basicConfig(level=level, format="%(message)s" if not debug else "%(levelname)s %(name)s: %(message)s")
-    if not debug:
-        # the libraries' own chatter (weights loading bars, deprecation notes) hides our output
-        for noisy in ("diffusers", "transformers", "accelerate", "peft", "httpx", "urllib3"):
-            logging.getLogger(noisy).setLevel(logging.ERROR)
-        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-        os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-        os.environ.setdefault("TQDM_DISABLE", "1")  # weight-loading bars of diffusers/transformers
-        _quiet_loaded_libraries()
-        import warnings
-
-        warnings.filterwarnings("ignore")
-
-
-def _quiet_loaded_libraries() -> None:
-    """Turn off progress bars of libraries already imported (when main() runs in-process).
-
-    The environment variables above are read at import time, so a library imported before
-    main() (a test, a notebook, the UI) needs its own switch.
-    """
-    if "diffusers" in sys.modules:
-        from diffusers.utils import logging as diffusers_logging
-
-        diffusers_logging.disable_progress_bar()
-    if "transformers" in sys.modules:
-        from transformers.utils import logging as transformers_logging
-
-        transformers_logging.disable_progress_bar()
-    if "huggingface_hub" in sys.modules:
-        from huggingface_hub.utils import disable_progress_bars
-
-        disable_progress_bars()
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     quiet = "-q" in argv or "--quiet" in argv
-    _setup_logging(debug, quiet)
+    setup_logging(debug, quiet)
     from studio.errors import StudioError
 
     try:

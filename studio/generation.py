@@ -98,7 +98,11 @@ def model_defaults(pipe: Any) -> dict[str, Any]:
     """Steps and guidance that suit the model (the micro model keeps its own in studio_micro.json)."""
     src = getattr(pipe, "studio_source", None)
     if src is not None and src.kind == "micro":
-        return {"steps": 20, "guidance": 5.0}
+        from studio.micro import configs
+
+        report = Path(src.path) / "studio_micro.json"
+        sampling = json.loads(report.read_text()).get("sampling", {}) if report.is_file() else {}
+        return {**configs.SAMPLING, **sampling}
     return {"steps": 30, "guidance": 7.5}
 
 

@@ -528,9 +528,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_arguments(p)
     p.add_argument("--debug", action="store_true", help="debug logs and tracebacks")
     args = p.parse_args(argv)
-    from studio.cli import _setup_logging  # the same log format and quiet libraries as `studio ui`
+    from studio.logs import setup_logging  # the same log format and quiet libraries as `studio ui`
 
-    _setup_logging(debug=args.debug, quiet=False)
+    setup_logging(debug=args.debug, quiet=False)
     try:
         return run(args)
     except StudioError as exc:

@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from studio.errors import StudioError
+from studio.micro import configs
 from studio.micro.judge import Judge, classify, features, frechet_distance, to_tensor
 from studio.micro.world import (
     ATTRIBUTES, BACKGROUNDS, COLORS, HELDOUT_SHAPES, HELDOUT_TEXTURES, IMAGE_SIZE, SEEN_SHAPES, SEEN_TEXTURES,
@@ -74,8 +75,8 @@ Progress = Callable[[int, int], None]
 class GenSettings:
     """How the suites sample: denoising steps, guidance, noise seed, images per pipeline call."""
 
-    steps: int = 20
-    guidance: float = 5.0
+    steps: int = configs.SAMPLING["steps"]
+    guidance: float = configs.SAMPLING["guidance"]
     seed: int = 0
     batch_size: int = 64
 

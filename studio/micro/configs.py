@@ -6,6 +6,10 @@ from typing import Any
 
 from studio.micro.world import BACKGROUNDS, COLORS, ENGLISH_WORDS, SHAPES, TEXTURES
 
+# Sampling defaults of the committed weights. Guidance 2.5 was chosen by sweeping
+# `studio eval base --guidance G` over 2..7.5 (docs/micro.md has the table): a small model
+# trained with 10% caption dropout over-saturates at the usual 7.5.
+SAMPLING = {"steps": 20, "guidance": 2.5}
 LATENT_FACTOR = 4  # 64x64 images -> 16x16 latents: stripes and dots must survive the VAE
 
 MICRO: dict[str, dict[str, Any]] = {

@@ -281,7 +281,7 @@ def _pipeline(vae, text_encoder, tok, unet):
 
 @torch.no_grad()
 def quick_eval(pipe, judge: Judge, n: int = 64, seed: int = 777, steps: int = 20,
-               guidance: float = 5.0) -> dict[str, float]:
+               guidance: float = configs.SAMPLING["guidance"]) -> dict[str, float]:
     """Judge accuracy of generated images on fully specified prompts of seen concepts."""
     scene_list = list(scenes(seed, n, shapes=SHAPES[:6], textures=TEXTURES[:3]))
     prompts = [prompt_for(s.shape, s.color, s.texture, s.background) for s in scene_list]
