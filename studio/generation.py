@@ -7,6 +7,7 @@ and image browsers read.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -54,6 +55,8 @@ class GenerationParams:
     height: int | None = None
     sampler: str | None = None  # a key of SAMPLERS; None keeps the model's scheduler
     batch_size: int = 8
+    adapters: list[Any] = dataclasses.field(default_factory=list)  # spec strings or studio.mixing.AdapterSpec
+    seeds: list[int] | None = None  # explicit seeds, one image each (instead of seed, seed+1, ... num)
 
     def validate(self) -> None:
         if self.steps is not None and self.steps <= 0:
@@ -66,6 +69,12 @@ class GenerationParams:
             raise StudioError(f"--sampler {self.sampler}: unknown; choose one of {', '.join(SAMPLERS)}")
         if self.batch_size <= 0:
             raise StudioError(f"--batch-size {self.batch_size}: must be at least 1")
+        if self.seeds is not None and (not self.seeds or any(s < 0 for s in self.seeds)):
+            raise StudioError(f"--seeds {','.join(map(str, self.seeds))}: give one or more seeds >= 0")
+        from studio.mixing import as_spec
+
+        for a in self.adapters:
+            as_spec(a)  # a bad spec fails before the model loads
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -125,11 +134,15 @@ def sampler_name(pipe: Any) -> str:
 _HASH_CACHE: dict[tuple[str, int, float], str] = {}
 
 
-def file_sha256(path: str | Path) -> str:
-    """sha256 of a file, cached per (path, size, mtime) in memory and under STUDIO_HOME."""
+def file_sha256(path: str | Path, data_only: bool = False) -> str:
+    """sha256 of a file, cached per (path, size, mtime) in memory and under STUDIO_HOME.
+
+    ``data_only``: of a .safetensors file's tensor data, without its header (sd-scripts'
+    ``sshs_model_hash``, which A1111 shows as a LoRA's hash).
+    """
     path = Path(path)
     st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime)
+    key = (str(path.resolve()) + ("#data" if data_only else ""), st.st_size, st.st_mtime)
     if key in _HASH_CACHE:
         return _HASH_CACHE[key]
     cache_file = studio_home() / "cache" / "hashes.json"
@@ -143,6 +156,8 @@ def file_sha256(path: str | Path) -> str:
     if dkey not in disk:
         h = hashlib.sha256()
         with open(path, "rb") as fh:
+            if data_only:
+                fh.seek(8 + int.from_bytes(fh.read(8), "little"))
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 h.update(chunk)
         disk[dkey] = h.hexdigest()
@@ -201,14 +216,23 @@ def _quote(value: str) -> str:
 
 def generate(pipe: Any, params: GenerationParams, *, extra_info: dict[str, str] | None = None,
              callback: Any = None) -> list[Image.Image]:
-    """Generate ``params.num`` images; each image's ``info['parameters']`` holds its infotext."""
+    """Generate ``params.num`` images (or one per ``params.seeds``); each image's ``info['parameters']`` holds its infotext.
+
+    Adapters come from ``params.adapters`` and from ``<lora:SPEC>`` tags in the prompt (taken out
+    of the text the model sees); they are mixed in for this call only (:mod:`studio.mixing`).
+    """
+    from studio.mixing import Mixer, as_spec, parse_prompt
+
     params = dataclasses.replace(params)
     params.validate()
+    params.prompt, tagged = parse_prompt(params.prompt)
+    params.adapters = [as_spec(a) for a in params.adapters] + tagged
     defaults = model_defaults(pipe)
     params.steps = params.steps or defaults["steps"]
     params.guidance = defaults["guidance"] if params.guidance is None else params.guidance
     if params.seed is None:
-        params.seed = random.SystemRandom().randrange(2**31)
+        params.seed = params.seeds[0] if params.seeds else random.SystemRandom().randrange(2**31)
+    seeds_all = list(params.seeds) if params.seeds else [params.seed + i for i in range(params.num)]
     w0, h0 = native_size(pipe)
     width, height = params.width or w0, params.height or h0
     f = vae_factor(pipe)
@@ -219,12 +243,22 @@ def generate(pipe: Any, params: GenerationParams, *, extra_info: dict[str, str] 
         raise StudioError(f"--size {width}x{height}: too large; at most 4096x4096")
     if params.sampler:
         set_sampler(pipe, params.sampler)
+    info = dict(extra_info or {})
+    with contextlib.ExitStack() as stack:
+        if params.adapters:
+            mix = stack.enter_context(Mixer(pipe, params.adapters))
+            info.update(mix.infotext_fields())
+        return _run(pipe, params, seeds_all, width, height, info, callback)
+
+
+def _run(pipe: Any, params: GenerationParams, seeds_all: list[int], width: int, height: int,
+         info: dict[str, str], callback: Any) -> list[Image.Image]:
     kind = type(pipe).__name__
     images: list[Image.Image] = []
     device = getattr(pipe, "device", torch.device("cpu"))
     gen_device = "cpu" if device.type == "mps" else device
-    for start in range(0, params.num, params.batch_size):
-        seeds = [params.seed + i for i in range(start, min(params.num, start + params.batch_size))]
+    for start in range(0, len(seeds_all), params.batch_size):
+        seeds = seeds_all[start:start + params.batch_size]
         # one generator per image: image i is the same whatever the batch size (A1111: seed + i)
         gens = [torch.Generator(device=gen_device).manual_seed(s) for s in seeds]
         kwargs: dict[str, Any] = dict(num_inference_steps=params.steps, generator=gens, output_type="pil")
@@ -242,9 +276,85 @@ def generate(pipe: Any, params: GenerationParams, *, extra_info: dict[str, str] 
                 kwargs["callback_on_step_end"] = callback
             out = pipe([params.prompt] * len(seeds), **kwargs).images
         for s, im in zip(seeds, out):
-            im.info["parameters"] = infotext(params, s, im.width, im.height, pipe, extra_info)
+            im.info["parameters"] = infotext(params, s, im.width, im.height, pipe, info)
             images.append(im)
     return images
+
+
+def generate_sweep(pipe: Any, params: GenerationParams, sweep: Any) -> tuple[list[list[Image.Image]], Image.Image]:
+    """An XY grid: rows are the seeds, columns the swept adapter's weights (``sweep``: text or a Sweep).
+
+    The swept adapter replaces any adapter of the same name in ``params`` or in the prompt's tags.
+    Returns (images by row, the labelled grid, whose infotext names the sweep).
+    """
+    from studio.mixing import Sweep, as_spec, parse_prompt, parse_sweep
+
+    sweep = sweep if isinstance(sweep, Sweep) else parse_sweep(sweep)
+    params.validate()
+    prompt, tagged = parse_prompt(params.prompt)
+    others = [a for a in [as_spec(a) for a in params.adapters] + tagged if a.target != sweep.spec.target]
+    seed = params.seed if params.seed is not None else random.SystemRandom().randrange(2**31)
+    seeds = list(params.seeds) if params.seeds else [seed + i for i in range(params.num)]
+    columns = [generate(pipe, dataclasses.replace(params, prompt=prompt, adapters=others + [spec], seeds=seeds))
+               for spec in sweep.specs()]
+    rows = [[col[r] for col in columns] for r in range(len(seeds))]
+    name = sweep.spec.target if not Path(sweep.spec.target).exists() else Path(sweep.spec.target).name
+    grid = image_grid(rows, [f"seed {s}" for s in seeds], [f"{name} {v:g}" for v in sweep.values])
+    first = rows[0][0].info.get("parameters", "")
+    values = ",".join(f"{v:g}" for v in sweep.values)
+    grid.info["parameters"] = f"{first}, Sweep: {_quote(f'{sweep.spec}={values}')}"
+    return rows, grid
+
+
+def image_grid(rows: Sequence[Sequence[Image.Image]], row_labels: Sequence[str],
+               col_labels: Sequence[str]) -> Image.Image:
+    """Tile images into a grid with a label above each column and left of each row (PIL only)."""
+    from PIL import ImageDraw, ImageFont
+
+    tile_w = max(im.width for row in rows for im in row)
+    tile_h = max(im.height for row in rows for im in row)
+    font = ImageFont.load_default(size=max(10, min(tile_h // 6, 24)))
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+
+    def size(text: str) -> tuple[int, int]:
+        box = measure.textbbox((0, 0), text, font=font)
+        return box[2] - box[0], box[3] - box[1]
+
+    pad = 4
+    cell_w = max([tile_w] + [size(t)[0] + 2 * pad for t in col_labels])
+    label_w = max([size(t)[0] for t in row_labels] + [0]) + 2 * pad
+    header_h = max([size(t)[1] for t in col_labels] + [0]) + 2 * pad
+    grid = Image.new("RGB", (label_w + cell_w * len(col_labels), header_h + tile_h * len(rows)), "white")
+    draw = ImageDraw.Draw(grid)
+    for c, text in enumerate(col_labels):
+        draw.text((label_w + c * cell_w + (cell_w - size(text)[0]) // 2, pad), text, fill="black", font=font)
+    for r, row in enumerate(rows):
+        y = header_h + r * tile_h
+        draw.text((pad, y + (tile_h - size(row_labels[r])[1]) // 2), row_labels[r], fill="black", font=font)
+        for c, im in enumerate(row):
+            grid.paste(im.convert("RGB"), (label_w + c * cell_w + (cell_w - im.width) // 2, y))
+    return grid
+
+
+def save_grid(grid: Image.Image, path: str | Path) -> Path:
+    """Write a grid PNG atomically, with its infotext."""
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        raise StudioError(f"--grid {path}: the grid is written as PNG; give a .png file name")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StudioError(f"--grid {path}: cannot create its folder ({exc.strerror}); choose another") from exc
+    return _write_png(grid, path)
+
+
+def _write_png(im: Image.Image, path: Path) -> Path:
+    meta = PngImagePlugin.PngInfo()
+    meta.add_text("parameters", im.info.get("parameters", ""))
+    tmp = path.with_suffix(".png.tmp")
+    im.save(tmp, format="PNG", pnginfo=meta)
+    os.replace(tmp, path)  # never a half-written PNG under the final name
+    return path
 
 
 def save_images(images: Sequence[Image.Image], out_dir: str | Path) -> list[Path]:
@@ -262,12 +372,6 @@ def save_images(images: Sequence[Image.Image], out_dir: str | Path) -> list[Path
     for im in images:
         text = im.info.get("parameters", "")
         seed = re.search(r"Seed: (\d+)", text)
-        path = out / f"{index:05d}-{seed.group(1) if seed else 'x'}.png"
-        meta = PngImagePlugin.PngInfo()
-        meta.add_text("parameters", text)
-        tmp = path.with_suffix(".png.tmp")
-        im.save(tmp, format="PNG", pnginfo=meta)
-        os.replace(tmp, path)  # never a half-written PNG under the final name
-        paths.append(path)
+        paths.append(_write_png(im, out / f"{index:05d}-{seed.group(1) if seed else 'x'}.png"))
         index += 1
     return paths

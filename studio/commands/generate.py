@@ -55,23 +55,59 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--attention", default="sdpa", choices=["sdpa", "xformers"],
                    help="attention kernel: PyTorch SDPA (default) or xformers (optional CUDA extra)")
     p.add_argument("--out", default="out", metavar="DIR", help="output folder (default: out/)")
+    mix = p.add_argument_group("adapters", "mix adapters in; <lora:SPEC> tags in the prompt do the same "
+                                           "(docs/mixing.md)")
+    mix.add_argument("--adapter", action="append", default=[], metavar="SPEC",
+                     help="NAME_OR_PATH[:WEIGHT][@START-END][:unet|:te][:BLOCK=WEIGHT...], e.g. heart:0.9 or "
+                          "checkered:0.7@0.4-1 (a library name or a path; repeatable)")
+    mix.add_argument("--sweep", default=None, metavar="SPEC=W1,W2,...",
+                     help="compare one adapter at several weights, e.g. heart=0,0.5,1: an XY grid of seeds x weights")
+    mix.add_argument("--seeds", default=None, metavar="S1,S2,...", help="explicit seeds, one image each (the grid's rows)")
+    mix.add_argument("--grid", default=None, metavar="PNG",
+                     help="where the labelled grid goes (with --sweep; default: OUT/grid.png)")
     p.set_defaults(func=run)
 
 
+def parse_seeds(text: str) -> list[int]:
+    """'1,2,3' -> [1, 2, 3]."""
+    from studio.errors import StudioError
+
+    try:
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise StudioError(f"--seeds {text}: expected comma-separated whole numbers, e.g. 1,2,3") from None
+
+
 def run(args: argparse.Namespace) -> int:
-    from studio.generation import GenerationParams, generate, parse_size, save_images
+    from pathlib import Path
+
+    from studio.errors import StudioError
+    from studio.generation import GenerationParams, generate, generate_sweep, parse_size, save_grid, save_images
+    from studio.mixing import parse_sweep
 
     width = height = None
     if args.size:
         width, height = parse_size(args.size)
+    seeds = parse_seeds(args.seeds) if args.seeds is not None else None
+    if seeds is not None and (args.seed is not None or args.num != 1):
+        raise StudioError("--seeds: give either --seeds or --seed/--num, not both")
+    if args.grid and not args.sweep:
+        raise StudioError("--grid: a grid compares the weights of --sweep; add --sweep NAME=W1,W2,...")
+    sweep = parse_sweep(args.sweep) if args.sweep else None
     params = GenerationParams(prompt=args.prompt, negative=args.negative, steps=args.steps, guidance=args.guidance,
                               seed=args.seed, num=args.num, width=width, height=height, sampler=args.sampler,
-                              batch_size=args.batch_size)
+                              batch_size=args.batch_size, adapters=list(args.adapter), seeds=seeds)
     params.validate()
     pipe = load_from_args(args)
     if args.attention == "xformers":
         enable_xformers(pipe)
-    images = generate(pipe, params)
+    if sweep is None:
+        images = generate(pipe, params)
+    else:
+        rows, grid = generate_sweep(pipe, params, sweep)
+        images = [im for row in rows for im in row]
     for path in save_images(images, args.out):
         print(path)
+    if sweep is not None:
+        print(save_grid(grid, args.grid or Path(args.out) / "grid.png"))
     return 0
