@@ -128,14 +128,23 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def _register(cfg, result) -> None:
+    """Add a training result to the adapter library; a taken name becomes NAME-2, and a library
+    problem is a warning: the trained adapter is on disk either way, the training did not fail."""
     if not cfg.register:
         return
+    from studio.library import Library, derive_name
+
+    wanted = derive_name(cfg.name or Path(result.out).name)  # a --name with spaces still registers
+    if cfg.name and wanted != cfg.name:
+        log.info("library names are letters, digits, '.', '_' and '-': --name %r is kept as %s", cfg.name, wanted)
     try:
-        from studio.library import Library  # the library issue adds it
-    except ImportError:
+        entry = Library().add(result.out, name=wanted, description=cfg.description, replace=False, unique=True)
+    except StudioError as exc:
+        log.warning("not added to the adapter library: %s; add it later with `studio library add %s`", exc,
+                    result.out)
         return
-    lib = Library()
-    entry = lib.add(result.out, name=cfg.name or None, description=cfg.description, replace=False)
+    if entry.name.lower() != wanted.lower():
+        log.warning("the library already has an adapter named %s; added this one as %s", wanted, entry.name)
     log.info("added to the library as %s", entry.name)
 
 
