@@ -303,14 +303,24 @@ def clock(pipe: Any) -> DenoisingClock:
     return hook.clock
 
 
-def _release_clock(pipe: Any, c: DenoisingClock) -> None:
-    """Remove the clock's hook once nobody listens (the denoiser is left as it was)."""
-    if c.idle:
-        from studio.adapters.core import denoiser
+def listen(pipe: Any, listener: Callable[[float], None]) -> DenoisingClock:
+    """Call ``listener(fraction)`` whenever the denoising fraction changes (installs the clock if needed)."""
+    c = clock(pipe)
+    c.subscribe(listener)
+    return c
 
-        registry = getattr(denoiser(pipe), "_diffusers_hook", None)
-        if registry is not None:
-            registry.remove_hook(DenoisingClock.HOOK, recurse=False)
+
+def unlisten(pipe: Any, listener: Callable[[float], None]) -> None:
+    """Stop calling ``listener``; the clock's hook leaves the denoiser with its last listener."""
+    from studio.adapters.core import denoiser
+
+    registry = getattr(denoiser(pipe), "_diffusers_hook", None)
+    hook = registry.get_hook(DenoisingClock.HOOK) if registry is not None else None
+    if hook is None:
+        return
+    hook.clock.unsubscribe(listener)
+    if hook.clock.idle:
+        registry.remove_hook(DenoisingClock.HOOK, recurse=False)
 
 
 # ----------------------------------------------------------------------------- adapters as per-layer factors
@@ -373,7 +383,14 @@ def _read_factors(pipe: Any, file: Path) -> list[_Factor]:
         return cache[key]
     # the formats reader knows every layout of LoRA/LoHa/LoKr; other studio methods go through PEFT
     method = read_metadata(file).get("studio.method", "lora")
-    factors = _kohya_factors(pipe, file) if method in ("lora", "loha", "lokr") else _peft_factors(pipe, file, method)
+    if method not in ("lora", "loha", "lokr"):
+        factors = _peft_factors(pipe, file, method)
+    else:
+        try:
+            factors = _kohya_factors(pipe, file)
+        except StudioError as exc:
+            factors = _diffusers_factors(pipe, file, exc)
+    _check_fit(pipe, file, factors)
     cache[key] = factors
     while len(cache) > _CACHE_SIZE:
         cache.popitem(last=False)
@@ -382,29 +399,69 @@ def _read_factors(pipe: Any, file: Path) -> list[_Factor]:
 
 def _kohya_factors(pipe: Any, file: Path) -> list[_Factor]:
     """LoRA/LoHa/LoKr files of any layout (studio, diffusers, kohya, LyCORIS) through the formats reader."""
-    from studio.adapters.core import adapted_models
+    from studio.adapters.core import denoiser
     from studio.formats.kohya import lycoris_delta, read_lora
 
-    models = adapted_models(pipe)
-    unet = models["unet"]
+    unet = denoiser(pipe)
     lora = read_lora(file, unet_config=dict(unet.config) if hasattr(unet, "config") else None)
-    out, missing = [], []
+    have = getattr(getattr(pipe, "studio_source", None), "family", None)
+    if lora.family and have and lora.family != have:  # kohya files name their family in keys or header
+        raise StudioError(f"adapter {file} was made for {lora.family} models, but this base model is {have}; "
+                          f"choose a {have} adapter")
+    out = []
     for m in lora.modules:
-        model = models.get(m.component)
-        found = _find_layer(model, m.component, m.module) if model is not None else None
-        if found is None:
-            missing.append(f"{m.component}.{m.module}")
-            continue
-        name = found[0]
         if m.kind == "lora":
-            out.append(_Factor(m.component, name, down=m.tensors["lora_down.weight"], up=m.tensors["lora_up.weight"],
-                               scale=m.scale))
+            out.append(_Factor(m.component, m.module, down=m.tensors["lora_down.weight"],
+                               up=m.tensors["lora_up.weight"], scale=m.scale))
         else:  # the layer checks the delta's size against its weight
-            out.append(_Factor(m.component, name, delta=lycoris_delta(m.tensors, m.kind, m.alpha)))
-    if missing:
-        raise StudioError(f"{file}: {len(missing)} of {len(lora.modules)} adapted layers are not in this "
-                          f"{type(pipe).__name__} (e.g. {missing[0]}); was it trained on another model?")
+            out.append(_Factor(m.component, m.module, delta=lycoris_delta(m.tensors, m.kind, m.alpha)))
     return out
+
+
+def _diffusers_factors(pipe: Any, file: Path, why: StudioError) -> list[_Factor]:
+    """Layouts only diffusers converts (its older ``lora.down`` names and the like), else the reader's error."""
+    from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
+
+    reader = getattr(pipe, "lora_state_dict", None)
+    if reader is None:
+        raise why
+    try:
+        state, alphas = reader(str(file))
+    except Exception:  # noqa: BLE001 - diffusers raises several kinds; the formats reader's message is clearer
+        raise why from None
+    pairs: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    for key, value in convert_unet_state_dict_to_peft(dict(state)).items():
+        m = re.match(r"^([a-z_0-9]+)\.(.+)\.(lora_A|lora_B)\.weight$", key)
+        if m is None:
+            raise why
+        pairs.setdefault((m.group(1), m.group(2)), {})[m.group(3)] = value
+    out = []
+    for (comp, module), t in pairs.items():
+        if set(t) != {"lora_A", "lora_B"}:
+            raise why
+        alpha = (alphas or {}).get(f"{comp}.{module}.alpha")
+        scale = 1.0 if alpha is None else float(alpha) / t["lora_A"].shape[0]
+        out.append(_Factor(comp, module, down=t["lora_A"], up=t["lora_B"], scale=scale))
+    log.info("%s: read through diffusers' converters (%d layers)", file, len(out))
+    return out
+
+
+def _check_fit(pipe: Any, file: Path, factors: list[_Factor]) -> None:
+    """Name the factors' layers as the pipeline does; refuse a file whose layers it lacks."""
+    from studio.adapters.core import adapted_models
+
+    models = adapted_models(pipe)
+    missing = []
+    for f in factors:
+        model = models.get(f.component)
+        found = _find_layer(model, f.component, f.path) if model is not None else None
+        if found is None:
+            missing.append(f"{f.component}.{f.path}")
+        else:
+            f.path = found[0]
+    if missing:
+        raise StudioError(f"{file}: {len(missing)} of {len(factors)} adapted layers are not in this "
+                          f"{type(pipe).__name__} (e.g. {missing[0]}); was it made for another model?")
 
 
 def _peft_factors(pipe: Any, file: Path, method: str) -> list[_Factor]:
@@ -626,7 +683,7 @@ def _lora_hash(file: Path, meta: Mapping[str, str]) -> str:
 
 
 def _check_family(pipe: Any, target: str, family: str | None) -> None:
-    """The comparison the library's check_family makes, for when the library is absent."""
+    """Refuse an adapter whose header names another family than the base's."""
     have = getattr(getattr(pipe, "studio_source", None), "family", None)
     if family and have and family != have:
         raise StudioError(f"adapter {target!r} was made for {family} models, but this base model is {have}; "
@@ -653,9 +710,9 @@ def resolve(pipe: Any, spec: str | AdapterSpec, home: str | os.PathLike | None =
         record = lib.Library(Path(home) if home else None).get(spec.target)
         name = record.name
     meta = read_metadata(file)
-    if lib is not None and hasattr(lib, "check_family"):
-        lib.check_family(record or file, pipe)
-    else:
+    if record is not None and hasattr(lib, "check_family"):
+        lib.check_family(record, pipe)
+    else:  # the header says it; files without one are checked by their layer names and shapes when read
         _check_family(pipe, spec.target, meta.get("studio.base_family"))
     method = meta.get("studio.method") or (record.method if record else None)
     if method is None:  # a community file: LoHa/LoKr show in its tensor names
@@ -702,7 +759,7 @@ class Mixer:
         self._order = sorted(range(len(self.adapters)), key=lambda i: _order_key(self.adapters[i]))
         self._te_layers: list[_LayerMix] = []
         self._unet_layers: list[_LayerMix] = []
-        self._clock: DenoisingClock | None = None
+        self._listening = False
         self._last: torch.Tensor | None = None
         self.applied = False
 
@@ -723,7 +780,7 @@ class Mixer:
             if a.spec.weight == 0:
                 continue  # weight 0 is the base model, exactly
             for f in _read_factors(self.pipe, a.file):
-                if (f.component == "unet") == (a.spec.scope == "te"):
+                if a.spec.scope != "both" and (f.component == "unet") != (a.spec.scope == "unet"):
                     continue  # out of scope
                 if f.component != "unet" and a.spec.windowed and not warned:
                     log.warning("adapter %s: its text-encoder part applies to the whole run (the prompt is encoded "
@@ -746,8 +803,8 @@ class Mixer:
                     lm.set_scales(weights)
                     lm.fuse()
             else:
-                self._clock = clock(self.pipe)
-                self._clock.subscribe(self._on_step)
+                self._listening = True
+                listen(self.pipe, self._on_step)
                 self._on_step(0.0)
                 for lm in self._unet_layers:
                     lm.attach()
@@ -802,10 +859,9 @@ class Mixer:
         for lm in self._te_layers + self._unet_layers:
             lm.unfuse()
             lm.detach()
-        if self._clock is not None:
-            self._clock.unsubscribe(self._on_step)
-            _release_clock(self.pipe, self._clock)
-            self._clock = None
+        if self._listening:
+            unlisten(self.pipe, self._on_step)
+            self._listening = False
         self._te_layers, self._unet_layers, self._last = [], [], None
 
     def __enter__(self) -> Mixer:
@@ -835,5 +891,5 @@ def mixed(pipe: Any, adapters: Sequence[str | AdapterSpec], **options: Any) -> I
 
 __all__ = [
     "AdapterSpec", "DenoisingClock", "GRAMMAR", "MixedAdapter", "Mixer", "SCOPES", "Sweep", "as_spec",
-    "block_address", "clock", "mixed", "parse_prompt", "parse_spec", "parse_sweep", "resolve",
+    "block_address", "clock", "listen", "mixed", "parse_prompt", "parse_spec", "parse_sweep", "resolve", "unlisten",
 ]
