@@ -24,5 +24,19 @@ if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
 fi
 echo "setup: installing diffusion-studio and its test extras"
 $PIP install -q -e ".[dev]"
+# the browser tests (tests/test_ui_browser.py) drive Debian's Chromium through playwright; a
+# download of Playwright's own browser is not possible offline, so install the system package
+CHROMIUM=${STUDIO_CHROMIUM:-/usr/bin/chromium}
+if [ ! -x "$CHROMIUM" ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "setup: installing Debian's chromium for the browser tests (about a minute)"
+    if ! { DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null &&
+           DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }; then
+      echo "setup: warning: could not install chromium; the browser tests will fail until it is there" >&2
+    fi
+  else
+    echo "setup: note: no Chromium at $CHROMIUM; the browser tests need it: sudo apt-get install chromium" >&2
+  fi
+fi
 .venv/bin/python -c "import torch, diffusers, transformers, peft, accelerate, gradio, studio; \
 print(f'setup: ok (torch {torch.__version__}, diffusers {diffusers.__version__}, studio {studio.__version__})')"

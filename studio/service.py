@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import datetime
+import inspect
 import itertools
 import logging
 import os
@@ -26,6 +27,7 @@ import traceback
 import unicodedata
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from studio.errors import StudioError
@@ -41,9 +43,13 @@ KEEP_FINISHED = 100  # finished jobs remembered by a manager
 # uploads from the browser
 MAX_UPLOAD_FILES = 50
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024
+# adapter files imported into the library: SDXL LoRAs reach a few hundred MB
+MAX_ADAPTER_BYTES = 1024 * 1024 * 1024
+MAX_ADAPTER_FILES = 20
 IMAGE_SUFFIX = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp", "BMP": ".bmp", "GIF": ".gif", "TIFF": ".tiff"}
 
 TrainFn = Callable[..., Any]  # train(cfg, on_event=..., cancel=...) -> TrainResult-like
+RegisterFn = Callable[[Any, Any], Any]  # register(cfg, result) -> library record (or None)
 JobFn = Callable[[Callable[[Any], None], threading.Event], Any]  # fn(emit, cancel) -> result
 
 
@@ -109,13 +115,15 @@ class JobManager:
     """Runs jobs one after another on one worker thread; every method is thread-safe.
 
     ``train_fn`` is the training function (default: :func:`studio.trainers.loop.train`);
-    tests pass a fake one. ``generate_fn(params, base, emit, cancel) -> dict`` likewise.
+    tests pass a fake one. ``generate_fn(params, base=, out_dir=, sweep=, emit=, cancel=) -> dict``
+    and ``register_fn(cfg, result) -> record`` (default: :func:`register_training`) likewise.
     """
 
     def __init__(self, train_fn: TrainFn | None = None, generate_fn: Callable[..., Any] | None = None,
-                 keep_finished: int = KEEP_FINISHED) -> None:
+                 register_fn: RegisterFn | None = None, keep_finished: int = KEEP_FINISHED) -> None:
         self._train_fn = train_fn
         self._generate_fn = generate_fn
+        self._register_fn = register_fn or register_training
         self._keep = keep_finished
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
@@ -152,17 +160,34 @@ class JobManager:
         if train_fn is None:
             from studio.trainers.loop import train as train_fn
 
+        register = self._register_fn
+
         def run(emit: Callable[[Any], None], cancel: threading.Event) -> Any:
-            return train_fn(cfg, on_event=emit, cancel=cancel)
+            result = _plain(train_fn(cfg, on_event=emit, cancel=cancel))
+            if cfg.register:
+                # as `studio train` does: the adapter is on disk either way, so a library problem
+                # is a message on the finished job, not a failed training
+                try:
+                    record = register(cfg, SimpleNamespace(**result) if isinstance(result, dict) else result)
+                except StudioError as exc:
+                    emit({"phase": "done", "message": f"not added to the library: {exc}"})
+                else:
+                    if record is not None:
+                        result["library_name"] = record.name
+                        emit({"phase": "done", "message": f"added to the library as {record.name}"})
+            return result
 
         label = cfg.name or Path(cfg.out or cfg.images).name or cfg.kind
         return self.submit("train", run, label=label, params=dataclasses.asdict(cfg))
 
-    def submit_generate(self, params: Any, base: str = "micro", out_dir: str | os.PathLike | None = None) -> str:
+    def submit_generate(self, params: Any, base: str = "micro", out_dir: str | os.PathLike | None = None,
+                        sweep: str | None = None) -> str:
         """Queue a generation (a GenerationParams or a dict of its fields) on ``base``.
 
+        ``params.adapters`` (spec strings) and ``<lora:...>`` tags in the prompt mix adapters in.
+        ``sweep`` (``NAME=W1,W2,...``) makes a weight-sweep grid instead: one column per weight.
         Images go to ``out_dir`` (default: STUDIO_HOME/outputs/<date>/); the result holds their
-        paths and their infotext.
+        paths and infotext (and ``grid``, the grid's path, for a sweep).
         """
         from studio.generation import GenerationParams
 
@@ -172,14 +197,19 @@ class JobManager:
             except TypeError as exc:
                 raise StudioError(f"generate job: {exc}") from exc
         params.validate()
-        out = Path(out_dir) if out_dir else studio_home() / "outputs" / datetime.date.today().isoformat()
+        if sweep is not None:
+            from studio.mixing import parse_sweep
+
+            parse_sweep(sweep)  # a bad sweep fails here, not on the worker
+        out = Path(out_dir) if out_dir else outputs_dir() / datetime.date.today().isoformat()
         gen_fn = self._generate_fn or self._generate
 
         def run(emit: Callable[[Any], None], cancel: threading.Event) -> Any:
-            return gen_fn(params, base=base, out_dir=out, emit=emit, cancel=cancel)
+            return gen_fn(params, base=base, out_dir=out, sweep=sweep, emit=emit, cancel=cancel)
 
-        return self.submit("generate", run, label=params.prompt[:60] or "generate",
-                           params={**dataclasses.asdict(params), "base": base})
+        label = params.prompt[:60] or "generate"
+        return self.submit("generate", run, label=f"sweep {sweep}: {label}" if sweep else label,
+                           params={**_plain(params), "base": base, "sweep": sweep})
 
     # ---- reading -------------------------------------------------------------------------------
     def status(self, job_id: str) -> dict[str, Any]:
@@ -334,10 +364,10 @@ class JobManager:
         for j in done[: max(0, len(done) - self._keep)]:
             del self._jobs[j.id]
 
-    def _generate(self, params: Any, *, base: str, out_dir: Path, emit: Callable[[Any], None],
+    def _generate(self, params: Any, *, base: str, out_dir: Path, sweep: str | None, emit: Callable[[Any], None],
                   cancel: threading.Event) -> dict[str, Any]:
         """Load ``base`` (kept loaded for the next job) and generate; runs on the worker thread."""
-        from studio.generation import generate, model_defaults, save_images
+        from studio.generation import generate, generate_sweep, model_defaults, save_grid, save_images
         from studio.loading import load_pipeline
 
         pipe = self._pipes.get(base)
@@ -346,7 +376,14 @@ class JobManager:
             self._pipes.clear()  # one model in memory at a time
             pipe = self._pipes[base] = load_pipeline(base)
         steps = params.steps or model_defaults(pipe)["steps"]
-        total = steps * -(-params.num // params.batch_size)  # callbacks come once per step per batch
+        images_n = len(params.seeds) if params.seeds else params.num
+        passes = -(-images_n // params.batch_size)  # callbacks come once per step per batch
+        columns = 1
+        if sweep is not None:
+            from studio.mixing import parse_sweep
+
+            columns = len(parse_sweep(sweep).values)
+        total = steps * passes * columns
         done = [0]
 
         def on_step(p: Any, i: int, t: Any, kwargs: dict) -> dict:
@@ -356,11 +393,28 @@ class JobManager:
             emit({"phase": "generate", "step": done[0], "total": total})
             return kwargs
 
-        images = generate(pipe, params, callback=on_step)
-        paths = save_images(images, out_dir)
-        emit({"phase": "done", "step": total, "total": total, "message": f"wrote {len(paths)} image(s) to {out_dir}",
-              "samples": [str(p) for p in paths]})
-        return {"images": [str(p) for p in paths], "parameters": [im.info.get("parameters", "") for im in images]}
+        params = dataclasses.replace(params, steps=steps)
+        if sweep is None:
+            images = generate(pipe, params, callback=on_step)
+            paths = save_images(images, out_dir)
+            grid_path = None
+        else:
+            if "callback" in inspect.signature(generate_sweep).parameters:
+                rows, grid = generate_sweep(pipe, params, sweep, callback=on_step)
+            else:  # until studio.generation passes a callback through sweeps: no progress, no cancel
+                rows, grid = generate_sweep(pipe, params, sweep)
+            images = [im for row in rows for im in row]
+            paths = save_images(images, out_dir)
+            grid_path = save_grid(grid, out_dir / f"{paths[0].stem}-grid.png")
+        emit({"phase": "done", "step": total, "total": total,
+              "message": f"wrote {len(paths) + (grid_path is not None)} image(s) to {out_dir}",
+              "samples": [str(p) for p in ([grid_path] if grid_path else []) + paths]})
+        result: dict[str, Any] = {"images": [str(p) for p in paths],
+                                  "parameters": [im.info.get("parameters", "") for im in images]}
+        if grid_path is not None:
+            result["grid"] = str(grid_path)
+            result["grid_parameters"] = grid.info.get("parameters", "")
+        return result
 
 
 _default: JobManager | None = None
@@ -376,57 +430,99 @@ def default_manager() -> JobManager:
         return _default
 
 
-# ---- adapters on disk (until the library issue lands) --------------------------------------------
-def adapters_dir() -> Path:
-    """Where UI training jobs write their adapters: STUDIO_HOME/adapters/<name>/."""
-    return studio_home() / "adapters"
+# ---- folders ------------------------------------------------------------------------------------
+def runs_dir() -> Path:
+    """Where UI training jobs work: STUDIO_HOME/runs/<name>/ (checkpoints, samples, the adapter)."""
+    return studio_home() / "runs"
+
+
+def outputs_dir() -> Path:
+    """Where generated images go: STUDIO_HOME/outputs/<date>/."""
+    return studio_home() / "outputs"
+
+
+def uploads_dir() -> Path:
+    """Where uploaded training images are staged: STUDIO_HOME/uploads/<name>-<time>/."""
+    return studio_home() / "uploads"
+
+
+def unique_run_dir(name: str) -> Path:
+    """STUDIO_HOME/runs/<name>, or <name>-2, -3, ... where that folder exists."""
+    name = safe_name(name) or "adapter"
+    candidate = runs_dir() / name
+    n = 2
+    while candidate.exists():
+        candidate = runs_dir() / f"{name}-{n}"
+        n += 1
+    return candidate
+
+
+# ---- the adapter library ----------------------------------------------------------------------------
+def register_training(cfg: Any, result: Any) -> Any:
+    """Add a finished training run (``result.out``) to the library, as `studio train` does.
+
+    A taken name becomes NAME-2, NAME-3, ...; returns the library record.
+    """
+    from studio.library import Library, derive_name
+
+    wanted = derive_name(cfg.name or Path(result.out).name)
+    record = Library().add(result.out, name=wanted, description=cfg.description, unique=True)
+    log.info("added %s to the library as %s", result.out, record.name)
+    return record
 
 
 def list_adapters(query: str = "") -> list[dict[str, Any]]:
-    """Adapters under STUDIO_HOME/adapters/*/ with their metadata and sample images.
+    """The library's adapters as plain dicts, filtered by name, trigger or description.
 
-    The one place the UI reads adapters from: the adapter library replaces its body later.
-    ``query`` filters by name or trigger word (case-insensitive substring).
+    Each is :meth:`AdapterRecord.to_dict` plus ``trigger`` (the trigger words joined) and
+    ``samples`` reduced to the files that exist.
     """
-    from studio.adapters import read_metadata
-    from studio.adapters.core import LORA_FILE, META_PREFIX, STUDIO_FILE
+    from studio.library import Library
 
-    root = adapters_dir()
     out = []
-    q = query.strip().lower()
-    for folder in sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []:
-        if not ((folder / LORA_FILE).is_file() or (folder / STUDIO_FILE).is_file()):
-            continue
-        try:
-            raw = read_metadata(folder)
-        except StudioError as exc:
-            log.warning("%s", exc)
-            continue
-        meta = {k[len(META_PREFIX):]: v for k, v in raw.items() if k.startswith(META_PREFIX)}
-        meta.pop("train_config", None)
-        meta = {k: v for k, v in meta.items() if not k.startswith("peft_config.")}
-        entry = {
-            "name": folder.name, "path": str(folder), "method": meta.get("method", "lora"),
-            "kind": meta.get("kind", ""), "trigger": meta.get("trigger", ""), "base": meta.get("base", ""),
-            "metadata": meta,
-            "samples": [str(p) for p in sorted((folder / "samples").glob("*.png"))],
-        }
-        if q and q not in entry["name"].lower() and q not in entry["trigger"].lower():
-            continue
+    for record in Library().find(query):
+        entry = record.to_dict()
+        entry["trigger"] = ", ".join(record.triggers)
+        entry["samples"] = [str(p) for p in record.samples if p.is_file()]
         out.append(entry)
     return out
 
 
-def unique_adapter_dir(name: str) -> Path:
-    """STUDIO_HOME/adapters/<name>, or <name>-2, -3, ... where that folder exists."""
-    name = safe_name(name) or "adapter"
-    root = adapters_dir()
-    candidate = root / name
-    n = 2
-    while candidate.exists():
-        candidate = root / f"{name}-{n}"
-        n += 1
-    return candidate
+def import_adapters(files: Iterable[str | os.PathLike]) -> tuple[list[str], list[tuple[str, str]]]:
+    """Add uploaded adapter files (.safetensors) to the library: (added names, [(file, reason)]).
+
+    At most MAX_ADAPTER_FILES files of MAX_ADAPTER_BYTES each; a taken name becomes NAME-2.
+    The library reads the file's header to tell what it is; anything else is refused with a reason.
+    """
+    from studio.library import Library, derive_name
+
+    lib = Library()
+    added: list[str] = []
+    rejected: list[tuple[str, str]] = []
+    for i, f in enumerate(Path(f) for f in files or []):
+        shown = safe_name(f.name) or "file"
+        if i >= MAX_ADAPTER_FILES:
+            rejected.append((shown, f"more than {MAX_ADAPTER_FILES} files at once; the rest were left out"))
+            continue
+        if f.suffix.lower() != ".safetensors":
+            rejected.append((shown, "not a .safetensors file; the library takes .safetensors adapters only"))
+            continue
+        try:
+            size = f.stat().st_size
+        except OSError:
+            rejected.append((shown, "could not be read"))
+            continue
+        if size > MAX_ADAPTER_BYTES:
+            rejected.append((shown, f"{size / 2**20:.0f} MB is over the {MAX_ADAPTER_BYTES / 2**20:g} MB limit"))
+            continue
+        try:
+            record = lib.add(f, name=derive_name(Path(shown).stem), unique=True)
+        except StudioError as exc:
+            # the library names the upload's temporary path: say the file's own name instead
+            rejected.append((shown, str(exc).replace(f"{f}: ", "").replace(str(f), shown)))
+            continue
+        added.append(record.name)
+    return added, rejected
 
 
 # ---- uploads -------------------------------------------------------------------------------------
@@ -438,94 +534,132 @@ def safe_name(name: str, max_len: int = 80) -> str:
 
 
 @dataclasses.dataclass
-class StagedUploads:
-    folder: Path
-    images: list[Path]
+class _Rejections:
     rejected: list[tuple[str, str]]  # (file name, reason)
 
     def warnings(self) -> list[str]:
+        """One line per rejected file."""
         return [f"{name}: {reason}" for name, reason in self.rejected]
 
 
-def stage_uploads(files: Iterable[str | os.PathLike], dest: str | os.PathLike) -> StagedUploads:
-    """Copy uploaded images (and NAME.txt captions beside them) into ``dest``, validated.
+@dataclasses.dataclass
+class UploadCheck(_Rejections):
+    """What :func:`check_uploads` found: images to keep (source, name), captions, rejections."""
 
-    An image is whatever PIL can open and verify, whatever its extension says; it is saved
-    under a sanitised name with the suffix of its real format. At most MAX_UPLOAD_FILES images
-    of MAX_UPLOAD_BYTES each; the rest are rejected with a reason. Raises StudioError when no
-    usable image is left.
+    images: list[tuple[Path, str]]  # (uploaded file, sanitised file name with its real format's suffix)
+    captions: dict[str, Path]  # sanitised stem -> uploaded NAME.txt
+
+    def summary(self, limit: int = 8) -> str:
+        """A short report for the page: how many images are usable, and why the others are not."""
+        text = f"{len(self.images)} image{'s' if len(self.images) != 1 else ''} ready"
+        if self.captions:
+            text += f", {len(self.captions)} caption{'s' if len(self.captions) != 1 else ''}"
+        if self.rejected:
+            lines = self.warnings()
+            more = len(lines) - limit
+            text += f"; {len(self.rejected)} file{'s' if len(self.rejected) != 1 else ''} refused:\n" + \
+                "\n".join(f"- {line}" for line in lines[:limit]) + (f"\n- ... and {more} more" if more > 0 else "")
+        return text
+
+
+@dataclasses.dataclass
+class StagedUploads(_Rejections):
+    """Training images copied into ``folder`` by :func:`stage_uploads`."""
+
+    folder: Path
+    images: list[Path]
+
+
+def check_uploads(files: Iterable[str | os.PathLike]) -> UploadCheck:
+    """Validate uploaded training images (and NAME.txt captions) without copying anything.
+
+    An image is whatever PIL can open and verify, whatever its extension says; it keeps a
+    sanitised name with the suffix of its real format. At most MAX_UPLOAD_FILES images of
+    MAX_UPLOAD_BYTES each; the rest are rejected with a reason.
     """
     from PIL import Image, UnidentifiedImageError
 
-    files = [Path(f) for f in files or []]
-    dest = Path(dest)
     rejected: list[tuple[str, str]] = []
-    images: list[Path] = []
+    images: list[tuple[Path, str]] = []
     captions: dict[str, Path] = {}
     used: set[str] = set()
+    for f in (Path(f) for f in files or []):
+        shown = f.name
+        try:
+            size = f.stat().st_size
+        except OSError:
+            rejected.append((shown, "could not be read"))
+            continue
+        if size > MAX_UPLOAD_BYTES:
+            rejected.append((shown, f"{size / 2**20:.1f} MB is over the {MAX_UPLOAD_BYTES / 2**20:g} MB limit"))
+            continue
+        if f.suffix.lower() == ".txt":
+            captions[safe_name(f.stem)] = f
+            continue
+        if len(images) >= MAX_UPLOAD_FILES:
+            rejected.append((shown, f"more than {MAX_UPLOAD_FILES} images; the rest were left out"))
+            continue
+        try:
+            with Image.open(f) as im:
+                fmt = im.format
+                im.verify()
+        except Image.DecompressionBombError:
+            rejected.append((shown, f"too many pixels (over {Image.MAX_IMAGE_PIXELS} px); upload smaller images"))
+            continue
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+            why = "not an image" if isinstance(exc, UnidentifiedImageError) else "a damaged image"
+            rejected.append((shown, f"{why}; upload PNG, JPEG or WebP files"))
+            continue
+        if fmt not in IMAGE_SUFFIX:
+            rejected.append((shown, f"{fmt} images are not supported; upload PNG, JPEG or WebP files"))
+            continue
+        stem = safe_name(f.stem) or "image"
+        name = stem
+        n = 2
+        while name.lower() in used:
+            name = f"{stem}-{n}"
+            n += 1
+        used.add(name.lower())
+        images.append((f, name + IMAGE_SUFFIX[fmt]))
+    stems = {Path(name).stem for _, name in images}
+    for stem, f in list(captions.items()):
+        if stem not in stems:
+            rejected.append((f.name, "a caption without an image of the same name"))
+            del captions[stem]
+    return UploadCheck(images=images, captions=captions, rejected=rejected)
+
+
+def stage_uploads(files: Iterable[str | os.PathLike], dest: str | os.PathLike) -> StagedUploads:
+    """Copy the uploads that pass :func:`check_uploads` into ``dest``, atomically.
+
+    Raises StudioError when no usable image is left; ``dest`` then does not exist.
+    """
+    check = check_uploads(files)
+    rejected = list(check.rejected)
+    if not check.images:
+        reasons = "; ".join(f"{n}: {r}" for n, r in rejected[:5])
+        raise StudioError("no usable image was uploaded" + (f" ({reasons})" if reasons else
+                                                            "; add PNG, JPEG or WebP files"))
+    dest = Path(dest)
     staged = dest.with_name(dest.name + f".tmp{os.getpid()}")
     shutil.rmtree(staged, ignore_errors=True)
     staged.mkdir(parents=True)
     try:
-        for f in files:
-            shown = f.name
-            try:
-                size = f.stat().st_size
-            except OSError:
-                rejected.append((shown, "could not be read"))
-                continue
-            if size > MAX_UPLOAD_BYTES:
-                rejected.append((shown, f"{size / 2**20:.1f} MB is over the {MAX_UPLOAD_BYTES / 2**20:g} MB limit"))
-                continue
-            if f.suffix.lower() == ".txt":
-                captions[safe_name(f.stem)] = f
-                continue
-            try:
-                with Image.open(f) as im:
-                    fmt = im.format
-                    im.verify()
-            except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-                why = "not an image" if isinstance(exc, UnidentifiedImageError) else "a damaged image"
-                rejected.append((shown, f"{why}; upload PNG, JPEG or WebP files"))
-                continue
-            if fmt not in IMAGE_SUFFIX:
-                rejected.append((shown, f"{fmt} images are not supported; upload PNG, JPEG or WebP files"))
-                continue
-            if len(images) >= MAX_UPLOAD_FILES:
-                rejected.append((shown, f"more than {MAX_UPLOAD_FILES} images; the rest were left out"))
-                continue
-            stem = safe_name(f.stem) or "image"
-            name = stem
-            n = 2
-            while name.lower() in used:
-                name = f"{stem}-{n}"
-                n += 1
-            used.add(name.lower())
-            target = staged / (name + IMAGE_SUFFIX[fmt])
-            shutil.copyfile(f, target)
-            images.append(target)
-        stems = {p.stem: p for p in images}
-        for stem, f in captions.items():
-            if stem not in stems:
-                rejected.append((f.name, "a caption without an image of the same name"))
-                continue
+        for src, name in check.images:
+            shutil.copyfile(src, staged / name)
+        for stem, f in check.captions.items():
             try:
                 text = f.read_text(encoding="utf-8")
             except (OSError, UnicodeDecodeError):
                 rejected.append((f.name, "not a UTF-8 text file"))
                 continue
             (staged / f"{stem}.txt").write_text(text.strip() + "\n", encoding="utf-8")
-        if not images:
-            reasons = "; ".join(f"{n}: {r}" for n, r in rejected[:5])
-            raise StudioError("no usable image was uploaded" + (f" ({reasons})" if reasons else
-                                                                "; add PNG, JPEG or WebP files"))
         if dest.exists():
             shutil.rmtree(dest)
-        dest.parent.mkdir(parents=True, exist_ok=True)
         os.replace(staged, dest)  # the folder appears whole or not at all
     finally:
         shutil.rmtree(staged, ignore_errors=True)
-    return StagedUploads(folder=dest, images=[dest / p.name for p in images], rejected=rejected)
+    return StagedUploads(folder=dest, images=[dest / name for _, name in check.images], rejected=rejected)
 
 
 def format_eta(seconds: float | None) -> str:

@@ -1,10 +1,12 @@
-"""The service layer (job queue, cancellation, re-attach, failures, uploads) and the Gradio app's shape."""
+"""The service layer: job queue, cancellation, re-attach, failures, library registration, uploads."""
 
 from __future__ import annotations
 
 import dataclasses
+import re
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from PIL import Image
@@ -63,14 +65,33 @@ def cfg(name: str) -> dict:
     return {"kind": "subject", "images": "/nonexistent/images", "name": name, "out": f"/tmp/{name}"}
 
 
+class FakeRegister:
+    """A register(cfg, result) stand-in: records what it was given, or raises."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, Path]] = []
+        self.error: Exception | None = None
+
+    def __call__(self, cfg: TrainConfig, result) -> SimpleNamespace:
+        if self.error is not None:
+            raise self.error
+        self.calls.append((cfg.name, Path(result.out)))
+        return SimpleNamespace(name=cfg.name)
+
+
 @pytest.fixture
 def trainer():
     return FakeTrainer()
 
 
 @pytest.fixture
-def manager(trainer):
-    m = service.JobManager(train_fn=trainer)
+def register():
+    return FakeRegister()
+
+
+@pytest.fixture
+def manager(trainer, register):
+    m = service.JobManager(train_fn=trainer, register_fn=register)
     yield m
     m.shutdown(wait=5)
 
@@ -92,8 +113,9 @@ def test_jobs_run_one_at_a_time_in_submission_order(manager, trainer):
     assert sa["state"] == sb["state"] == "done"
     assert sa["finished"] <= sb["started"]
     assert (sa["step"], sa["total"], sa["progress"]) == (3, 3, 1.0)
-    assert sa["result"] == {"out": "/tmp/first", "steps": 3, "final_loss": 0.5}
-    assert sa["error"] is None and sa["messages"][-1] == "wrote first"
+    # the finished run went into the library, as `studio train` registers it
+    assert sa["result"] == {"out": "/tmp/first", "steps": 3, "final_loss": 0.5, "library_name": "first"}
+    assert sa["error"] is None and sa["messages"][-2:] == ["wrote first", "added to the library as first"]
     assert sa["params"]["name"] == "first" and sa["kind"] == "train"
 
 
@@ -125,11 +147,11 @@ def test_reattach_reads_progress_and_history(manager, trainer):
     assert st["samples"] == ["/tmp/hist/s2.png"]
     assert st["loss"] == 0.5 and st["eta_s"] == 0.0
     hist = manager.events(a)
-    assert [e["phase"] for e in hist] == ["prepare", "train", "train", "sample", "train", "done"]
-    assert [e["seq"] for e in hist] == list(range(1, 7)) and st["last_seq"] == 6
+    assert [e["phase"] for e in hist] == ["prepare", "train", "train", "sample", "train", "done", "done"]
+    assert [e["seq"] for e in hist] == list(range(1, 8)) and st["last_seq"] == 7
     assert [e["step"] for e in hist if e["phase"] == "train"] == [1, 2, 3]
     assert hist[1]["loss"] == 1.0 and hist[1]["eta_s"] == 2.0
-    assert [e["seq"] for e in manager.events(a, since=4)] == [5, 6]
+    assert [e["seq"] for e in manager.events(a, since=4)] == [5, 6, 7]
     with pytest.raises(StudioError, match="no such job"):
         manager.status("train-9999-dead")
 
@@ -157,6 +179,32 @@ def test_failure_is_reported_and_the_queue_goes_on(manager, trainer):
     assert sc["state"] == "done"
 
 
+def test_a_library_problem_does_not_fail_the_training(manager, trainer, register):
+    register.error = StudioError("library at /x: the database is locked")
+    a = manager.submit_train(cfg("kept"))
+    st = manager.wait(a, TIMEOUT)
+    assert st["state"] == "done" and "library_name" not in st["result"]
+    assert st["messages"][-1] == "not added to the library: library at /x: the database is locked"
+    register.error = None
+    b = manager.submit_train({**cfg("private"), "register": False})
+    assert manager.wait(b, TIMEOUT)["state"] == "done"
+    assert register.calls == []  # register=False is honoured
+
+
+def test_register_training_adds_the_run_under_a_free_name(tmp_path):
+    from studio.library import Library
+
+    run = tmp_path / "runs" / "heart"
+    _fake_adapter(run, "hrt", "subject")
+    result = SimpleNamespace(out=run)
+    first = service.register_training(TrainConfig.from_dict({**cfg("heart"), "description": "red"}), result)
+    second = service.register_training(TrainConfig.from_dict(cfg("heart")), result)
+    assert (first.name, second.name) == ("heart", "heart-2")
+    lib = Library()
+    assert lib.get("heart").description == "red" and lib.get("heart").triggers == ["hrt"]
+    assert len(lib.get("heart").samples) == 2  # the run's samples come along
+
+
 def test_bad_config_is_refused_at_submit(manager, trainer):
     with pytest.raises(StudioError, match="--steps"):
         manager.submit_train({**cfg("x"), "steps": -1})
@@ -165,16 +213,40 @@ def test_bad_config_is_refused_at_submit(manager, trainer):
     assert manager.jobs() == []
 
 
-def test_generate_job_on_a_tiny_model(tmp_path):
+def _tiny_lora(folder: Path) -> Path:
+    """A random LoRA for the tiny sd1 model (studio layout, family recorded)."""
+    import torch
+
+    from studio.adapters import AdapterSettings, add_adapter, save_adapter
+    from studio.testing import tiny_pipeline
+
+    pipe = tiny_pipeline("sd1")
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in add_adapter(pipe, "lora", AdapterSettings(rank=2), "a"):
+            p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    save_adapter(pipe, folder, "a", metadata={"base_family": "sd1"})
+    return folder
+
+
+def test_generate_jobs_on_a_tiny_model(tmp_path):
+    """Plain, with an adapter, and a weight sweep: progress per step, files with their infotext."""
+    import numpy as np
+
     from studio.generation import GenerationParams
     from studio.testing import save_tiny
 
     folder = save_tiny("sd1", tmp_path / "sd1")
+    lora = _tiny_lora(tmp_path / "lora")
     m = service.JobManager()
     try:
         a = m.submit_generate(GenerationParams(prompt="a red circle", steps=2, seed=3, num=2),
                               base=str(folder), out_dir=tmp_path / "out")
-        st = m.wait(a, 120)
+        b = m.submit_generate(GenerationParams(prompt="a red circle", steps=2, seed=3, num=1, adapters=[f"{lora}:1"]),
+                              base=str(folder), out_dir=tmp_path / "out")
+        c = m.submit_generate(GenerationParams(prompt="a red circle", steps=2, seed=3, num=1),
+                              base=str(folder), out_dir=tmp_path / "out", sweep=f"{lora}=0,1")
+        st, sb, sc = (m.wait(j, 120) for j in (a, b, c))
     finally:
         m.shutdown()
     assert st["state"] == "done", st["error"]
@@ -185,8 +257,21 @@ def test_generate_job_on_a_tiny_model(tmp_path):
     assert len(paths) == 2 and all(Path(p).is_file() for p in paths)
     info = Image.open(paths[1]).info["parameters"]
     assert "Seed: 4" in info and info == st["result"]["parameters"][1]
+
+    assert sb["state"] == "done", sb["error"]
+    assert re.search(r'Adapters: "[^"]*lora:1"', sb["result"]["parameters"][0])
+    assert sc["state"] == "done", sc["error"]
+    grid, cells = sc["result"]["grid"], sc["result"]["images"]
+    assert len(cells) == 2 and Path(grid).is_file() and 'Sweep: "' in sc["result"]["grid_parameters"]
+    pixels = [np.asarray(Image.open(p), dtype=np.int16) for p in (paths[0], *cells, sb["result"]["images"][0])]
+    base, at0, at1, mixed = pixels
+    assert np.array_equal(at0, base)  # weight 0 is the base model
+    assert np.abs(at1 - base).mean() > 1  # the adapter changes the image...
+    assert np.array_equal(at1, mixed)  # ...the same way in the sweep as in a plain mix
     with pytest.raises(StudioError, match="--steps"):
         service.JobManager().submit_generate({"prompt": "x", "steps": 0})
+    with pytest.raises(StudioError, match="--sweep"):
+        service.JobManager().submit_generate({"prompt": "x"}, sweep="lora")
 
 
 # ---- uploads and the adapter list -----------------------------------------------------------------
@@ -254,75 +339,67 @@ def _fake_adapter(folder: Path, trigger: str, kind: str, samples: int = 2) -> No
         _png(folder / "samples" / f"step000010-{i}.png")
 
 
-def test_list_adapters(tmp_path):
+def test_check_uploads_summary(tmp_path):
+    files = [_png(tmp_path / f"{i}.png") for i in range(3)]
+    fake = tmp_path / "holiday.png"
+    fake.write_text("text")
+    check = service.check_uploads([*files, fake])
+    assert [name for _, name in check.images] == ["0.png", "1.png", "2.png"]
+    assert check.summary() == "3 images ready; 1 file refused:\n- holiday.png: not an image; upload PNG, JPEG or WebP files"
+    many = service.check_uploads([fake] * 12)
+    assert many.summary(limit=2).endswith("- ... and 10 more") and many.summary().startswith("0 images ready")
+    assert not list(tmp_path.glob("*.tmp*"))  # checking copies nothing
+
+
+def _library_adapter(tmp_path: Path, name: str, trigger: str, kind: str, samples: int = 2):
+    from studio.library import Library
+
+    _fake_adapter(tmp_path / "made" / name, trigger, kind, samples)
+    return Library().add(tmp_path / "made" / name)
+
+
+def test_list_adapters_reads_the_library(tmp_path):
     assert service.list_adapters() == []
-    _fake_adapter(service.adapters_dir() / "subject-heart", "hrt", "subject")
-    _fake_adapter(service.adapters_dir() / "style-zig", "zgz", "style", samples=0)
-    (service.adapters_dir() / "half-written").mkdir()
+    _library_adapter(tmp_path, "subject-heart", "hrt", "subject")
+    _library_adapter(tmp_path, "style-zig", "zgz", "style", samples=0)
     found = service.list_adapters()
     assert [e["name"] for e in found] == ["style-zig", "subject-heart"]
     heart = found[1]
     assert (heart["trigger"], heart["kind"], heart["method"]) == ("hrt", "subject", "lora")
-    assert heart["metadata"]["rank"] == "4" and "train_config" not in heart["metadata"]
     assert len(heart["samples"]) == 2 and found[0]["samples"] == []
+    assert Path(heart["file"]).is_file() and Path(heart["file"]).parent == Path(heart["path"])
     assert [e["name"] for e in service.list_adapters("ZGZ")] == ["style-zig"]
     assert [e["name"] for e in service.list_adapters("heart")] == ["subject-heart"]
-    assert service.unique_adapter_dir("subject-heart").name == "subject-heart-2"
-    assert service.unique_adapter_dir("../x y").name == "x_y"
+    # a sample deleted by hand is left out rather than shown broken
+    Path(heart["samples"][0]).unlink()
+    assert len(service.list_adapters("heart")[0]["samples"]) == 1
 
 
-# ---- the Gradio app ---------------------------------------------------------------------------------
-def test_train_form_to_config():
-    from studio import ui
-
-    sets = ui.sample_sets()
-    assert {"subject-heart-red", "style-zigzag"} <= set(sets)
-    c, warns = ui.train_config(source="sample", sample_set="subject-heart-red", uploads=None, kind="subject",
-                               name="", token="hrt", class_word="", steps=12, rank=None, lr=0, base="micro",
-                               advanced={"seed": 3, "batch": 0, "method": "lora"})
-    assert c.images.endswith("assets/samples/subject-heart-red") and c.steps == 12 and c.rank is None
-    assert c.lr is None and c.seed == 3 and c.batch is None and warns == []
-    assert Path(c.out) == service.adapters_dir() / "subject-heart-red" and c.name == "subject-heart-red"
-    with pytest.raises(StudioError, match="sample set"):
-        ui.train_config(source="sample", sample_set="../../etc", uploads=None, kind="subject", name="",
-                        token="sks", class_word="", steps=None, rank=None, lr=None, base="micro")
-    with pytest.raises(StudioError, match="no images uploaded"):
-        ui.train_config(source="upload", sample_set="", uploads=[], kind="style", name="", token="sks",
-                        class_word="", steps=None, rank=None, lr=None, base="micro")
-
-
-def test_build_app_has_the_three_tabs(trainer):
-    from studio import ui
-
-    m = service.JobManager(train_fn=trainer)
-    demo = ui.build_app("micro", manager=m)
-    config = demo.get_config_file()
-    tabs = [c["props"].get("label") for c in config["components"] if c.get("type") == "tabitem"]
-    assert tabs == ["Train", "Library", "Generate"]
-    labels = {c["props"].get("label") for c in config["components"]}
-    assert {"Trigger word", "Class word (subjects)", "Steps", "Rank", "Learning rate", "Prompt",
-            "Negative prompt", "Search"} <= labels
-    assert any(c.get("type") == "accordion" and c["props"].get("label") == "Advanced" for c in config["components"])
-    # gallery clicks get their gr.SelectData: gradio finds it by a type hint it must be able to resolve
-    import gradio as gr
-    from gradio.utils import get_type_hints
-
-    selects = [f.fn for f in demo.fns.values()
-               if f.fn is not None and "evt" in f.fn.__code__.co_varnames[: f.fn.__code__.co_argcount]]
-    assert len(selects) == 2 and all(get_type_hints(fn).get("evt") is gr.SelectData for fn in selects)
-    m.shutdown()
+def test_import_adapters_checks_each_file(tmp_path, monkeypatch):
+    _fake_adapter(tmp_path / "a", "hrt", "subject")
+    good = tmp_path / "up" / "my heart (v2).safetensors"
+    good.parent.mkdir()
+    good.write_bytes((tmp_path / "a" / "pytorch_lora_weights.safetensors").read_bytes())
+    notes = tmp_path / "up" / "notes.txt"
+    notes.write_text("hi")
+    pickle = tmp_path / "up" / "old.ckpt"
+    pickle.write_bytes(b"\x80\x04")
+    junk = tmp_path / "up" / "junk.safetensors"
+    junk.write_bytes(b"not a safetensors file")
+    added, rejected = service.import_adapters([good, notes, pickle, junk, good])
+    assert added == ["my_heart_v2", "my_heart_v2-2"]  # sanitised; a taken name gets a number
+    reasons = dict(rejected)
+    assert "not a .safetensors file" in reasons["notes.txt"] and "not a .safetensors file" in reasons["old.ckpt"]
+    assert "not a readable .safetensors file" in reasons["junk.safetensors"]
+    assert str(tmp_path) not in reasons["junk.safetensors"]  # the upload's temporary path is not shown
+    monkeypatch.setattr(service, "MAX_ADAPTER_BYTES", 10)
+    monkeypatch.setattr(service, "MAX_ADAPTER_FILES", 1)
+    added, rejected = service.import_adapters([good, good])
+    assert added == [] and "over the" in rejected[0][1] and "at once" in rejected[1][1]
 
 
-def test_job_views():
-    from studio import ui
-
-    assert ui.job_markdown(None) == "No job yet."
-    st = {"label": "heart", "state": "running", "step": 5, "total": 20, "loss": 0.12345, "eta_s": 75.0,
-          "elapsed_s": 10.0, "messages": [], "progress": 0.25, "error": None, "result": None, "phase": "train"}
-    assert ui.job_markdown(st) == "**Running** `heart` · step 5/20 · loss 0.1235 · ETA 1m 15s"
-    assert 'width:25.0%' in ui.progress_html(st)
-    queued = {**st, "state": "queued", "position": 1}
-    assert "1 job ahead" in ui.job_markdown(queued)
-    failed = {**st, "state": "failed", "error": "--images x: no such folder"}
-    assert "--images x: no such folder" in ui.job_markdown(failed)
-    assert service.format_eta(3725) == "1h 02m" and service.format_eta(None) == "?"
+def test_unique_run_dir(tmp_path):
+    assert service.unique_run_dir("heart") == service.runs_dir() / "heart"
+    (service.runs_dir() / "heart").mkdir(parents=True)
+    assert service.unique_run_dir("heart").name == "heart-2"
+    assert service.unique_run_dir("../x y").name == "x_y"
