@@ -124,6 +124,7 @@ def tiny_sdxl(seed: int = 0):
 
 def tiny_ldm(seed: int = 0):
     """Latent diffusion (LDMTextToImagePipeline): VQ autoencoder, UNet, a text transformer."""
+    from diffusers import DDIMScheduler, LDMTextToImagePipeline, UNet2DConditionModel
 
     tok = tiny_tokenizer()
     torch.manual_seed(seed)

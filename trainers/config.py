@@ -51,6 +51,7 @@ class TrainConfig:
     flip: float = _f(0.5, "probability of a horizontal flip")
     prior: bool | None = _f(None, "prior preservation with generated class images (default: on for subjects)")
     prior_weight: float = _f(1.0, "weight of the prior-preservation loss")
+    snr_gamma: float = _f(5.0, "min-SNR loss weighting gamma (0: plain MSE); 5 is the paper's and diffusers' value")
     class_images: int = _f(50, "number of class images for prior preservation (generated once, cached)")
     caption: str = _f("auto", "style prompts: auto (captions when present, else trigger), captions, trigger")
     warmup: int = _f(0, "learning-rate warm-up steps")
@@ -117,6 +118,8 @@ class TrainConfig:
                 raise bad(name, f"{v}: must be a number between 0 and 1, e.g. 1e-3")
         if self.grad_accum <= 0:
             raise bad("grad_accum", f"{self.grad_accum}: must be at least 1")
+        if self.snr_gamma < 0:
+            raise bad("snr_gamma", f"{self.snr_gamma}: must be >= 0 (0 turns the weighting off)")
         if not 0 <= self.flip <= 1:
             raise bad("flip", f"{self.flip}: a probability in [0, 1]")
         if self.caption not in ("auto", "captions", "trigger"):

@@ -158,6 +158,7 @@ def _train(cfg: TrainConfig, out: Path, on_event: EventHandler | None, cancel: t
     lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg.scheduler, cfg.warmup, plan.steps))
     unet, optimizer = accelerator.prepare(unet, optimizer)
     noise_sched = _noise_scheduler(pipe)
+    snr_w = min_snr_weights(noise_sched, cfg.snr_gamma)
 
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)  # data order, flips, noise, timesteps
     step = 0
@@ -193,6 +194,8 @@ def _train(cfg: TrainConfig, out: Path, on_event: EventHandler | None, cancel: t
             with accelerator.autocast():
                 pred = unet(noisy.to(dev), t.to(dev), emb.to(dev), **plan.unet_kwargs(lat.shape[0])).sample
             per = F.mse_loss(pred.float(), target.to(dev), reduction="none").mean(dim=(1, 2, 3))
+            if snr_w is not None:
+                per = per * snr_w[t].to(dev)
             if class_latents is not None:
                 loss = per[: plan.batch].mean() + cfg.prior_weight * per[plan.batch :].mean()
             else:
@@ -287,6 +290,22 @@ def _schedule(kind: str, warmup: int, total: int) -> Callable[[int], float]:
         return 1.0
 
     return f
+
+
+def min_snr_weights(noise_sched: Any, gamma: float) -> torch.Tensor | None:
+    """Per-timestep loss weights of min-SNR-gamma (Hang et al. 2023), or None when gamma is 0.
+
+    Plain MSE on epsilon is dominated by the low-noise steps, which only touch fine detail; a
+    subject's shape is decided at high noise, so without the weighting it is learned slowly.
+    """
+    if not gamma:
+        return None
+    alphas = noise_sched.alphas_cumprod.float()
+    snr = alphas / (1 - alphas)
+    clipped = torch.clamp(snr, max=gamma)
+    if noise_sched.config.prediction_type == "v_prediction":
+        return clipped / (snr + 1)
+    return clipped / snr
 
 
 def _noise_scheduler(pipe: Any):
