@@ -507,13 +507,9 @@ def import_adapters(files: Iterable[str | os.PathLike]) -> tuple[list[str], list
         if f.suffix.lower() != ".safetensors":
             rejected.append((shown, "not a .safetensors file; the library takes .safetensors adapters only"))
             continue
-        try:
-            size = f.stat().st_size
-        except OSError:
-            rejected.append((shown, "could not be read"))
-            continue
-        if size > MAX_ADAPTER_BYTES:
-            rejected.append((shown, f"{size / 2**20:.0f} MB is over the {MAX_ADAPTER_BYTES / 2**20:g} MB limit"))
+        problem = _size_problem(f, MAX_ADAPTER_BYTES)
+        if problem:
+            rejected.append((shown, problem))
             continue
         try:
             record = lib.add(f, name=derive_name(Path(shown).stem), unique=True)
@@ -526,6 +522,17 @@ def import_adapters(files: Iterable[str | os.PathLike]) -> tuple[list[str], list
 
 
 # ---- uploads -------------------------------------------------------------------------------------
+def _size_problem(f: Path, limit: int) -> str | None:
+    """Why an uploaded file cannot be taken for its size (None when it can)."""
+    try:
+        size = f.stat().st_size
+    except OSError:
+        return "could not be read"
+    if size > limit:
+        return f"{size / 2**20:.1f} MB is over the {limit / 2**20:g} MB limit"
+    return None
+
+
 def safe_name(name: str, max_len: int = 80) -> str:
     """A file name without folders, control characters or shell-hostile characters."""
     base = unicodedata.normalize("NFKC", os.path.basename(str(name).replace("\\", "/")))
@@ -585,13 +592,9 @@ def check_uploads(files: Iterable[str | os.PathLike]) -> UploadCheck:
     used: set[str] = set()
     for f in (Path(f) for f in files or []):
         shown = f.name
-        try:
-            size = f.stat().st_size
-        except OSError:
-            rejected.append((shown, "could not be read"))
-            continue
-        if size > MAX_UPLOAD_BYTES:
-            rejected.append((shown, f"{size / 2**20:.1f} MB is over the {MAX_UPLOAD_BYTES / 2**20:g} MB limit"))
+        problem = _size_problem(f, MAX_UPLOAD_BYTES)
+        if problem:
+            rejected.append((shown, problem))
             continue
         if f.suffix.lower() == ".txt":
             captions[safe_name(f.stem)] = f

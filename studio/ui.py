@@ -141,7 +141,7 @@ def job_markdown(st: dict[str, Any] | None) -> str:
     if state == "running" and st.get("messages") and not st["total"]:
         text += f"\n\n{st['messages'][-1]}"
     if st.get("error") and state in ("failed", "cancelled"):
-        text += f"\n\n{'⚠️ ' if state == 'failed' else ''}{st['error']}"
+        text += f"\n\n{'**Error:** ' if state == 'failed' else ''}{st['error']}"
     result = st.get("result") if isinstance(st.get("result"), dict) else {}
     if state == "done" and result.get("library_name"):
         text += f"\n\nAdded to the library as `{result['library_name']}`: see the Library tab."
@@ -367,7 +367,7 @@ def _train_panel(ctx: UIContext) -> None:
             return ""
         check = service.check_uploads(files)
         _warn_all(check.warnings())
-        return ("⚠️ " if check.rejected or not check.images else "✅ ") + check.summary()
+        return check.summary()
 
     uploads.change(on_upload, uploads, upload_note, **private)
 
@@ -405,7 +405,7 @@ def _train_panel(ctx: UIContext) -> None:
             jid = ctx.manager.submit_train(cfg)
         except StudioError as exc:
             gr.Warning(str(exc))
-            return (gr.skip(), f"⚠️ {exc}", *[gr.skip()] * (len(views) - 1))
+            return (gr.skip(), f"**Error:** {exc}", *[gr.skip()] * (len(views) - 1))
         return (jid, *view(jid, None))
 
     start.click(on_start, {*form.values(), *advanced.values()}, [job_id, *views], concurrency_limit=None,
@@ -439,7 +439,8 @@ def adapter_markdown(entry: dict[str, Any]) -> str:
             ("Description", entry.get("description")), ("Steps", cfg.get("steps")), ("Rank", cfg.get("rank")),
             ("Learning rate", cfg.get("lr")), ("Class word", cfg.get("class_word")),
             ("File", f"{file.name} ({size})")]
-    lines = ["| | |", "|---|---|"] + [f"| {k} | {html.escape(str(v))} |" for k, v in rows if v not in (None, "")]
+    lines = [f"| Adapter | **{html.escape(rows[0][1])}** |", "|---|---|"] + \
+        [f"| {k} | {html.escape(str(v))} |" for k, v in rows[1:] if v not in (None, "")]
     return "\n".join(lines)
 
 
@@ -501,7 +502,7 @@ def _library_panel(ctx: UIContext) -> None:
         try:
             found = service.list_adapters(q or "")
         except StudioError as exc:
-            return [], [], f"⚠️ {exc}"
+            return [], [], f"**Error:** {exc}"
         cover = [(e["samples"][-1] if e["samples"] else _no_samples_cover(),
                   f"{e['name']} · {e['trigger'] or '-'} ({e['kind'] or '?'})") for e in found]
         text = (f"{len(found)} adapter{'s' if len(found) != 1 else ''}"
@@ -541,7 +542,7 @@ def _library_panel(ctx: UIContext) -> None:
             record = Library().rename(old, (new or "").strip())
         except StudioError as exc:
             gr.Warning(str(exc))
-            return (gr.skip(), gr.skip(), f"⚠️ {exc}", *(gr.skip(),) * len(detail))
+            return (gr.skip(), gr.skip(), f"**Error:** {exc}", *(gr.skip(),) * len(detail))
         return reload(q, f"Renamed `{old}` to `{record.name}`.")
 
     def on_delete(name_: str | None):
@@ -556,7 +557,7 @@ def _library_panel(ctx: UIContext) -> None:
             Library().remove(name_)
         except StudioError as exc:
             gr.Warning(str(exc))
-            return reload(q, f"⚠️ {exc}")
+            return reload(q, f"**Error:** {exc}")
         return reload(q, f"Deleted `{name_}`.")
 
     def on_import(files: list[str] | None, q: str):
@@ -566,7 +567,7 @@ def _library_panel(ctx: UIContext) -> None:
         lines = [f"{name}: {why}" for name, why in rejected]
         _warn_all(lines)
         note = (f"Imported {', '.join(f'`{n}`' for n in added)}." if added else "Nothing imported.") + \
-            ("\n" + "\n".join(f"- ⚠️ {line}" for line in lines) if lines else "")
+            ("\n" + "\n".join(f"- {line}" for line in lines) if lines else "")
         return None, *reload(q, note.split("\n")[0])[:len(listing)], *cleared(), note
 
     outs = [*listing, *detail]
@@ -721,7 +722,7 @@ def _generate_panel(ctx: UIContext) -> None:
         try:
             specs = mix_specs(slot_values)
         except StudioError as exc:
-            note = f"⚠️ {exc}"
+            note = f"**Error:** {exc}"
         else:
             note = ("Mix: " + ", ".join(f"`{s}`" for s in specs)) if specs else "No adapters: the base model alone."
         return note, gr.update(choices=names, value=names[0] if names else None)
@@ -787,7 +788,7 @@ def _generate_panel(ctx: UIContext) -> None:
             jid = ctx.manager.submit_generate(params, base=(base_ or ctx.base).strip(), sweep=grid)
         except StudioError as exc:
             gr.Warning(str(exc))
-            return (gr.skip(), f"⚠️ {exc}", *[gr.skip()] * (len(views) - 1))
+            return (gr.skip(), f"**Error:** {exc}", *[gr.skip()] * (len(views) - 1))
         return (jid, *view(jid))
 
     inputs = [prompt, negative, seed, num, steps, guidance, size, base, *slots]
