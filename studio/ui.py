@@ -495,7 +495,7 @@ def _library_panel(ctx: UIContext) -> None:
         imports = gr.File(file_count="multiple", file_types=[".safetensors"], elem_id="library-import",
                           label=f"Adapter .safetensors files (studio, diffusers, kohya, LyCORIS; at most "
                                 f"{service.MAX_ADAPTER_FILES} at once)")
-        import_note = gr.Markdown("")
+        import_note = gr.Markdown("", elem_id="library-import-note")
     private = {"show_progress": "hidden", "api_visibility": "private"}
 
     def load(q: str):

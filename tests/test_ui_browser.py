@@ -276,6 +276,46 @@ def test_bad_uploads_get_a_message(new_page, tmp_path):
     expect(page.locator("#train-sample-set")).to_be_visible()
 
 
+def test_library_import_rename_download_delete(new_page, tmp_path):
+    """An uploaded adapter file joins the library; it can be renamed, downloaded and deleted."""
+    import numpy as np
+    from playwright.sync_api import expect
+    from safetensors.numpy import save_file
+
+    made = tmp_path / "Spiral Style (v1).safetensors"
+    save_file({"unet.w.lora_A.weight": np.zeros((2, 4), dtype=np.float32)}, str(made),
+              metadata={"studio.method": "lora", "studio.kind": "style", "studio.trigger": "spirl",
+                        "studio.base_family": "sd1"})
+    junk = tmp_path / "notes.safetensors"
+    junk.write_text("not an adapter")
+    page = new_page()
+    page.get_by_role("tab", name="Library").click()
+    page.get_by_text("Import adapter files").click()
+    page.locator("#library-import input[type=file]").set_input_files([made, junk])
+    summary = page.locator("#library-summary")
+    expect(summary).to_contain_text("Imported Spiral_Style_v1")
+    expect(page.locator("#library-import-note")).to_contain_text("notes.safetensors: not a readable .safetensors file")
+    expect(page.get_by_test_id("toast-text").first).to_contain_text("notes.safetensors")  # and a toast
+
+    page.locator("#library-search input, #library-search textarea").first.fill("spirl")
+    page.keyboard.press("Enter")
+    page.locator("#library-gallery").get_by_role("button", name="Thumbnail 1 of 1").click()
+    expect(page.locator("#library-details")).to_contain_text("Spiral_Style_v1")
+    with page.expect_download() as download:
+        page.locator("#library-download").click()
+    assert Path(download.value.path()).read_bytes() == made.read_bytes()
+
+    page.locator("#library-new-name input, #library-new-name textarea").first.fill("spiral")
+    page.locator("#library-rename").click()
+    expect(summary).to_contain_text("Renamed Spiral_Style_v1 to spiral")
+    expect(page.locator("#library-gallery")).to_contain_text("spiral · spirl (style)")
+    page.locator("#library-gallery").get_by_role("button", name="Thumbnail 1 of 1").click()
+    page.locator("#library-delete").click()
+    page.locator("#library-delete-confirm").click()
+    expect(summary).to_contain_text("Deleted spiral")
+    expect(summary).to_contain_text("No adapter matches")
+
+
 def test_serves_no_file_outside_its_folders(server):
     """The file route refuses the checkout, the system, uploads and the library database."""
     url, home = server
