@@ -1,0 +1,146 @@
+"""Low-bit kernels: integer linear and conv for quantized models, a pure-torch reference for each.
+
+Installed as ``studio.kernels``. Entry points (the semantics are those of :mod:`.reference`):
+
+* ``quantize_act(x, scale, zero, bits)`` -> uint8 codes
+* ``qlinear(xq, x_scale, x_zero, weight, bias)`` and ``qconv2d(xq, ..., stride, padding, dilation,
+  groups)`` -> float32, with ``weight`` an :class:`IntWeight` (int8, per-channel scale and zero)
+
+The backend is chosen per call from the device and the machine: CUDA -> Triton (else
+``torch._int_mm`` for linears, reference for convs); CPU -> oneDNN's u8s8 ops where this torch
+has them (fast on AVX2, AVX-512 VNNI and AMX kinds alike, MACHINES.md), ``torch._int_mm`` for
+linears on AMX, the reference elsewhere. ``STUDIO_KERNELS=reference|onednn|intmm|triton``
+forces one. A fast backend that raises is demoted (logged once) and the call is answered by the
+next one, so a broken kernel slows a run down instead of ending it.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from studio.kernels import reference
+from studio.kernels.reference import pack_int4, unpack_int4
+from studio.kernels.weights import IntWeight
+
+log = logging.getLogger(__name__)
+
+BACKENDS: tuple[str, ...] = ("triton", "onednn", "intmm", "reference")
+_demoted: set[tuple[str, str]] = set()
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_module() -> Any:
+    try:
+        from studio.kernels import triton_int8
+    except Exception as exc:  # noqa: BLE001 - no triton, or a triton that cannot compile here
+        log.debug("triton kernels unavailable: %s", exc)
+        return None
+    return triton_int8
+
+
+def available(device: torch.device | str = "cpu") -> list[str]:
+    """The backends that can run on ``device`` here, fastest first."""
+    from studio.kernels.cpu import onednn_available
+    from studio.machine import cpu_kind
+
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        out = ["triton"] if _triton_module() is not None else []
+        return out + ["intmm", "reference"]
+    out = []
+    if onednn_available():
+        out.append("onednn")
+    if cpu_kind() == "amx":  # _int_mm pays only with AMX-class units (MACHINES.md); oneDNN stays first
+        out.append("intmm")
+    return out + ["reference"]
+
+
+def backend_for(op: str, device: torch.device | str) -> list[str]:
+    """Backends to try for ``op`` ('linear'|'conv'|'quantize') on ``device``, in order."""
+    forced = os.environ.get("STUDIO_KERNELS")
+    order = available(device)
+    if forced:
+        if forced not in BACKENDS:
+            from studio.errors import StudioError
+
+            raise StudioError(f"STUDIO_KERNELS={forced}: choose one of {', '.join(BACKENDS)}")
+        order = [forced] + [b for b in order if b != forced]
+    if op == "conv":
+        order = [b for b in order if b != "intmm"]  # no im2col on the CPU: oneDNN or the reference
+    return [b for b in order if (op, b) not in _demoted]
+
+
+def _run(op: str, device: torch.device, impls: dict[str, Callable[[], torch.Tensor]]) -> torch.Tensor:
+    for name in backend_for(op, device):
+        fn = impls.get(name)
+        if fn is None:
+            continue
+        if name == "reference":
+            return fn()
+        try:
+            return fn()
+        except Exception as exc:  # noqa: BLE001 - demote the backend, answer with the next one
+            _demoted.add((op, name))
+            log.warning("kernel %s/%s failed (%s: %s); using the next backend from now on", op, name,
+                        type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
+    return impls["reference"]()
+
+
+def chosen(op: str, device: torch.device | str = "cpu") -> str:
+    """The backend a call of ``op`` on ``device`` uses now."""
+    return backend_for(op, device)[0]
+
+
+def quantize_act(x: torch.Tensor, scale: torch.Tensor | float, zero: int, bits: int) -> torch.Tensor:
+    """Unsigned activation codes (uint8) of ``x``."""
+    from studio.kernels import cpu
+
+    fast = None if x.device.type == "cuda" else (lambda: cpu.quantize_act(x, scale, zero, bits))
+    impls = {"reference": lambda: reference.quantize_act(x, scale, zero, bits)}
+    if fast is not None:
+        impls.update(onednn=fast, intmm=fast)
+    return _run("quantize", x.device, impls)
+
+
+def qlinear(xq: torch.Tensor, x_scale: float, x_zero: int, weight: IntWeight,
+            bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Integer linear: ``x_scale (xq - x_zero) . W^T + bias`` in float32."""
+    from studio.kernels import cpu
+
+    impls: dict[str, Callable[[], torch.Tensor]] = {
+        "reference": lambda: reference.qlinear(xq, x_scale, x_zero, weight, bias),
+        "intmm": lambda: cpu.intmm_qlinear(xq, x_scale, x_zero, weight, bias),
+    }
+    if xq.device.type == "cpu":
+        impls["onednn"] = lambda: cpu.onednn_qlinear(xq, x_scale, x_zero, weight, bias)
+    elif _triton_module() is not None:
+        impls["triton"] = lambda: _triton_module().qlinear(xq, x_scale, x_zero, weight, bias)
+    return _run("linear", xq.device, impls)
+
+
+def qconv2d(xq: torch.Tensor, x_scale: float, x_zero: int, weight: IntWeight, bias: torch.Tensor | None,
+            stride: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int] = (1, 1),
+            groups: int = 1) -> torch.Tensor:
+    """Integer conv2d in float32 (zero padding is a real 0)."""
+    from studio.kernels import cpu
+
+    impls: dict[str, Callable[[], torch.Tensor]] = {
+        "reference": lambda: reference.qconv2d(xq, x_scale, x_zero, weight, bias, stride, padding, dilation, groups),
+    }
+    if xq.device.type == "cpu":
+        impls["onednn"] = lambda: cpu.onednn_qconv2d(xq, x_scale, x_zero, weight, bias, stride, padding, dilation,
+                                                     groups)
+    elif _triton_module() is not None:
+        impls["triton"] = lambda: _triton_module().qconv2d(xq, x_scale, x_zero, weight, bias, stride, padding,
+                                                           dilation, groups)
+    return _run("conv", xq.device, impls)
+
+
+__all__ = ["BACKENDS", "IntWeight", "available", "backend_for", "chosen", "pack_int4", "qconv2d", "qlinear",
+           "quantize_act", "reference", "unpack_int4"]

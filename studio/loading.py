@@ -73,7 +73,7 @@ class ModelSource:
     """Where a pipeline came from, kept on the pipeline as ``pipe.studio_source``."""
 
     spec: str
-    kind: str  # micro | folder | file | hub
+    kind: str  # micro | folder | quantized | file | hub
     path: str
     family: str
 
@@ -173,6 +173,11 @@ def _from_hub(repo_id: str, dtype: torch.dtype) -> Any:
         raise StudioError(f"{repo_id}: could not be loaded from the hub ({str(exc).splitlines()[0][:300]})") from exc
 
 
+def _is_quantized(folder: Path) -> bool:
+    """Whether ``folder`` was written by `studio quantize` (its marker file, studio_quant.json)."""
+    return (folder / "studio_quant.json").is_file()
+
+
 def resolve_spec(spec: str) -> tuple[str, Path | None]:
     """Classify a model spec: ('micro'|'folder'|'file'|'hub', path)."""
     if spec == "micro":
@@ -213,6 +218,11 @@ def load_pipeline(
             raise StudioError(f"{MICRO_DIR}: the micro model's weights are missing from this checkout; "
                               f"run `studio micro pretrain --out assets` or restore assets/ from git")
         pipe = _from_folder(MICRO_DIR, dt)
+    elif kind == "folder" and _is_quantized(path):
+        from studio.quant.export import load_quantized  # a `studio quantize` folder: integer denoiser
+
+        pipe = load_quantized(path, dt)
+        kind = "quantized"
     elif kind == "folder":
         pipe = _from_folder(path, dt)
     elif kind == "file":
