@@ -21,6 +21,7 @@ import importlib
 import json
 import logging
 import re
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -830,7 +831,8 @@ def build_app(base: str = "micro", manager: service.JobManager | None = None,
     load_panel_modules()
     ctx = UIContext(manager=manager or service.default_manager(), base=base)
     chosen = sorted((p for p in PANELS.values() if panels is None or p.key in panels), key=lambda p: p.order)
-    with gr.Blocks(title="diffusion-studio") as demo:
+    # delete_cache: gradio's copies of uploads and shown images older than a day go, hourly
+    with gr.Blocks(title="diffusion-studio", delete_cache=(3600, 86400)) as demo:
         gr.Markdown("## diffusion-studio\nTrain subject and style adapters, keep them, generate with them. "
                     f"Base model: `{base}`.")
         with gr.Tabs() as tabs:
@@ -879,9 +881,24 @@ def served_folders() -> list[Path]:
     return [SAMPLES_DIR, service.runs_dir(), service.outputs_dir(), Library().adapters_dir, ui_dir()]
 
 
+def _warm_up() -> None:
+    """Import torch, diffusers and the trainer while the first page loads, not when Start is clicked."""
+    try:
+        importlib.import_module("studio.trainers.loop")
+        importlib.import_module("studio.loading")
+        importlib.import_module("studio.mixing")
+    except Exception:  # noqa: BLE001 - the first job reports a broken install with its own message
+        log.debug("warm-up import failed", exc_info=True)
+
+
 def serve(host: str = "127.0.0.1", port: int = 7860, base: str = "micro", auth: str | None = None,
           share: bool = False, block: bool = True) -> Any:
     """Build and launch the studio; returns the Blocks (``block=False`` returns at once)."""
+    import os
+
+    # gradio's usage analytics and version check would call out at every start (DESIGN.md: nothing
+    # goes to the network unless the user asks); read when gradio is imported, so before that
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     credentials = parse_auth(auth)
     if host not in ("127.0.0.1", "localhost", "::1") and not credentials:
         log.warning("serving on %s without --auth: anyone who can reach this address can use the studio", host)
@@ -895,11 +912,15 @@ def serve(host: str = "127.0.0.1", port: int = 7860, base: str = "micro", auth: 
         # with a message naming the file (service.check_uploads)
         demo.launch(server_name=host, server_port=port, share=share, auth=credentials, inbrowser=False,
                     allowed_paths=[str(f) for f in folders], max_file_size=service.MAX_ADAPTER_BYTES,
-                    prevent_thread_lock=not block, footer_links=["api", "settings"], css=CSS)
+                    prevent_thread_lock=True, footer_links=["api", "settings"], css=CSS)
     except OSError as exc:
         raise StudioError(f"--port {port}: cannot listen on {host}:{port} ({exc}); choose another port") from exc
-    if block:  # the server stopped (Ctrl-C): a running training saves a checkpoint before the process ends
-        demo.studio_context.manager.shutdown(wait=60)
+    threading.Thread(target=_warm_up, name="studio-warm-up", daemon=True).start()
+    if block:
+        try:
+            demo.block_thread()
+        finally:  # the server stopped (Ctrl-C): a running training saves a checkpoint before the process ends
+            demo.studio_context.manager.shutdown(wait=60)
     return demo
 
 

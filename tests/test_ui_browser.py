@@ -50,7 +50,10 @@ def server(tmp_path_factory):
     home = tmp_path_factory.mktemp("studio-home")
     port = _free_port()
     log_path = home.parent / "app.log"
-    env = {**os.environ, "STUDIO_HOME": str(home), "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+    # one torch thread: the browser shares the two cores with the server, and torch's two threads
+    # then spin waiting for each other (a 20-step sample took 9 s with two threads, 2 s with one)
+    env = {**os.environ, "STUDIO_HOME": str(home), "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False",
+           "OMP_NUM_THREADS": "1"}
     with open(log_path, "w") as log_file:
         proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port)], cwd=ROOT, env=env,
                                 stdout=log_file, stderr=subprocess.STDOUT)
@@ -65,7 +68,7 @@ def server(tmp_path_factory):
                 proc.kill()
                 pytest.fail(f"app.py did not serve on {url}:\n{log_path.read_text()[-2000:]}")
             time.sleep(0.5)
-    yield url, home
+    yield url, home, log_path
     proc.terminate()
     try:
         proc.wait(30)
@@ -90,14 +93,20 @@ def browser():
 
 
 @pytest.fixture
-def new_page(browser, server, tmp_path):
-    """Pages of fresh users (each its own context: its own local storage), closed at the end."""
-    contexts = []
+def new_page(browser, server):
+    """Pages of fresh users (each its own context: its own local storage), closed at the end.
+
+    A script error in any page fails the test; the server's log is printed, and shown when a
+    test fails.
+    """
+    contexts, errors = [], []
+    start = server[2].stat().st_size
 
     def open_page():
         ctx = browser.new_context(viewport={"width": 1280, "height": 1000})
         contexts.append(ctx)
         page = ctx.new_page()
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
         page.set_default_timeout(STEP_S)
         page.goto(server[0])
         page.get_by_role("tab", name="Train").wait_for()
@@ -106,6 +115,10 @@ def new_page(browser, server, tmp_path):
     yield open_page
     for ctx in contexts:
         ctx.close()
+    with open(server[2], errors="replace") as fh:
+        fh.seek(start)
+        print("app.py log during this test:\n" + fh.read()[-4000:])
+    assert not errors, f"script errors in the page: {errors}"
 
 
 @pytest.fixture
@@ -202,31 +215,45 @@ def test_train_find_generate(new_page, server, shots):
 
 
 def test_two_users_queue_and_a_reload_reattaches(new_page):
-    """Two trainings from two pages run one after the other; a page reloaded mid-run shows its job."""
+    """Two trainings from two pages run one after the other and both finish; a page reloaded in
+    the middle of a run shows that run's progress, and its Cancel stops it."""
     from playwright.sync_api import expect
 
     first, second = new_page(), new_page()
-    _fill_training(first, name="star-a", steps=6, sample_set="subject-star-blue", token="str")
+    _fill_training(first, name="star-a", steps=2, sample_set="subject-star-blue", token="str")
     _fill_training(second, name="star-b", steps=2, sample_set="subject-star-blue", token="stb")
     first.locator("#train-start").click()
     expect(first.locator("#train-status")).to_contain_text("star-a")
-    second.locator("#train-start").click()
+    second.locator("#train-start").click()  # while star-a loads its model: it waits its turn
     expect(second.locator("#train-status")).to_contain_text("Queued star-b: next in line")
     expect(_progress(second)).to_have_attribute("data-state", "queued")
 
-    expect(first.locator("#train-status")).to_contain_text("Running star-a · step", timeout=TRAIN_S)
-    first.reload()  # the job id is in the page's local storage: the progress comes back
-    expect(first.locator("#train-status")).to_contain_text("star-a")
-    expect(_progress(first)).to_have_attribute("data-state", "running")
-    expect(first.locator("#train-status")).to_contain_text("Running star-a · step")
-
     expect(_progress(first)).to_have_attribute("data-state", "done", timeout=TRAIN_S)
-    expect(first.locator("#train-status")).to_contain_text("step 6/6")
+    expect(first.locator("#train-status")).to_contain_text("step 2/2")
+    expect(first.locator("#train-status")).to_contain_text("Added to the library as star-a")
+    # a long run, so the reload below happens mid-run however fast the machine: it is cancelled after
+    first.locator("#train-steps input").fill("300")
+    first.get_by_label("Adapter name").fill("star-long")
+    first.locator("#train-start").click()
+    expect(first.locator("#train-status")).to_contain_text("Queued star-long")  # behind star-b
+
     expect(_progress(second)).to_have_attribute("data-state", "done", timeout=TRAIN_S)
     expect(second.locator("#train-status")).to_contain_text("Added to the library as star-b")
+    expect(first.locator("#train-status")).to_contain_text("Running star-long · step", timeout=TRAIN_S)
+    first.reload()  # the job id is in the page's local storage: the progress comes back
+    status = first.locator("#train-status")
+    expect(status).to_contain_text(re.compile(r"Running star-long · step \d+/300 · loss [\d.]+ · ETA"))
+    expect(_progress(first)).to_have_attribute("data-state", "running")
+    expect(first.locator("#train-cancel")).to_be_enabled()
+    first.locator("#train-cancel").click()
+    expect(_progress(first)).to_have_attribute("data-state", "cancelled", timeout=TRAIN_S)
+    expect(status).to_contain_text(re.compile(r"training cancelled at step \d+/300"))
+
     second.get_by_role("tab", name="Library").click()
-    expect(second.locator("#library-gallery")).to_contain_text("star-a")
-    expect(second.locator("#library-gallery")).to_contain_text("star-b")
+    gallery = second.locator("#library-gallery")
+    expect(gallery).to_contain_text("star-a")
+    expect(gallery).to_contain_text("star-b")
+    expect(gallery).not_to_contain_text("star-long")
 
 
 def test_bad_uploads_get_a_message(new_page, tmp_path):
@@ -318,7 +345,7 @@ def test_library_import_rename_download_delete(new_page, tmp_path):
 
 def test_serves_no_file_outside_its_folders(server):
     """The file route refuses the checkout, the system, uploads and the library database."""
-    url, home = server
+    url, home, _ = server
     for path in (ROOT / "pyproject.toml", Path("/etc/passwd"), home / "library.sqlite",
                  ROOT / "assets" / "micro" / "studio_micro.json"):
         with pytest.raises(urllib.error.HTTPError) as err:
