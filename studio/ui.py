@@ -300,7 +300,8 @@ def _train_panel(ctx: UIContext) -> None:
             source = gr.Radio([("Bundled sample set", "sample"), ("Upload images", "upload")], value="sample",
                               label="Training images", elem_id="train-source")
             sample_set = gr.Dropdown(sets, value=first, label="Sample set", elem_id="train-sample-set")
-            uploads = gr.File(file_count="multiple", file_types=["image", ".txt"], visible=False, elem_id="train-uploads",
+            uploads = gr.File(file_count="multiple", file_types=["image", ".txt"], visible=False,
+                              elem_id="train-uploads",
                               label=f"Images (at most {service.MAX_UPLOAD_FILES}, "
                                     f"{service.MAX_UPLOAD_BYTES // 2**20} MB each; NAME.txt captions optional)")
             upload_note = gr.Markdown("", elem_id="upload-note")
@@ -586,7 +587,7 @@ def _library_panel(ctx: UIContext) -> None:
     ctx.on_load(lambda q: load(q), [query], listing)
 
     def wire_use() -> None:
-        """"Use in Generate": the Generate panel's add-adapter handler, then switch tabs."""
+        """The "Use in Generate" button: the Generate panel's add-adapter handler, then that tab."""
         add = ctx.shared.get("generate.add_adapter")
         tabs = ctx.shared.get("tabs")
         if add is None:
@@ -707,7 +708,8 @@ def _generate_panel(ctx: UIContext) -> None:
                 stop = gr.Button("Cancel", variant="stop", interactive=False)
             status = gr.Markdown("", elem_id="generate-status")
         with gr.Column(scale=1):
-            gallery = gr.Gallery(label="Images", columns=2, height=420, object_fit="contain", elem_id="generate-gallery")
+            gallery = gr.Gallery(label="Images", columns=2, height=420, object_fit="contain",
+                                 elem_id="generate-gallery")
             params_box = gr.Textbox(label="Parameters", lines=4, interactive=False, buttons=["copy"],
                                     elem_id="generate-params")
     timer = gr.Timer(POLL_S, active=False)
@@ -769,7 +771,7 @@ def _generate_panel(ctx: UIContext) -> None:
                 paths.insert(0, st["result"]["grid"])
                 info.insert(0, st["result"].get("grid_parameters", ""))
             gal = [(p, ("grid · " if i == 0 and st["result"].get("grid") else "") + image_caption(t))
-                   for i, (p, t) in enumerate(zip(paths, info))]
+                   for i, (p, t) in enumerate(zip(paths, info, strict=True))]
             text = info[0] if info else ""
         return job_markdown(st) if st else "", gal, text, gr.Timer(active=active), gr.update(interactive=active), info
 

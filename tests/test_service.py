@@ -345,7 +345,8 @@ def test_check_uploads_summary(tmp_path):
     fake.write_text("text")
     check = service.check_uploads([*files, fake])
     assert [name for _, name in check.images] == ["0.png", "1.png", "2.png"]
-    assert check.summary() == "3 images ready; 1 file refused:\n- holiday.png: not an image; upload PNG, JPEG or WebP files"
+    assert check.summary() == ("3 images ready; 1 file refused:\n"
+                               "- holiday.png: not an image; upload PNG, JPEG or WebP files")
     many = service.check_uploads([fake] * 12)
     assert many.summary(limit=2).endswith("- ... and 10 more") and many.summary().startswith("0 images ready")
     assert not list(tmp_path.glob("*.tmp*"))  # checking copies nothing

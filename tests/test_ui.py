@@ -50,7 +50,8 @@ def test_train_form_with_uploads(tmp_path):
     bad = tmp_path / "b.png"
     bad.write_text("text")
     c, warns = ui.train_config(**_form(source="upload", uploads=[str(good), str(bad)], name="up"))
-    assert Path(c.images).parent == service.uploads_dir() and sorted(p.name for p in Path(c.images).iterdir()) == ["a.png"]
+    assert Path(c.images).parent == service.uploads_dir()
+    assert sorted(p.name for p in Path(c.images).iterdir()) == ["a.png"]
     assert warns == ["b.png: not an image; upload PNG, JPEG or WebP files"]
     with pytest.raises(StudioError, match="no usable image.*b.png: not an image"):
         ui.train_config(**_form(source="upload", uploads=[str(bad)]))
@@ -123,7 +124,8 @@ def test_job_views():
     assert "1 job ahead" in ui.job_markdown(queued)
     failed = {**st, "state": "failed", "error": "--images x: no such folder"}
     assert "--images x: no such folder" in ui.job_markdown(failed)
-    done = {**st, "state": "done", "step": 20, "progress": 1.0, "result": {"out": "/r/heart", "library_name": "heart-2"}}
+    done = {**st, "state": "done", "step": 20, "progress": 1.0,
+            "result": {"out": "/r/heart", "library_name": "heart-2"}}
     assert ui.job_markdown(done).endswith("Added to the library as `heart-2`: see the Library tab.")
     assert service.format_eta(3725) == "1h 02m" and service.format_eta(None) == "?"
 
