@@ -246,7 +246,9 @@ def test_generate_jobs_on_a_tiny_model(tmp_path):
                               base=str(folder), out_dir=tmp_path / "out")
         c = m.submit_generate(GenerationParams(prompt="a red circle", steps=2, seed=3, num=1),
                               base=str(folder), out_dir=tmp_path / "out", sweep=f"{lora}=0,1")
-        st, sb, sc = (m.wait(j, 120) for j in (a, b, c))
+        d = m.submit_generate(GenerationParams(prompt=f"a red circle <lora:{lora}:1>", steps=2, seed=3, num=1),
+                              base=str(folder), out_dir=tmp_path / "out")
+        st, sb, sc, sd = (m.wait(j, 120) for j in (a, b, c, d))
     finally:
         m.shutdown()
     assert st["state"] == "done", st["error"]
@@ -263,11 +265,14 @@ def test_generate_jobs_on_a_tiny_model(tmp_path):
     assert sc["state"] == "done", sc["error"]
     grid, cells = sc["result"]["grid"], sc["result"]["images"]
     assert len(cells) == 2 and Path(grid).is_file() and 'Sweep: "' in sc["result"]["grid_parameters"]
-    pixels = [np.asarray(Image.open(p), dtype=np.int16) for p in (paths[0], *cells, sb["result"]["images"][0])]
-    base, at0, at1, mixed = pixels
+    pixels = [np.asarray(Image.open(p), dtype=np.int16)
+              for p in (paths[0], *cells, sb["result"]["images"][0], sd["result"]["images"][0])]
+    base, at0, at1, mixed, tagged = pixels
     assert np.array_equal(at0, base)  # weight 0 is the base model
     assert np.abs(at1 - base).mean() > 1  # the adapter changes the image...
-    assert np.array_equal(at1, mixed)  # ...the same way in the sweep as in a plain mix
+    assert np.array_equal(at1, mixed)  # ...the same way in the sweep as in a plain mix...
+    assert np.array_equal(tagged, mixed)  # ...and as the A1111 tag in the prompt
+    assert sd["result"]["parameters"][0].startswith("a red circle\n")  # the tag is not in the prompt
     with pytest.raises(StudioError, match="--steps"):
         service.JobManager().submit_generate({"prompt": "x", "steps": 0})
     with pytest.raises(StudioError, match="--sweep"):
