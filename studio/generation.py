@@ -281,11 +281,13 @@ def _run(pipe: Any, params: GenerationParams, seeds_all: list[int], width: int, 
     return images
 
 
-def generate_sweep(pipe: Any, params: GenerationParams, sweep: Any) -> tuple[list[list[Image.Image]], Image.Image]:
+def generate_sweep(pipe: Any, params: GenerationParams, sweep: Any, *,
+                   callback: Any = None) -> tuple[list[list[Image.Image]], Image.Image]:
     """An XY grid: rows are the seeds, columns the swept adapter's weights (``sweep``: text or a Sweep).
 
     The swept adapter replaces any adapter of the same name in ``params`` or in the prompt's tags.
-    Returns (images by row, the labelled grid, whose infotext names the sweep).
+    ``callback``: as for :func:`generate`, called through every column. Returns (images by row,
+    the labelled grid, whose infotext names the sweep).
     """
     from studio.mixing import Sweep, as_spec, parse_prompt, parse_sweep
 
@@ -295,8 +297,8 @@ def generate_sweep(pipe: Any, params: GenerationParams, sweep: Any) -> tuple[lis
     others = [a for a in [as_spec(a) for a in params.adapters] + tagged if a.target != sweep.spec.target]
     seed = params.seed if params.seed is not None else random.SystemRandom().randrange(2**31)
     seeds = list(params.seeds) if params.seeds else [seed + i for i in range(params.num)]
-    columns = [generate(pipe, dataclasses.replace(params, prompt=prompt, adapters=others + [spec], seeds=seeds))
-               for spec in sweep.specs()]
+    columns = [generate(pipe, dataclasses.replace(params, prompt=prompt, adapters=others + [spec], seeds=seeds),
+                        callback=callback) for spec in sweep.specs()]
     rows = [[col[r] for col in columns] for r in range(len(seeds))]
     name = sweep.spec.target if not Path(sweep.spec.target).exists() else Path(sweep.spec.target).name
     grid = image_grid(rows, [f"seed {s}" for s in seeds], [f"{name} {v:g}" for v in sweep.values])

@@ -653,15 +653,19 @@ class _LayerMix:
 
     def __call__(self, module: torch.nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
         x = args[0]
+        inplace = not torch.is_grad_enabled()  # sampling: add into the layer's output, no extra tensor
         if self.down_eff is not None:
             if self.conv:
                 h = F.conv2d(x, self.down_eff, None, module.stride, module.padding, module.dilation)
-                output = output + F.conv2d(h, self.up_eff)
+                output = output.add_(F.conv2d(h, self.up_eff)) if inplace else output + F.conv2d(h, self.up_eff)
+            elif inplace and output.is_contiguous():
+                h = F.linear(x, self.down_eff)
+                output.view(-1, output.shape[-1]).addmm_(h.view(-1, h.shape[-1]), self.up_eff.t())
             else:
                 output = output + F.linear(F.linear(x, self.down_eff), self.up_eff)
         if self.dense_eff is not None:
-            output = output + (module._conv_forward(x, self.dense_eff, None) if self.conv
-                               else F.linear(x, self.dense_eff))
+            extra = module._conv_forward(x, self.dense_eff, None) if self.conv else F.linear(x, self.dense_eff)
+            output = output.add_(extra) if inplace else output + extra
         return output
 
 
