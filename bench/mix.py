@@ -51,7 +51,7 @@ def make_loras(base: str, folder: Path, n: int, rank: int) -> list[Path]:
 
 
 def seconds_per_image(pipe, batch: int, steps: int) -> float:
-    kw = dict(num_inference_steps=steps, guidance_scale=2.5, output_type="np")
+    kw = {"num_inference_steps": steps, "guidance_scale": 2.5, "output_type": "np"}
     gens = [torch.Generator().manual_seed(i) for i in range(batch)]
     with torch.no_grad():
         t0 = time.perf_counter()

@@ -18,8 +18,9 @@ How a mix runs:
   weights and a forward hook adds the adapters. The LoRAs of one layer are concatenated into one
   rank-sum down/up pair whose per-rank scales change with the step (4 LoRAs: 2 matmuls, not 8);
   other kinds (LoHa, LoKr, DoRA, any method PEFT can merge) become one summed dense delta per
-  layer. The current step comes from :class:`DenoisingClock`, one hook on the denoiser that
-  reads the scheduler's timestep (DESIGN.md, "Time").
+  layer. The current step comes from :class:`DenoisingClock`, a listener on the denoiser's one
+  timestep hook (:mod:`studio.hooks`, DESIGN.md "Time") that maps the scheduler's timestep to a
+  fraction of the run.
 * text encoders run once per prompt, before the first step: their part of an adapter is always
   fused, and a window does not apply to it.
 """
@@ -29,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import functools
 import logging
 import math
 import os
@@ -216,41 +216,32 @@ def parse_sweep(text: str) -> Sweep:
 
 
 class DenoisingClock:
-    """The current fraction of the denoising run, set by one hook on the denoiser from the scheduler's timestep.
+    """The current fraction of the denoising run, from the scheduler's timestep of each denoiser call.
 
-    Each denoiser call reads its ``timestep`` argument and finds it among the scheduler's
-    ``timesteps`` (the position among the distinct timesteps, over their number: 0 at the first
-    step, (n-1)/n at the last). Classifier-free guidance and extra passes call the denoiser again
-    with the same timestep, so they cannot skew it as a call counter would. A timestep that is
-    not in the schedule (a denoiser called outside a pipeline) maps to ``1 - t / T``.
-    Listeners are called when the fraction changes.
+    It listens on the denoiser's one timestep hook (:mod:`studio.hooks`) and finds each call's
+    timestep among the scheduler's ``timesteps``: the position among the distinct timesteps over
+    their number, 0 at the first step and (n-1)/n at the last. Classifier-free guidance and extra
+    passes call the denoiser again with the same timestep, so they cannot skew it as a call
+    counter would. A timestep that is not in the schedule (a denoiser called outside a pipeline)
+    maps to ``1 - t / T``. Listeners are called when the fraction changes.
     """
-
-    HOOK = "studio.clock"
 
     def __init__(self, pipe: Any) -> None:
         self._pipe = weakref.ref(pipe)
         self.fraction = 0.0
         self._listeners: list[Callable[[float], None]] = []
         self._schedule: Any = None
-        self._index: dict[float, int] = {}
-
-    def subscribe(self, listener: Callable[[float], None]) -> None:
-        self._listeners.append(listener)
-
-    def unsubscribe(self, listener: Callable[[float], None]) -> None:
-        self._listeners = [f for f in self._listeners if f != listener]  # bound methods are new objects: compare, not "is"
+        self._index: dict[float, float] = {}
 
     @property
     def idle(self) -> bool:
         return not self._listeners
 
-    def fraction_of(self, timestep: Any) -> float:
-        """Where ``timestep`` lies in the current run, in [0, 1)."""
-        t = float(timestep.flatten()[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
+    def fraction_of(self, t: float) -> float:
+        """Where timestep ``t`` lies in the current run, in [0, 1)."""
         sched = getattr(self._pipe(), "scheduler", None)
         ts = getattr(sched, "timesteps", None)
-        if ts is not None and ts is not self._schedule:
+        if ts is not None and ts is not self._schedule:  # set_timesteps made a new schedule
             self._schedule = ts
             distinct: dict[float, int] = {}
             for v in (ts.tolist() if isinstance(ts, torch.Tensor) else list(ts)):
@@ -261,66 +252,41 @@ class DenoisingClock:
         total = getattr(getattr(sched, "config", None), "num_train_timesteps", 1000) or 1000
         return min(max(1.0 - t / total, 0.0), math.nextafter(1.0, 0.0))
 
-    def tick(self, timestep: Any) -> None:
-        fraction = self.fraction_of(timestep)
+    def tick(self, t: float) -> None:
+        """The timestep hook's listener."""
+        fraction = self.fraction_of(t)
         if fraction != self.fraction:
             self.fraction = fraction
             for listener in list(self._listeners):
                 listener(fraction)
 
 
-@functools.lru_cache(maxsize=1)
-def _clock_hook_class() -> type:
-    from diffusers.hooks import ModelHook  # diffusers is slow to import: only when a clock is needed
-
-    class ClockHook(ModelHook):
-        """diffusers hook that hands each denoiser call's timestep to a :class:`DenoisingClock`."""
-
-        def __init__(self, clock: DenoisingClock) -> None:
-            super().__init__()
-            self.clock = clock
-
-        def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple[Any, ...], dict]:
-            t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
-            if t is not None:
-                self.clock.tick(t)
-            return args, kwargs
-
-    return ClockHook
-
-
-def clock(pipe: Any) -> DenoisingClock:
-    """The pipeline's denoising clock, installing its hook on the denoiser the first time."""
-    from diffusers.hooks import HookRegistry
-
-    from studio.adapters.core import denoiser
-
-    registry = HookRegistry.check_if_exists_or_initialize(denoiser(pipe))
-    hook = registry.get_hook(DenoisingClock.HOOK)
-    if hook is None:
-        hook = _clock_hook_class()(DenoisingClock(pipe))
-        registry.register_hook(hook, DenoisingClock.HOOK)
-    return hook.clock
-
-
 def listen(pipe: Any, listener: Callable[[float], None]) -> DenoisingClock:
-    """Call ``listener(fraction)`` whenever the denoising fraction changes (installs the clock if needed)."""
-    c = clock(pipe)
-    c.subscribe(listener)
+    """Call ``listener(fraction)`` whenever the fraction of the denoising run changes; returns the clock."""
+    from studio.adapters.core import denoiser
+    from studio.hooks import listen_timestep
+
+    c = getattr(pipe, "_studio_clock", None)
+    if c is None:
+        c = pipe._studio_clock = DenoisingClock(pipe)
+    if listener not in c._listeners:
+        c._listeners.append(listener)
+    listen_timestep(denoiser(pipe), c.tick)
     return c
 
 
 def unlisten(pipe: Any, listener: Callable[[float], None]) -> None:
-    """Stop calling ``listener``; the clock's hook leaves the denoiser with its last listener."""
+    """Stop calling ``listener``; the clock leaves the timestep hook with its last listener."""
     from studio.adapters.core import denoiser
+    from studio.hooks import unlisten_timestep
 
-    registry = getattr(denoiser(pipe), "_diffusers_hook", None)
-    hook = registry.get_hook(DenoisingClock.HOOK) if registry is not None else None
-    if hook is None:
+    c = getattr(pipe, "_studio_clock", None)
+    if c is None:
         return
-    hook.clock.unsubscribe(listener)
-    if hook.clock.idle:
-        registry.remove_hook(DenoisingClock.HOOK, recurse=False)
+    c._listeners = [f for f in c._listeners if f != listener]  # bound methods are new objects: compare
+    if c.idle:
+        unlisten_timestep(denoiser(pipe), c.tick)
+        pipe._studio_clock = None
 
 
 # ----------------------------------------------------------------------------- adapters as per-layer factors
@@ -871,7 +837,7 @@ class Mixer:
     def __enter__(self) -> Mixer:
         return self.apply()
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.remove()
 
     # ------------------------------------------------------------------ recording
@@ -895,5 +861,5 @@ def mixed(pipe: Any, adapters: Sequence[str | AdapterSpec], **options: Any) -> I
 
 __all__ = [
     "AdapterSpec", "DenoisingClock", "GRAMMAR", "MixedAdapter", "Mixer", "SCOPES", "Sweep", "as_spec",
-    "block_address", "clock", "listen", "mixed", "parse_prompt", "parse_spec", "parse_sweep", "resolve", "unlisten",
+    "block_address", "listen", "mixed", "parse_prompt", "parse_spec", "parse_sweep", "resolve", "unlisten",
 ]

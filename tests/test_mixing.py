@@ -299,11 +299,11 @@ def test_clock_reads_the_scheduler_timestep_not_a_call_counter(pipe):
             pipe(PROMPTS[:1], num_inference_steps=4, guidance_scale=3.0, output_type="pt",
                  generator=torch.Generator().manual_seed(0))
         assert seen == [0.25, 0.5, 0.75, 0.0, 0.25, 0.5, 0.75]
-        ts = pipe.scheduler.timesteps
-        c.tick(ts[1])
-        c.tick(ts[1])  # a second pass at the same step (guidance, refiners) does not advance time
+        t1 = float(pipe.scheduler.timesteps[1])
+        c.tick(t1)
+        c.tick(t1)  # a second pass at the same step (guidance, refiners) does not advance time
         assert c.fraction == 0.25
-        c.tick(torch.tensor([999, 999]))  # a timestep outside the schedule: 1 - t/T
+        c.tick(999.0)  # a timestep outside the schedule: 1 - t/T
         assert abs(c.fraction - 0.001) < 1e-9
     finally:
         unlisten(pipe, seen.append)
@@ -351,9 +351,8 @@ def test_bad_mixes_are_refused(pipe, ads, tmp_path):
     with pytest.raises(StudioError, match="sd1|another model"):
         Mixer(sd2, [f"{ads.l1}:1"]).apply()
     assert getattr(sd2, "_studio_mix", None) is None
-    with Mixer(pipe, [f"{ads.l1}:1"]):
-        with pytest.raises(StudioError, match="already carries a mix"):
-            Mixer(pipe, [f"{ads.l2}:1"]).apply()
+    with Mixer(pipe, [f"{ads.l1}:1"]), pytest.raises(StudioError, match="already carries a mix"):
+        Mixer(pipe, [f"{ads.l2}:1"]).apply()
 
 
 def test_family_of_the_base_is_checked(pipe, ads):
@@ -413,7 +412,7 @@ def test_library_names_resolve(pipe, ads, tmp_path):
 def test_prompt_tags_equal_flags_and_the_png_records_the_mix(pipe, ads):
     from studio.generation import GenerationParams, generate
 
-    kw = dict(steps=2, seed=3, guidance=2.0)
+    kw = {"steps": 2, "seed": 3, "guidance": 2.0}
     flags = generate(pipe, GenerationParams(prompt="a red circle", adapters=[f"{ads.l1}:0.8", f"{ads.l3}:0.5@0.5-1"],
                                             **kw))
     tags = generate(pipe, GenerationParams(prompt=f"a red circle <lora:{ads.l1}:0.8> <lora:{ads.l3}:0.5@0.5-1>", **kw))
@@ -491,7 +490,7 @@ def test_micro_mix_and_switch(micro, tmp_path_factory):
         folders.append(save_adapter(scratch, root / f"m{i}", "a",
                                     metadata={"base_family": micro.studio_source.family}).parent)
     before = _weights(micro)
-    kw = dict(prompt="a red heart on a black background", steps=4, seed=7)
+    kw = {"prompt": "a red heart on a black background", "steps": 4, "seed": 7}
     base = generate(micro, GenerationParams(**kw))[0]
     zero = generate(micro, GenerationParams(adapters=[f"{folders[0]}:0"], **kw))[0]
     one = generate(micro, GenerationParams(adapters=[f"{folders[0]}:1", f"{folders[1]}:0.5"], **kw))[0]
