@@ -15,7 +15,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import datetime
-import inspect
 import itertools
 import logging
 import os
@@ -399,10 +398,7 @@ class JobManager:
             paths = save_images(images, out_dir)
             grid_path = None
         else:
-            if "callback" in inspect.signature(generate_sweep).parameters:
-                rows, grid = generate_sweep(pipe, params, sweep, callback=on_step)
-            else:  # until studio.generation passes a callback through sweeps: no progress, no cancel
-                rows, grid = generate_sweep(pipe, params, sweep)
+            rows, grid = generate_sweep(pipe, params, sweep, callback=on_step)
             images = [im for row in rows for im in row]
             paths = save_images(images, out_dir)
             grid_path = save_grid(grid, out_dir / f"{paths[0].stem}-grid.png")

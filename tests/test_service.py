@@ -263,6 +263,7 @@ def test_generate_jobs_on_a_tiny_model(tmp_path):
     assert sb["state"] == "done", sb["error"]
     assert re.search(r'Adapters: "[^"]*lora:1"', sb["result"]["parameters"][0])
     assert sc["state"] == "done", sc["error"]
+    assert (sc["step"], sc["total"]) == (4, 4)  # 2 steps x 2 weights: the sweep reports every column's steps
     grid, cells = sc["result"]["grid"], sc["result"]["images"]
     assert len(cells) == 2 and Path(grid).is_file() and 'Sweep: "' in sc["result"]["grid_parameters"]
     pixels = [np.asarray(Image.open(p), dtype=np.int16)
