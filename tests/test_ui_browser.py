@@ -80,12 +80,14 @@ def server(tmp_path_factory):
 def browser():
     """Headless Chromium under Playwright; a clear failure when either is missing."""
     try:
-        from playwright.sync_api import sync_playwright
+        from playwright.sync_api import expect, sync_playwright
     except ImportError:
         pytest.fail("playwright is not installed: run ./setup.sh (it installs the dev extra: pip install -e '.[dev]')")
     if not os.access(CHROMIUM, os.X_OK):
         pytest.fail(f"no Chromium at {CHROMIUM}: run ./setup.sh as root (it installs Debian's chromium), "
                     f"or `apt-get install chromium`, or point STUDIO_CHROMIUM at a Chromium binary")
+    # expect() waits 5 s by default: too short for a page load on two cores busy with a training
+    expect.set_options(timeout=STEP_S)
     with sync_playwright() as p:
         b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         yield b
