@@ -53,6 +53,8 @@ class TrainConfig:
     prior_weight: float = _f(1.0, "weight of the prior-preservation loss")
     snr_gamma: float = _f(5.0, "min-SNR loss weighting gamma (0: plain MSE); 5 is the paper's and diffusers' value")
     class_images: int = _f(50, "number of class images for prior preservation (generated once, cached)")
+    class_prompt: str | None = _f(None, "prompt of the class images (default: 'a CLASS-WORD'; on micro, varied "
+                                        "captions of the world's seen concepts)")
     caption: str = _f("auto", "style prompts: auto (captions when present, else trigger), captions, trigger")
     warmup: int = _f(0, "learning-rate warm-up steps")
     scheduler: str = _f("constant", "learning-rate schedule: constant, cosine, linear")

@@ -26,9 +26,11 @@ class Plan:
     resolution: int
     vae_factor: int
     prior: bool
-    class_prompt: str
+    class_word: str
+    class_prompts: list[str]  # one per class image
     sample_prompts: list[str]
     sample_steps: int
+    guidance: float  # of samples and class images: the model's own default
     family: str
     size_cond: tuple[int, int] | None = None  # SDXL added conditions: (height, width)
 
@@ -48,7 +50,7 @@ class Recipe:
 
     def plan(self, cfg: TrainConfig, pipe: Any) -> Plan:
         from studio.adapters import get_method
-        from studio.generation import native_size, vae_factor
+        from studio.generation import model_defaults, native_size, vae_factor
 
         method = get_method(cfg.method)
         src = pipe.studio_source
@@ -66,12 +68,31 @@ class Recipe:
             steps=cfg.steps or d["steps"], lr=cfg.lr or method.default_lr, rank=cfg.rank or method.default_rank,
             batch=cfg.batch or d["batch"], resolution=res, vae_factor=f,
             prior=self.default_prior() if cfg.prior is None else cfg.prior,
-            class_prompt=f"a {class_word}", sample_prompts=self.sample_prompts(cfg, class_word, micro),
-            sample_steps=20 if micro else 25, family=src.family,
+            class_word=class_word, class_prompts=self.class_prompts(cfg, class_word, micro),
+            sample_prompts=self.sample_prompts(cfg, class_word, micro),
+            sample_steps=model_defaults(pipe)["steps"], guidance=model_defaults(pipe)["guidance"], family=src.family,
         )
 
     def default_prior(self) -> bool:
         return False
+
+    def class_prompts(self, cfg: TrainConfig, class_word: str, micro: bool) -> list[str]:
+        """Prompts of the prior-preservation images, one per image."""
+        if cfg.class_prompt:
+            return [cfg.class_prompt] * cfg.class_images
+        if micro:
+            # The micro text encoder is tiny: "a sks shape" and "a shape" encode almost alike, so a
+            # single class prompt fights the instance prompt head-on. Varied captions of the
+            # concepts the base knows keep its general behaviour (colours, textures, backgrounds)
+            # without pulling "shape" back from the subject. Seeded, so the cache is reused.
+            import random
+
+            from studio.micro.world import SEEN_SHAPES, SEEN_TEXTURES, caption, scenes
+
+            rng = random.Random(cfg.seed + 17)
+            return [caption(s, rng) for s in scenes(cfg.seed + 17, cfg.class_images, shapes=SEEN_SHAPES,
+                                                     textures=SEEN_TEXTURES)]
+        return [f"a {class_word}"] * cfg.class_images
 
     def sample_prompts(self, cfg: TrainConfig, class_word: str, micro: bool) -> list[str]:
         return list(cfg.sample_prompts)
@@ -112,12 +133,11 @@ class SubjectRecipe(Recipe):
         return [f"a photo of {subject}", f"{subject} on the beach", f"a painting of {subject}"]
 
     def instance_prompts(self, cfg: TrainConfig, plan: Plan, data: Any) -> list[str]:
-        word = plan.class_prompt[2:]
-        return [f"a {cfg.token} {word}"] * len(data)
+        return [f"a {cfg.token} {plan.class_word}"] * len(data)
 
     def metadata(self, cfg: TrainConfig, plan: Plan, pipe: Any, data: Any) -> dict[str, str]:
         meta = super().metadata(cfg, plan, pipe, data)
-        meta["class_word"] = plan.class_prompt[2:]
+        meta["class_word"] = plan.class_word
         meta["prior"] = str(plan.prior).lower()
         return meta
 
