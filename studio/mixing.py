@@ -14,8 +14,8 @@ How a mix runs:
 * static (no window, no schedule): every adapter's delta is fused into the base weights, so
   sampling costs what the base model costs; the original weights are kept and copied back on
   removal, which restores them exactly.
-* dynamic (windows or a per-step ``schedule``): the denoiser's adapted layers keep their base
-  weights and a forward hook adds the adapters. The LoRAs of one layer are concatenated into one
+* dynamic (windows or a per-step ``schedule``): the denoiser's dynamic adapters run unfused, a
+  forward hook on each of their layers adding them (the mix's static adapters are still fused). The LoRAs of one layer are concatenated into one
   rank-sum down/up pair whose per-rank scales change with the step (4 LoRAs: 2 matmuls, not 8);
   other kinds (LoHa, LoKr, DoRA, any method PEFT can merge) become one summed dense delta per
   layer. The current step comes from :class:`DenoisingClock`, a listener on the denoiser's one
@@ -725,10 +725,11 @@ class Mixer:
         dynamic = schedule is not None or any(s.windowed and s.scope != "te" and s.weight != 0 for s in self.specs)
         if fuse and dynamic:
             raise StudioError("this mix has windows or a schedule, so it cannot be fused; leave fuse unset")
-        self.fused = (not dynamic) if fuse is None else bool(fuse)
+        self.fused = (not dynamic) if fuse is None else bool(fuse)  # everything fused
+        self._fuse = fuse
         self._order = sorted(range(len(self.adapters)), key=lambda i: _order_key(self.adapters[i]))
-        self._te_layers: list[_LayerMix] = []
-        self._unet_layers: list[_LayerMix] = []
+        self._fused_layers: list[_LayerMix] = []  # text encoders, and the denoiser's static adapters
+        self._hooked_layers: list[_LayerMix] = []  # the denoiser's dynamic adapters
         self._listening = False
         self._last: torch.Tensor | None = None
         self.applied = False
@@ -742,7 +743,7 @@ class Mixer:
             raise StudioError("this pipeline already carries a mix of adapters; remove it before applying another")
         models = adapted_models(self.pipe)
         self._check_blocks(models["unet"])
-        per_layer: dict[tuple[str, str], list[tuple[int, _Factor, float]]] = {}
+        per_layer: dict[tuple[str, str, bool], list[tuple[int, _Factor, float]]] = {}
         layers: dict[tuple[str, str], torch.nn.Module] = {}
         warned = False
         for slot, i in enumerate(self._order):
@@ -758,25 +759,24 @@ class Mixer:
                                 a.spec.end)
                     warned = True
                 static = a.spec.block_weight(block_address(f.path)) if f.component == "unet" else 1.0
-                per_layer.setdefault((f.component, f.path), []).append((slot, f, static))
+                # a dynamic mix hooks only its dynamic adapters: the static ones are fused under the hooks
+                hooked = f.component == "unet" and (self._fuse is False or (
+                    self._fuse is None and (self.schedule is not None or a.spec.windowed)))
+                per_layer.setdefault((f.component, f.path, hooked), []).append((slot, f, static))
                 layers[(f.component, f.path)] = _find_layer(models[f.component], f.component, f.path)[1]
         try:
-            for (comp, path), entries in per_layer.items():
+            for (comp, path, hooked), entries in per_layer.items():
                 lm = _LayerMix(layers[(comp, path)], f"{comp}.{path}", entries)
-                (self._unet_layers if comp == "unet" else self._te_layers).append(lm)
+                (self._hooked_layers if hooked else self._fused_layers).append(lm)
             weights = self._weights(0.0, with_gates=False)
-            for lm in self._te_layers:
+            for lm in self._fused_layers:
                 lm.set_scales(weights)
                 lm.fuse()
-            if self.fused:
-                for lm in self._unet_layers:
-                    lm.set_scales(weights)
-                    lm.fuse()
-            else:
+            if self._hooked_layers:
                 self._listening = True
                 listen(self.pipe, self._on_step)
                 self._on_step(0.0)
-                for lm in self._unet_layers:
+                for lm in self._hooked_layers:
                     lm.attach()
         except BaseException:
             self._undo()
@@ -813,7 +813,7 @@ class Mixer:
         if self._last is not None and torch.equal(weights, self._last):
             return
         self._last = weights
-        for lm in self._unet_layers:
+        for lm in self._hooked_layers:
             lm.set_scales(weights)
 
     # ------------------------------------------------------------------ removing
@@ -826,13 +826,13 @@ class Mixer:
         self.applied = False
 
     def _undo(self) -> None:
-        for lm in self._te_layers + self._unet_layers:
+        for lm in self._fused_layers + self._hooked_layers:
             lm.unfuse()
             lm.detach()
         if self._listening:
             unlisten(self.pipe, self._on_step)
             self._listening = False
-        self._te_layers, self._unet_layers, self._last = [], [], None
+        self._fused_layers, self._hooked_layers, self._last = [], [], None
 
     def __enter__(self) -> Mixer:
         return self.apply()

@@ -326,6 +326,14 @@ def test_window_switches_adapters_by_step(pipe, ads):
         want = early_ref[t] if i < 2 else full[t]  # fractions 0, .25 | .5, .75
         torch.testing.assert_close(late[t], want, atol=1e-4, rtol=0)
         assert (late[t] - base[t]).abs().max() > 1e-3
+    # a static adapter in a dynamic mix is fused under the hooks: the same as hooking everything
+    hybrid = [f"{ads.l1}:1@0.5-1", f"{ads.l3}:0.5", f"{ads.loha}:0.8"]
+    with Mixer(pipe, hybrid) as m:
+        assert m._fused_layers and m._hooked_layers
+        got = {t: _unet_out(pipe, t) for t in ts}
+    with Mixer(pipe, hybrid, fuse=False):
+        for t in ts:
+            torch.testing.assert_close(got[t], _unet_out(pipe, t), atol=1e-4, rtol=0)
 
 
 def test_schedule_gives_per_step_multipliers(pipe, ads):
