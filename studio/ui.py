@@ -309,7 +309,7 @@ def _train_panel(ctx: UIContext) -> None:
                                  value=_set_preview(first))
             with gr.Row():
                 kind = gr.Radio(["subject", "style"], value=first_kind, label="Kind")
-                method = gr.Dropdown(sorted(methods()), value="lora", label="Method")
+                method = gr.Dropdown(sorted(methods()), value="lora", label="Method", elem_id="train-method")
                 name = gr.Textbox(label="Adapter name", placeholder="default: the set's name")
             with gr.Row():
                 token = gr.Textbox("sks", label="Trigger word")
@@ -317,7 +317,7 @@ def _train_panel(ctx: UIContext) -> None:
             with gr.Row():
                 steps = gr.Number(defaults["steps"], label="Steps", precision=0, minimum=0, elem_id="train-steps")
                 rank = gr.Number(defaults["rank"], label="Rank", precision=0, minimum=0)
-                lr = gr.Number(defaults["lr"], label="Learning rate", minimum=0)
+                lr = gr.Number(defaults["lr"], label="Learning rate", minimum=0, elem_id="train-lr")
             with gr.Accordion("Advanced", open=False, elem_id="train-advanced"):
                 base = gr.Textbox(ctx.base, label="Base model", info="micro, a diffusers folder or a .safetensors file")
                 with gr.Row():
@@ -356,12 +356,19 @@ def _train_panel(ctx: UIContext) -> None:
     source.change(on_source, source, [sample_set, uploads, preview, upload_note], **private)
     sample_set.change(lambda s: (_set_preview(s), _kind_of(s)), sample_set, [preview, kind], **private)
 
-    def on_defaults(base_: str, kind_: str, method_: str):
-        d = form_defaults(base_, kind_, method_)
-        return d["steps"], d["rank"], d["lr"]
+    shown_defaults = gr.State(defaults)
+
+    def on_defaults(base_: str, kind_: str, method_: str, *current_and_shown: Any):
+        """New recipe defaults, in the fields that still hold the old ones (typed values stay)."""
+        *current, before = current_and_shown
+        after = form_defaults(base_, kind_, method_)
+        keys = ("steps", "rank", "lr")
+        kept = [after[k] if value in (None, before[k]) else gr.skip() for k, value in zip(keys, current, strict=True)]
+        return (*kept, after)
 
     for trigger in (kind.change, method.change, base.blur):
-        trigger(on_defaults, [base, kind, method], [steps, rank, lr], **private)
+        trigger(on_defaults, [base, kind, method, steps, rank, lr, shown_defaults], [steps, rank, lr, shown_defaults],
+                **private)
 
     def on_upload(files: list[str] | None):
         """Check the files as soon as they arrive, so bad ones are named before Start."""

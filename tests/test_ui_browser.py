@@ -2,8 +2,8 @@
 
 One server (a subprocess with its own STUDIO_HOME) serves every test of this module; each test
 opens its own browser context, i.e. its own user with its own local storage. Trainings are a
-few steps of batch 1 on the micro model with one sample prompt, so the module stays near two
-minutes on two CPU cores.
+few steps of batch 1 on the micro model with one sample prompt: the module took 80 s on two CPU
+cores that other work was also using (much longer when that work keeps both cores busy).
 
 A missing browser is a failure, not a skip: ./setup.sh installs Debian's chromium (as root)
 and playwright (the dev extra). ``STUDIO_CHROMIUM`` points at another Chromium binary;
@@ -46,7 +46,7 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """`python app.py --port P` with a fresh STUDIO_HOME: (url, home)."""
+    """`python app.py --port P` with a fresh STUDIO_HOME: (url, home, log file)."""
     home = tmp_path_factory.mktemp("studio-home")
     port = _free_port()
     log_path = home.parent / "app.log"
@@ -133,11 +133,11 @@ def shots(tmp_path):
 def _fill_training(page, *, name: str, steps: int, sample_set: str | None = None, uploads=None, kind="subject",
                    token: str = "sks") -> None:
     """Fill the Train form for a short run: batch 1, no prior preservation, one sample prompt."""
+    from playwright.sync_api import expect
+
     if uploads is not None:
         page.get_by_label("Upload images").check()
         page.locator("#train-uploads input[type=file]").set_input_files(uploads)
-        from playwright.sync_api import expect
-
         expect(page.locator("#upload-note")).to_contain_text(f"{len([u for u in uploads if u.suffix != '.txt'])} "
                                                              f"images ready")
     elif sample_set is not None:
@@ -302,6 +302,12 @@ def test_bad_uploads_get_a_message(new_page, tmp_path):
     page.get_by_role("tab", name="Train").click()
     page.get_by_label("Bundled sample set").check()
     expect(page.locator("#train-sample-set")).to_be_visible()
+    # another method brings its own defaults, but a number typed by the user stays
+    page.locator("#train-steps input").fill("7")
+    page.locator("#train-method input").fill("loha")
+    page.keyboard.press("Enter")
+    expect(page.locator("#train-lr input")).to_have_value("0.002")
+    expect(page.locator("#train-steps input")).to_have_value("7")
 
 
 def test_library_import_rename_download_delete(new_page, tmp_path):
