@@ -624,7 +624,7 @@ class _LayerMix:
             if self.conv:
                 h = F.conv2d(x, self.down_eff, None, module.stride, module.padding, module.dilation)
                 output = output.add_(F.conv2d(h, self.up_eff)) if inplace else output + F.conv2d(h, self.up_eff)
-            elif inplace and output.is_contiguous():
+            elif inplace and output.is_contiguous() and output.dtype == self.up_eff.dtype:  # not under autocast
                 h = F.linear(x, self.down_eff)
                 output.view(-1, output.shape[-1]).addmm_(h.view(-1, h.shape[-1]), self.up_eff.t())
             else:
