@@ -1,6 +1,6 @@
 """Adapter mixing speed on micro: 4 LoRAs fused, windowed and unfused, against the base and diffusers' set_adapters.
 
-    python bench/mix.py [--base micro] [--batches 1,8] [--steps 20] [--repeats 3] [--rank 8]
+    python bench/mix.py [--base micro] [--batches 1,8] [--steps 20] [--repeats 3] [--rank 8] [--threads N]
 
 One run prints the CPU kind, then per batch size the seconds per image of each variant (best
 of ``--repeats``, variants interleaved so that machine noise hits them alike) and the ratios
@@ -66,9 +66,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = ap.parse_args()
     setup_logging(quiet=True)
     os.environ["STUDIO_HOME"] = tempfile.mkdtemp(prefix="bench-mix-home-")  # cold hash caches for the switch
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(describe())
     from studio.mixing import Mixer
 
