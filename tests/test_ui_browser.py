@@ -157,6 +157,22 @@ def _progress(page):
     return page.locator("#train-progress .studio-progress")
 
 
+def _trained(page) -> None:
+    """Wait for the page's training to end, then insist it ended well (a failure shows its message)."""
+    from playwright.sync_api import expect
+
+    expect(_progress(page)).to_have_attribute("data-state", re.compile("done|failed|cancelled"), timeout=TRAIN_S)
+    expect(page.locator("#train-status")).to_contain_text("Done", timeout=1000)
+
+
+def _generated(page) -> None:
+    """Wait for the page's generation to end, then insist it ended well (a failure shows its message)."""
+    from playwright.sync_api import expect
+
+    expect(page.locator("#generate-status")).to_contain_text(re.compile("Done|Failed|Cancelled"), timeout=TRAIN_S)
+    expect(page.locator("#generate-status")).to_contain_text("Done", timeout=1000)
+
+
 def test_train_find_generate(new_page, server, shots):
     """Upload the heart images, train, find the adapter in the library, generate with it at weight 1."""
     from playwright.sync_api import expect
@@ -166,7 +182,7 @@ def test_train_find_generate(new_page, server, shots):
     _fill_training(page, name="heart", steps=3, uploads=images, token="hrt")
     page.locator("#train-start").click()
     # (the running state itself is checked on a long run in the next test: a 3-step run can end between polls)
-    expect(_progress(page)).to_have_attribute("data-state", "done", timeout=TRAIN_S)
+    _trained(page)
     expect(_progress(page)).to_have_attribute("data-progress", "1.000")
     expect(page.locator("#train-status")).to_contain_text("step 3/3")
     expect(page.locator("#train-status")).to_contain_text("Added to the library as heart")
@@ -196,7 +212,8 @@ def test_train_find_generate(new_page, server, shots):
     page.locator("#generate-steps input[type=number]").fill("8")
     page.locator("#generate-steps input[type=number]").press("Enter")
     page.locator("#generate-go").click()
-    expect(page.locator("#generate-gallery img")).to_have_count(2, timeout=TRAIN_S)
+    _generated(page)
+    expect(page.locator("#generate-gallery img")).to_have_count(2)
     expect(page.locator("#generate-gallery")).to_contain_text("seed 7 · heart:1")
     params = page.locator("#generate-params textarea")
     expect(params).to_have_value(re.compile(r'Steps: 8.*Seed: 7.*Adapters: "heart:1"'))
@@ -208,7 +225,9 @@ def test_train_find_generate(new_page, server, shots):
     page.get_by_text("Weight sweep and base model").click()
     page.locator("#generate-sweep-weights input, #generate-sweep-weights textarea").first.fill("0, 1")
     page.locator("#generate-sweep").click()
-    expect(page.locator("#generate-gallery img")).to_have_count(3, timeout=TRAIN_S)
+    expect(page.locator("#generate-status")).to_contain_text("sweep heart:1=0,1")  # the new job, not the last
+    _generated(page)
+    expect(page.locator("#generate-gallery img")).to_have_count(3)
     expect(page.locator("#generate-gallery")).to_contain_text("grid")
     expect(params).to_have_value(re.compile(r'Sweep: "heart:1=0,1"'))
     grids = list((server[1] / "outputs").rglob("*-grid.png"))
@@ -229,7 +248,7 @@ def test_two_users_queue_and_a_reload_reattaches(new_page):
     expect(second.locator("#train-status")).to_contain_text("Queued star-b: next in line")
     expect(_progress(second)).to_have_attribute("data-state", "queued")
 
-    expect(_progress(first)).to_have_attribute("data-state", "done", timeout=TRAIN_S)
+    _trained(first)
     expect(first.locator("#train-status")).to_contain_text("step 2/2")
     expect(first.locator("#train-status")).to_contain_text("Added to the library as star-a")
     # a long run, so the reload below happens mid-run however fast the machine: it is cancelled after
@@ -238,7 +257,7 @@ def test_two_users_queue_and_a_reload_reattaches(new_page):
     first.locator("#train-start").click()
     expect(first.locator("#train-status")).to_contain_text("star-long")  # queued behind star-b, or started
 
-    expect(_progress(second)).to_have_attribute("data-state", "done", timeout=TRAIN_S)
+    _trained(second)
     expect(second.locator("#train-status")).to_contain_text("Added to the library as star-b")
     expect(first.locator("#train-status")).to_contain_text("Running star-long · step", timeout=TRAIN_S)
     first.reload()  # the job id is in the page's local storage: the progress comes back
