@@ -732,6 +732,7 @@ class Mixer:
         self._hooked_layers: list[_LayerMix] = []  # the denoiser's dynamic adapters
         self._listening = False
         self._last: torch.Tensor | None = None
+        self._triggers: list[Any] = []  # learned trigger embeddings (pivotal tuning), hooked on the text side
         self.applied = False
 
     # ------------------------------------------------------------------ applying
@@ -768,6 +769,7 @@ class Mixer:
             for (comp, path, hooked), entries in per_layer.items():
                 lm = _LayerMix(layers[(comp, path)], f"{comp}.{path}", entries)
                 (self._hooked_layers if hooked else self._fused_layers).append(lm)
+            self._install_triggers()
             weights = self._weights(0.0, with_gates=False)
             for lm in self._fused_layers:
                 lm.set_scales(weights)
@@ -825,7 +827,27 @@ class Mixer:
         self.pipe._studio_mix = None
         self.applied = False
 
+    def _install_triggers(self) -> None:
+        """Hook the trigger embeddings of adapters that carry them, blended by each adapter's weight."""
+        from safetensors import safe_open
+
+        from studio.adapters.trigger import KEY_PREFIX, TriggerEmbeddings
+
+        for a in self.adapters:
+            if a.spec.weight == 0 or a.spec.scope == "unet":
+                continue
+            with safe_open(str(a.file), framework="pt") as fh:
+                keys = [k for k in fh.keys() if k.startswith(KEY_PREFIX)]
+                if not keys:
+                    continue
+                trig = TriggerEmbeddings.from_file_parts({k: fh.get_tensor(k) for k in keys}, fh.metadata() or {})
+            trig.weight = float(a.spec.weight)
+            self._triggers.append(trig.install(self.pipe))
+
     def _undo(self) -> None:
+        for trig in self._triggers:
+            trig.remove()
+        self._triggers = []
         for lm in self._fused_layers + self._hooked_layers:
             lm.unfuse()
             lm.detach()

@@ -100,3 +100,55 @@ def test_bad_settings(pipe):
         AdapterSettings(rank=0)
     with pytest.raises(StudioError, match="--targets"):
         AdapterSettings(targets="everything")
+
+
+def _te_out(pipe, prompts=("a red circle", "a sks circle")) -> torch.Tensor:
+    ids = pipe.tokenizer(list(prompts), padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        return pipe.text_encoder(ids)[0]
+
+
+def test_trigger_embedding_touches_only_prompts_with_the_trigger(pipe, tmp_path):
+    from studio.adapters import add_trigger_embedding, remove_adapter
+    from studio.adapters.trigger import apply_to_vanilla
+
+    base = _te_out(pipe)
+    add_adapter(pipe, "lora", AdapterSettings(rank=2), "default")
+    rows = add_trigger_embedding(pipe, "sks", "default")
+    assert _te_out(pipe).equal(base)  # starts at the base rows
+    with torch.no_grad():
+        rows[0].add_(torch.randn(rows[0].shape) * 0.5)
+    learned = _te_out(pipe)
+    assert learned[0].equal(base[0])  # no trigger: untouched
+    assert not torch.allclose(learned[1], base[1])
+    set_enabled(pipe, False)
+    assert _te_out(pipe).equal(base)
+    set_enabled(pipe, True)
+    save_adapter(pipe, tmp_path / "ad", "default")
+    remove_adapter(pipe, "default")
+    assert _te_out(pipe).equal(base)  # the base rows were never written
+
+    load_adapter(pipe, tmp_path / "ad", "again")
+    torch.testing.assert_close(_te_out(pipe), learned, atol=0, rtol=0)
+    fresh = tiny_pipeline("sd1")  # vanilla diffusers + one call for the rows gives the same
+    fresh.load_lora_weights(str(tmp_path / "ad"))
+    apply_to_vanilla(fresh, str(tmp_path / "ad" / "pytorch_lora_weights.safetensors"))
+    torch.testing.assert_close(_te_out(fresh), learned, atol=1e-6, rtol=1e-6)
+
+
+def test_mixing_applies_the_trigger_embedding_by_weight(pipe, tmp_path):
+    from studio.adapters import add_trigger_embedding
+    from studio.mixing import mixed
+
+    base = _te_out(pipe)
+    _randomize(add_adapter(pipe, "lora", AdapterSettings(rank=2), "default"), 4)
+    with torch.no_grad():
+        add_trigger_embedding(pipe, "sks", "default")[0].add_(0.5)
+    learned = _te_out(pipe)
+    save_adapter(pipe, tmp_path / "ad", "default")
+    fresh = tiny_pipeline("sd1")
+    with mixed(fresh, [str(tmp_path / "ad")]):
+        torch.testing.assert_close(_te_out(fresh), learned)
+    assert _te_out(fresh).equal(base)
+    with mixed(fresh, [f"{tmp_path / 'ad'}:0"]):
+        assert _te_out(fresh).equal(base)

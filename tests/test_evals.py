@@ -229,6 +229,16 @@ class RenderPipe:
         self.loaded = None
 
 
+@pytest.fixture(autouse=True)
+def _render_pipe_loads_its_own_adapters(monkeypatch):
+    """The suites load adapters with the studio's loader; a RenderPipe only plays one."""
+    apply, remove = suites._apply_adapter, suites._remove_adapter
+    monkeypatch.setattr(suites, "_apply_adapter", lambda pipe, path: pipe.load_lora_weights(path)
+                        if isinstance(pipe, RenderPipe) else apply(pipe, path))
+    monkeypatch.setattr(suites, "_remove_adapter", lambda pipe: pipe.unload_lora_weights()
+                        if isinstance(pipe, RenderPipe) else remove(pipe))
+
+
 def _subject_effect(prompt, attrs, seed):
     """A good subject adapter: 'sks' means a red heart (red unless another colour is asked)."""
     if "sks" in prompt.split():

@@ -64,6 +64,9 @@ def _add_job_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--alpha", type=float, help=helps["alpha"])
     p.add_argument("--targets", choices=["attention", "attention+resnet", "all"], help=helps["targets"])
     p.add_argument("--text-encoder", dest="text_encoder", action="store_true", default=None, help=helps["text_encoder"])
+    p.add_argument("--train-trigger", dest="train_trigger", action=argparse.BooleanOptionalAction, default=None,
+                   help=helps["train_trigger"])
+    p.add_argument("--trigger-lr", dest="trigger_lr", type=float, help=helps["trigger_lr"])
     p.add_argument("--steps", type=int, help=helps["steps"])
     p.add_argument("--lr", type=float, help=helps["lr"])
     p.add_argument("--batch", type=int, help=helps["batch"])

@@ -43,6 +43,8 @@ class TrainConfig:
     text_encoder: bool = _f(False, "also train an adapter on the text encoder(s)")
     steps: int | None = _f(None, "optimizer steps (default: the recipe's for this base)")
     lr: float | None = _f(None, "learning rate (default: the method's)")
+    train_trigger: bool | None = _f(None, "also learn the trigger word's input embedding (pivotal tuning)")
+    trigger_lr: float | None = _f(None, "learning rate of the trigger embedding (default 5e-3)")
     text_encoder_lr: float | None = _f(None, "learning rate of the text-encoder adapter (default: lr / 2)")
     batch: int | None = _f(None, "images per step (per process)")
     grad_accum: int = _f(1, "gradient accumulation steps")
@@ -120,6 +122,8 @@ class TrainConfig:
                 raise bad(name, f"{v}: must be a number between 0 and 1, e.g. 1e-3")
         if self.grad_accum <= 0:
             raise bad("grad_accum", f"{self.grad_accum}: must be at least 1")
+        if self.trigger_lr is not None and self.trigger_lr <= 0:
+            raise bad("trigger_lr", f"{self.trigger_lr}: must be > 0")
         if self.snr_gamma < 0:
             raise bad("snr_gamma", f"{self.snr_gamma}: must be >= 0 (0 turns the weighting off)")
         if not 0 <= self.flip <= 1:

@@ -132,7 +132,7 @@ def distill(sampler: Sampler, student: torch.nn.Module, teacher: torch.nn.Module
                     _keep_valid(state)
                     with torch.no_grad():
                         x = sampler.advance(eps_fp, t, x)  # the trajectory follows the full-precision model
-                    losses.append(float(loss))
+                    losses.append(float(loss.detach()))
                     step += 1
                     if on_step is not None:
                         on_step(DistillProgress(step, total, losses[-1], epoch, time.perf_counter() - t0))

@@ -139,12 +139,13 @@ def _train(cfg: TrainConfig, out: Path, on_event: EventHandler | None, cancel: t
             pixels = prior_images(pipe, plan.class_prompts, cfg.seed, emit, steps=plan.sample_steps,
                                   guidance=plan.guidance)
             class_latents = _encode_images(vae, pixels, accelerator.device)
-    text_cache = TextCache(pipe, train_text=cfg.text_encoder)
+    text_cache = TextCache(pipe, train_text=cfg.text_encoder, live_word=cfg.token if plan.train_trigger else None)
 
     # ---- adapter --------------------------------------------------------------------------------
     settings = adapters.AdapterSettings(rank=plan.rank, alpha=cfg.alpha, targets=cfg.targets,
                                         text_encoder=cfg.text_encoder)
     params = adapters.add_adapter(pipe, cfg.method, settings, "default")
+    trigger_params = adapters.add_trigger_embedding(pipe, cfg.token, "default") if plan.train_trigger else []
     unet = pipe.unet
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -153,6 +154,8 @@ def _train(cfg: TrainConfig, out: Path, on_event: EventHandler | None, cancel: t
     groups = [{"params": unet_params, "lr": plan.lr}]
     if te_params:
         groups.append({"params": te_params, "lr": cfg.text_encoder_lr or plan.lr / 2})
+    if trigger_params:
+        groups.append({"params": trigger_params, "lr": plan.trigger_lr, "weight_decay": 0.0})
     optimizer = _optimizer(groups, accelerator.device, cfg.optimizer)
     lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg.scheduler, cfg.warmup, plan.steps))
     unet, optimizer = accelerator.prepare(unet, optimizer)
@@ -201,7 +204,8 @@ def _train(cfg: TrainConfig, out: Path, on_event: EventHandler | None, cancel: t
                 loss = per.mean()
             accelerator.backward(loss)
             if accelerator.sync_gradients:
-                accelerator.clip_grad_norm_(params, 1.0)
+                _sync_unwrapped_grads(te_params + trigger_params, world)
+                accelerator.clip_grad_norm_(params + trigger_params, 1.0)
             optimizer.step()
             lr_sched.step()
             optimizer.zero_grad(set_to_none=True)
@@ -249,6 +253,19 @@ def default_name(cfg: TrainConfig) -> str:
 def _mean_tail(values: list[float], n: int = 20) -> float:
     tail = values[-n:]
     return sum(tail) / len(tail)
+
+
+def _sync_unwrapped_grads(params: list[torch.Tensor], world: int) -> None:
+    """Average the gradients of trainables outside the DDP-wrapped denoiser across processes."""
+    if world <= 1:
+        return
+    import torch.distributed as dist
+
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad)
+        p.grad /= world
 
 
 def _named_trainable(pipe: Any):
@@ -324,12 +341,21 @@ def _encode_images(vae, pixels: list[torch.Tensor], device: torch.device, batch:
 
 
 class TextCache:
-    """Prompt embeddings, computed once per prompt while the text encoder is frozen."""
+    """Prompt embeddings, computed once per prompt while the text encoder is frozen.
 
-    def __init__(self, pipe: Any, train_text: bool) -> None:
+    Prompts that contain a word whose embedding is being learned (the trigger, in pivotal
+    tuning) are encoded afresh each time, with gradients; with a text-encoder adapter every
+    prompt is.
+    """
+
+    def __init__(self, pipe: Any, train_text: bool, live_word: str | None = None) -> None:
         self.pipe = pipe
         self.train_text = train_text
+        self.live_word = live_word
         self.cache: dict[str, torch.Tensor] = {}
+
+    def _live(self, prompt: str) -> bool:
+        return self.train_text or (self.live_word is not None and self.live_word in prompt.split())
 
     def _encode(self, prompts: list[str]) -> torch.Tensor:
         tok = self.pipe.tokenizer
@@ -340,12 +366,14 @@ class TextCache:
     def embed(self, prompts: list[str]) -> torch.Tensor:
         if self.train_text:
             return self._encode(prompts)
-        missing = sorted({p for p in prompts if p not in self.cache})
+        live = sorted({p for p in prompts if self._live(p)})
+        missing = sorted({p for p in prompts if p not in self.cache and p not in live})
         if missing:
             with torch.no_grad():
                 for p, e in zip(missing, self._encode(missing)):
                     self.cache[p] = e.cpu()
-        return torch.stack([self.cache[p] for p in prompts])
+        fresh = dict(zip(live, self._encode(live).cpu())) if live else {}
+        return torch.stack([fresh[p] if p in fresh else self.cache[p] for p in prompts])
 
 
 def prior_images(pipe: Any, prompts: list[str], seed: int, emit: EventHandler, *, steps: int,
@@ -421,6 +449,8 @@ def _save_checkpoint(folder: Path, pipe: Any, optimizer, lr_sched, gen: torch.Ge
              "lr_sched": lr_sched.state_dict()}
     if rank == 0:
         state["adapter"] = adapter_state_dict(pipe, "default")
+        trig = pipe._studio_adapters["default"].get("trigger")
+        state["trigger"] = {k: v.detach().clone() for k, v in trig.vectors.items()} if trig is not None else {}
     path = folder / f"state-rank{rank}.pt"
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     torch.save(state, tmp)
@@ -447,6 +477,11 @@ def _load_checkpoint(folder: Path, pipe: Any, optimizer, lr_sched, gen: torch.Ge
     models = adapted_models(pipe)
     for comp, sd in main["adapter"].items():
         set_peft_model_state_dict(getattr(models[comp], "module", models[comp]), sd, adapter_name="default")
+    trig = pipe._studio_adapters["default"].get("trigger")
+    if trig is not None:
+        with torch.no_grad():
+            for comp, rows in main.get("trigger", {}).items():
+                trig.vectors[comp].copy_(rows)
     optimizer.load_state_dict(mine["optimizer"])
     lr_sched.load_state_dict(mine["lr_sched"])
     gen.set_state(mine["rng"]["gen"])

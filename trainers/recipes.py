@@ -26,6 +26,8 @@ class Plan:
     resolution: int
     vae_factor: int
     prior: bool
+    train_trigger: bool
+    trigger_lr: float
     class_word: str
     class_prompts: list[str]  # one per class image
     sample_prompts: list[str]
@@ -47,6 +49,7 @@ REAL_DEFAULTS = {"subject": dict(steps=500, batch=1), "style": dict(steps=1000, 
 
 class Recipe:
     kind = ""
+    trains_trigger = False  # learn the trigger word's embedding by default (pivotal tuning)
 
     def plan(self, cfg: TrainConfig, pipe: Any) -> Plan:
         from studio.adapters import get_method
@@ -68,6 +71,8 @@ class Recipe:
             steps=cfg.steps or d["steps"], lr=cfg.lr or method.default_lr, rank=cfg.rank or method.default_rank,
             batch=cfg.batch or d["batch"], resolution=res, vae_factor=f,
             prior=self.default_prior() if cfg.prior is None else cfg.prior,
+            train_trigger=self.trains_trigger if cfg.train_trigger is None else cfg.train_trigger,
+            trigger_lr=cfg.trigger_lr or 5e-3,
             class_word=class_word, class_prompts=self.class_prompts(cfg, class_word, micro),
             sample_prompts=self.sample_prompts(cfg, class_word, micro),
             sample_steps=model_defaults(pipe)["steps"], guidance=model_defaults(pipe)["guidance"], family=src.family,
@@ -119,6 +124,7 @@ class SubjectRecipe(Recipe):
     """DreamBooth-LoRA: every image is "a TOKEN CLASS"; class images keep the class's prior."""
 
     kind = "subject"
+    trains_trigger = False  # pivotal tuning: measured worse on micro so far (docs/training.md)
 
     def default_prior(self) -> bool:
         return True

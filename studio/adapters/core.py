@@ -20,6 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from studio.adapters.methods import TARGET_SETS, TEXT_ATTENTION, AdapterSettings, get_method
+from studio.adapters.trigger import TriggerEmbeddings
 from studio.errors import StudioError
 
 log = logging.getLogger(__name__)
@@ -184,6 +185,10 @@ def save_adapter(pipe: Any, folder: str | os.PathLike, adapter_name: str = "defa
             {f"{comp}.{k}": v for comp, cfg in entry["configs"].items() for k, v in json.loads(_config_json(cfg)).items()}
         )
         header["format"] = "pt"
+    trig = entry.get("trigger")
+    if trig is not None:
+        tensors.update(trig.tensors())
+        header.update(trig.header(pipe))
     for k, v in (metadata or {}).items():
         header[f"{META_PREFIX}{k}"] = v if isinstance(v, str) else json.dumps(v, default=str)
     folder = Path(folder)
@@ -274,8 +279,30 @@ def load_adapter(pipe: Any, path: str | os.PathLike, adapter_name: str = "defaul
             raise StudioError(f"{f}: {len(unexpected)} weights do not fit this base model (e.g. {unexpected[0]}); "
                               f"was it trained on another model family?")
         models[comp].requires_grad_(False)
-    _registry(pipe)[adapter_name] = {"method": meta[f"{META_PREFIX}method"], "configs": configs}
+    entry = {"method": meta[f"{META_PREFIX}method"], "configs": configs}
+    trig = TriggerEmbeddings.from_file_parts(tensors, meta)
+    if trig is not None:
+        try:
+            entry["trigger"] = trig.install(pipe)
+        except StudioError:
+            _delete(models, configs, adapter_name)
+            raise
+    _registry(pipe)[adapter_name] = entry
     return adapter_name
+
+
+def add_trigger_embedding(pipe: Any, trigger: str, adapter_name: str = "default") -> list[torch.nn.Parameter]:
+    """Learn the trigger word's input embedding with the adapter (see :mod:`studio.adapters.trigger`).
+
+    Returns the trainable rows; :func:`save_adapter` writes them into the adapter file.
+    """
+    entry = _registry(pipe).get(adapter_name)
+    if entry is None:
+        raise StudioError(f"no adapter named {adapter_name!r} on this pipeline")
+    if entry.get("trigger") is not None:
+        entry["trigger"].remove()
+    entry["trigger"] = TriggerEmbeddings.from_base(pipe, trigger).install(pipe)
+    return entry["trigger"].parameters()
 
 
 def _delete(models: dict, configs: dict, adapter_name: str) -> None:
@@ -297,6 +324,8 @@ def remove_adapter(pipe: Any, adapter_name: str) -> None:
     entry = _registry(pipe).pop(adapter_name, None)
     if entry is None:
         raise StudioError(f"no adapter named {adapter_name!r} on this pipeline")
+    if entry.get("trigger") is not None:
+        entry["trigger"].remove()
     for model in adapted_models(pipe).values():
         _delete_from(model, adapter_name)
 
@@ -306,6 +335,9 @@ def set_enabled(pipe: Any, enabled: bool) -> None:
     for model in adapted_models(pipe).values():
         for _, layer in tuner_layers(model):
             layer.enable_adapters(enabled)
+    for entry in _registry(pipe).values():
+        if entry.get("trigger") is not None:
+            entry["trigger"].weight = 1.0 if enabled else 0.0
 
 
 def set_active(pipe: Any, names: list[str]) -> None:
@@ -316,6 +348,9 @@ def set_active(pipe: Any, names: list[str]) -> None:
             layer.set_adapter(present or names[:1])
             if not present:
                 layer.enable_adapters(False)
+    for name, entry in _registry(pipe).items():
+        if entry.get("trigger") is not None:
+            entry["trigger"].weight = 1.0 if name in names else 0.0
 
 
 def merge(pipe: Any, names: list[str] | None = None, safe: bool = True) -> None:

@@ -372,21 +372,26 @@ def _meta_list(meta: dict[str, str], key: str, attr: str) -> list[str]:
     return list(values)
 
 
+EVAL_ADAPTER = "studio-eval"
+
+
 def _apply_adapter(pipe: Any, path: str | Path) -> None:
-    """Load the adapter at ``path`` into ``pipe`` (diffusers' LoRA loader; the studio's own replaces it later)."""
+    """Load the adapter at ``path`` into ``pipe`` with the studio's loader (trigger embeddings included)."""
+    from studio.adapters import load_adapter
+
     file = adapter_file(path)
     try:
-        pipe.load_lora_weights(str(file), local_files_only=True)
-    except (ValueError, KeyError, RuntimeError, OSError) as exc:
-        with contextlib.suppress(Exception):
-            pipe.unload_lora_weights()  # roll back whatever was half injected
+        load_adapter(pipe, file, EVAL_ADAPTER)
+    except (StudioError, ValueError, KeyError, RuntimeError, OSError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise StudioError(f"--adapter {file}: cannot be loaded into this base model ({first[:300]})") from exc
 
 
 def _remove_adapter(pipe: Any) -> None:
     """Undo :func:`_apply_adapter`: the pipeline is the base model again."""
-    pipe.unload_lora_weights()
+    from studio.adapters import remove_adapter
+
+    remove_adapter(pipe, EVAL_ADAPTER)
 
 
 @contextlib.contextmanager

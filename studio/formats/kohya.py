@@ -648,8 +648,14 @@ def read_lora(path: str | os.PathLike, *, family: str | None = None,
 
     ``unet_config`` (or ``family``, through the bundled configs) maps original-LDM kohya names.
     """
+    from studio.adapters.trigger import KEY_PREFIX as TRIGGER_KEY
+
     source = lora_weight_file(path)
     tensors, metadata = _load(source)
+    trigger = [k for k in tensors if k.startswith(TRIGGER_KEY)]
+    if trigger:  # a learned trigger embedding, not a layer: studio.adapters.trigger reads it
+        log.info("%s: carries a trigger embedding (%s); the layer reader leaves it aside", source, ", ".join(trigger))
+        tensors = {k: v for k, v in tensors.items() if k not in trigger}
     layout = detect_lora_format(tensors)
     if layout is None:
         if _has(tensors, "lora", "hada_", "lokr_", "alpha"):
