@@ -37,15 +37,15 @@ def make_loras(base: str, folder: Path, n: int, rank: int) -> list[Path]:
     """``n`` random rank-``rank`` attention LoRAs for ``base``, saved as studio adapter folders."""
     from studio.adapters import AdapterSettings, add_adapter, save_adapter
 
+    pipe = load_pipeline(base, device="cpu")
     out = []
     for i in range(n):
-        pipe = load_pipeline(base, device="cpu")
-        params = add_adapter(pipe, "lora", AdapterSettings(rank=rank, targets="attention"), "a")
+        params = add_adapter(pipe, "lora", AdapterSettings(rank=rank, targets="attention"), f"a{i}")
         g = torch.Generator().manual_seed(i)
         with torch.no_grad():
             for p in params:
                 p.add_(torch.randn(p.shape, generator=g) * 0.05)
-        save_adapter(pipe, folder / f"lora{i}", "a", metadata={"base_family": pipe.studio_source.family})
+        save_adapter(pipe, folder / f"lora{i}", f"a{i}", metadata={"base_family": pipe.studio_source.family})
         out.append(folder / f"lora{i}")
     return out
 
@@ -69,6 +69,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = ap.parse_args()
     setup_logging(quiet=True)
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.disable_progress_bar()
     os.environ["STUDIO_HOME"] = tempfile.mkdtemp(prefix="bench-mix-home-")  # cold hash caches for the switch
     if args.threads:
         torch.set_num_threads(args.threads)
