@@ -26,6 +26,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "studio.evals.cli",
     "studio.formats.cli",
     "studio.commands.library",
+    "studio.commands.quantize",
     "studio.commands.ui",
 )
 

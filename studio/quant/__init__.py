@@ -93,7 +93,7 @@ def quantize(pipe: Any, cfg: QuantConfig, *, on_event: EventHandler | None = Non
     calibrate_weights(state, "lp" if cfg.method == "ptq-mse" else "minmax")
     emit(QuantEvent("calibrate", 0, cfg.calib_samples, message="full-precision trajectories"))
     calib_prompts = _prompts(pipe, cfg, cfg.calib_samples, cfg.seed)
-    stats = record_activations(state, lambda: run_fp(sampler, calib_prompts, cfg.seed * 100_003, cfg.batch * 2),
+    stats = record_activations(state, lambda: run_fp(sampler, calib_prompts, cfg.seed * 100_003, cfg.batch * 2, cancel),
                                seed=cfg.seed)
     calibrate_activations(state, stats, "minmax" if cfg.method == "ptq-minmax" else "lp")
     del stats

@@ -71,17 +71,58 @@ def lsq_grad_scale(numel: int, bits: int) -> float:
     return 1.0 / math.sqrt(max(1, numel) * qmax(bits))
 
 
-def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, g: float = 1.0) -> torch.Tensor:
-    """Q(x; s, z) with STE round and LSQ/LSQ+ gradients to ``scale`` and ``zero`` (both broadcast to ``x``).
-
-    ``zero`` is kept real-valued for training and rounded straight-through here, so the forward
-    always uses an integer zero point, as the integer kernels do. ``g`` scales the gradients of
-    ``scale`` and ``zero`` (LSQ); 1 gives the plain derivatives.
-    """
+def fake_quant_ste(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
+                   g: float = 1.0) -> torch.Tensor:
+    """Q(x; s, z) composed from STE primitives, autograd deriving the gradients (the readable reference)."""
     s = grad_scale(scale, g)
     z = round_ste(grad_scale(zero, g))
     codes = torch.clamp(round_ste(x / s) + z, 0, qmax(bits))
     return (codes - z) * s
+
+
+class _FakeQuant(torch.autograd.Function):
+    """Q(x; s, z) in one node: the forward of :func:`fake_quant_ste` bit for bit, the closed-form
+    LSQ gradients in the backward. It keeps only ``x`` for the backward (the composed version keeps
+    an intermediate per primitive), which matters for the memory and time of distillation."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,  # noqa: D102
+                g: float) -> torch.Tensor:
+        z = torch.round(zero)
+        y = x / scale
+        y.round_().add_(z).clamp_(0, qmax(bits)).sub_(z).mul_(scale)
+        ctx.save_for_backward(x, scale, z)
+        ctx.bits, ctx.g = bits, g
+        ctx.shapes = (scale.shape, zero.shape)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy: torch.Tensor):  # noqa: D102
+        x, scale, z = ctx.saved_tensors
+        q = qmax(ctx.bits)
+        u = x / scale
+        c = torch.round(u) + z
+        below, above = c < 0, c > q
+        outside = below | above
+        gx = gy.masked_fill(outside, 0) if ctx.needs_input_grad[0] else None
+        gs = gz = None
+        if ctx.needs_input_grad[1]:
+            # inside: round(u) - u = c - z - u; below: -z; above: qmax - z
+            ds = torch.where(below, -z, torch.where(above, q - z, c - z - u))
+            gs = (gy * ds).sum_to_size(ctx.shapes[0]) * ctx.g
+        if ctx.needs_input_grad[2]:
+            gz = (gy.masked_fill(~outside, 0) * -scale).sum_to_size(ctx.shapes[1]) * ctx.g
+        return gx, gs, gz, None, None
+
+
+def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, g: float = 1.0) -> torch.Tensor:
+    """Q(x; s, z) with STE round and LSQ/LSQ+ gradients to ``scale`` and ``zero`` (both broadcast to ``x``).
+
+    ``zero`` is kept real-valued for training and rounded here (straight-through), so the forward
+    always uses an integer zero point, as the integer kernels do. ``g`` scales the gradients of
+    ``scale`` and ``zero`` (LSQ); 1 gives the plain derivatives.
+    """
+    return _FakeQuant.apply(x, scale, zero, bits, g)
 
 
 def quantize_codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:

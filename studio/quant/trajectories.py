@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -168,9 +169,14 @@ def _args(module: torch.nn.Module) -> tuple[str, ...]:
 
 
 @torch.no_grad()
-def run_fp(sampler: Sampler, prompts: Sequence[str], seed: int, batch: int) -> None:
+def run_fp(sampler: Sampler, prompts: Sequence[str], seed: int, batch: int,
+           cancel: threading.Event | None = None) -> None:
     """Sample ``prompts`` with the pipeline's denoiser (whatever mode it is in), ``batch`` at a time."""
     for start in range(0, len(prompts), batch):
+        if cancel is not None and cancel.is_set():
+            from studio.trainers.efficientdm import Cancelled
+
+            raise Cancelled("quantization cancelled")
         chunk = list(prompts[start : start + batch])
         cond = sampler.encode(chunk)
         x = sampler.noise(len(chunk), seed + start)
