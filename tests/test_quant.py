@@ -313,3 +313,69 @@ def test_quantize_command_and_user_errors(tmp_path, tiny_dirs, capsys):
         from studio.quant import QuantConfig, run_job
 
         run_job(str(out), QuantConfig(method="ptq-minmax"), tmp_path / "z")
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def test_scale_aware_learning_rates_and_io_layers_without_lora():
+    from studio.quant import QuantConfig
+    from studio.quant.calibrate import calibrate_weights
+    from studio.quant.model import quantize_model
+    from studio.testing import tiny_pipeline
+    from studio.trainers.efficientdm import param_groups
+
+    unet = tiny_pipeline("sd1").unet
+    state = quantize_model(unet, wbits=4, abits=8, rank=2, timesteps=[801.0, 401.0, 1.0])
+    calibrate_weights(state, "minmax")
+    for name in (state.first, state.last):
+        assert state.layers[name].lora_down is None and state.layers[name].wbits == 8
+    cfg = QuantConfig(lr=0.05, act_lr=0.01)
+    groups = {g["name"]: g for g in param_groups(state, cfg)}
+    lora = {k[5:]: g["lr"] for k, g in groups.items() if k.startswith("lora:")}
+    assert len(lora) == len(state.layers) - 2
+    for name, lr in lora.items():
+        assert lr == pytest.approx(0.05 * float(state.layers[name].wq.scale.mean()))
+    assert len(set(round(v, 12) for v in lora.values())) > 1  # layers differ in step size, so in lr
+    qat = param_groups(state, QuantConfig(method="qat", lr=0.05, act_lr=0.0))
+    assert [g["name"] for g in qat] == ["weights"] and len(qat[0]["params"]) == len(state.layers)
+
+
+def test_distillation_brings_the_student_closer_to_the_teacher():
+    import copy
+
+    from studio.quant import QuantConfig
+    from studio.quant.calibrate import calibrate_activations, calibrate_weights, record_activations
+    from studio.quant.model import quantize_model
+    from studio.quant.trajectories import Sampler, run_fp
+    from studio.testing import tiny_pipeline
+    from studio.trainers.efficientdm import distill
+
+    torch.manual_seed(0)
+    pipe = tiny_pipeline("sd1")
+    pipe.studio_source = None
+    teacher = copy.deepcopy(pipe.unet).requires_grad_(False)
+    pipe.unet.requires_grad_(False)
+    sampler = Sampler(pipe, steps=4, guidance=3.0)
+    state = quantize_model(pipe.unet, wbits=4, abits=4, rank=4, timesteps=sampler.timestep_grid())
+    calibrate_weights(state, "minmax")
+    prompts = ["a red circle", "a blue square on a green background"]
+    calibrate_activations(state, record_activations(state, lambda: run_fp(sampler, prompts, 0, 2)), "lp")
+
+    @torch.no_grad()
+    def gap() -> float:  # guided-prediction MSE along held-out FP trajectories
+        cond = sampler.encode(["a yellow star", "a green heart"])
+        x, total = sampler.noise(2, 4242), 0.0
+        sampler.start()
+        for t in sampler.timesteps():
+            ef, eq = sampler.predict(teacher, x, t, cond), sampler.predict(pipe.unet, x, t, cond)
+            total += float(((ef - eq) ** 2).mean())
+            x = sampler.advance(ef, t, x)
+        return total
+
+    before = gap()
+    cfg = QuantConfig(method="efficientdm", wbits=4, abits=4, rank=4, epochs=8, batch=2, lr=0.05)
+    summary = distill(sampler, pipe.unet, teacher, state, cfg, prompts)
+    assert summary["steps"] == 8 * 4
+    assert gap() < 0.8 * before
+    assert not any(p.requires_grad for p in pipe.unet.parameters())  # frozen again afterwards

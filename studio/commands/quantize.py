@@ -19,16 +19,17 @@ class QuantProgress:
         self.stream = stream or sys.stderr
         self.tty = self.stream.isatty()
         self.t0 = time.time()
+        self.start: float | None = None  # the first distillation step, for the ETA
         self.last_line = 0.0
 
     def __call__(self, ev: Any) -> None:
         now = time.time()
         if ev.phase == "distill":
+            if self.start is None:
+                self.start = now - 1e-9
             frac = ev.step / max(1, ev.total)
             elapsed = now - self.t0
-            eta = (now - self._start) / max(1, ev.step) * (ev.total - ev.step) if hasattr(self, "_start") else 0.0
-            if not hasattr(self, "_start"):
-                self._start = now
+            eta = (now - self.start) / max(1, ev.step) * (ev.total - ev.step)
             line = (f"distill [{'#' * int(frac * 30):<30}] {ev.step}/{ev.total} loss {ev.loss:.4g} "
                     f"{ev.message} elapsed {elapsed:4.0f}s ETA {eta:4.0f}s")
             if self.tty:

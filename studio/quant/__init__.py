@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import logging
 import threading
 import time
@@ -29,7 +30,7 @@ import torch
 
 from studio.errors import StudioError
 from studio.quant.config import METHODS, QuantConfig
-from studio.quant.export import export_quantized, is_quantized_folder, load_quantized
+from studio.quant.export import MARKER, export_quantized, is_quantized_folder, load_quantized
 from studio.quant.model import QuantState, find_io_layers, quantize_model
 
 log = logging.getLogger(__name__)
@@ -138,12 +139,7 @@ def run_job(base: str, cfg: QuantConfig, out: str | Path, *, adapter: str | None
     emit(QuantEvent("export", message=str(out)))
     export_quantized(pipe, out, config=cfg.to_dict(), report=report)
     report["total_s"] = round(time.perf_counter() - t0, 1)
-    # the marker gets the final total too
-    from studio.quant.export import MARKER
-
-    import json
-
-    marker = json.loads((out / MARKER).read_text())
+    marker = json.loads((out / MARKER).read_text())  # the marker's report gets the final total too
     marker["report"] = report
     (out / MARKER).write_text(json.dumps(marker, indent=1))
     emit(QuantEvent("done", message=str(out)))

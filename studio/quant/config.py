@@ -26,10 +26,10 @@ class QuantConfig:
         "help": "passes over the distillation prompts (None: 2 for efficientdm, 10 for qat)"})
     samples: int = field(default=32, metadata={"help": "distillation prompts (sampling trajectories) per epoch"})
     batch: int = field(default=8, metadata={"help": "trajectories per optimizer step"})
-    lr: float = field(default=0.5, metadata={
+    lr: float = field(default=0.03, metadata={
         "help": "efficientdm: LoRA lr in units of each layer's mean weight step size (scale-aware); "
                 "qat: the weights' lr in units of each layer's mean weight step size"})
-    act_lr: float = field(default=0.02, metadata={
+    act_lr: float = field(default=0.005, metadata={
         "help": "activation step-size/zero-point lr, relative to each quantizer's mean step size"})
     calib_samples: int = field(default=32, metadata={"help": "trajectories for the activation calibration"})
     steps: int | None = field(default=None, metadata={

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -94,9 +93,7 @@ def find_io_layers(unet: nn.Module) -> tuple[str, str]:
     order: list[tuple[str, torch.Tensor, torch.Tensor]] = []
     handles = []
     for name, m in unet.named_modules():
-        if isinstance(m, QUANTIZABLE) or isinstance(m, QuantLayer):
-            if isinstance(m, QUANTIZABLE) and _inside_quant_layer(unet, name):
-                continue
+        if isinstance(m, QUANTIZABLE):
             handles.append(m.register_forward_hook(
                 lambda mod, args, out, name=name: order.append((name, args[0], out))))
     try:
@@ -112,10 +109,6 @@ def find_io_layers(unet: nn.Module) -> tuple[str, str]:
     last = next((n for n, _, y in reversed(order) if y.data_ptr() == out.data_ptr()), None) or \
         next((n for n, _, y in reversed(order) if tuple(y.shape) == tuple(out.shape)), order[-1][0])
     return first, last
-
-
-def _inside_quant_layer(root: nn.Module, name: str) -> bool:
-    return name.endswith(".base_layer")
 
 
 def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
@@ -156,12 +149,6 @@ def remove_hook(unet: nn.Module) -> None:
     state = getattr(unet, "studio_quant", None)
     if state is not None:
         unlisten_timestep(unet, state.clock.set_timestep)
-
-
-def lora_parameters(state: QuantState) -> Iterator[tuple[QuantLayer, list[nn.Parameter]]]:
-    for layer in state.layers.values():
-        if layer.lora_down is not None:
-            yield layer, [layer.lora_down, layer.lora_up]
 
 
 def weight_memory(module: nn.Module) -> int:
