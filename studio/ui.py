@@ -220,7 +220,7 @@ def form_defaults(base: str, kind: str, method: str) -> dict[str, Any]:
 
     recipe = (MICRO_DEFAULTS if (base or "micro").strip() == "micro" else REAL_DEFAULTS)[kind]
     m = get_method(method)
-    return {"steps": recipe["steps"], "rank": m.default_rank, "lr": m.default_lr}
+    return {"steps": recipe["steps"], "rank": recipe.get("rank", m.default_rank), "lr": m.default_lr}
 
 
 _INT_FIELDS = ("batch", "resolution", "class_images", "sample_every", "checkpoint_every", "seed", "warmup")
@@ -265,7 +265,7 @@ def train_config(*, source: str, sample_set: str, uploads: Sequence[str] | None,
         "steps": num(steps, int), "rank": num(rank, int), "lr": num(lr, float),
     }
     for k, v in (advanced or {}).items():
-        if v is None or v == "" or (k in ("batch", "resolution") and not v):
+        if v is None or v == "" or (k in ("batch", "resolution") and not v) or v == "recipe default":
             continue
         if k == "sample_prompts":
             v = [line.strip() for line in str(v).splitlines() if line.strip()]
@@ -321,7 +321,8 @@ def _train_panel(ctx: UIContext) -> None:
             with gr.Accordion("Advanced", open=False, elem_id="train-advanced"):
                 base = gr.Textbox(ctx.base, label="Base model", info="micro, a diffusers folder or a .safetensors file")
                 with gr.Row():
-                    targets = gr.Dropdown(["attention", "attention+resnet", "all"], value="attention", label="Layers")
+                    targets = gr.Dropdown(["recipe default", "attention", "attention+resnet", "all"],
+                                          value="recipe default", label="Layers")
                     text_encoder = gr.Checkbox(False, label="Also train the text encoder")
                 with gr.Row():
                     batch = gr.Number(None, label="Batch size (0: recipe default)", precision=0, minimum=0,

@@ -58,7 +58,7 @@ def test_train_form_with_uploads(tmp_path):
 
 
 def test_form_defaults():
-    assert ui.form_defaults("micro", "subject", "lora") == {"steps": 300, "rank": 8, "lr": 1e-3}
+    assert ui.form_defaults("micro", "subject", "lora") == {"steps": 1000, "rank": 16, "lr": 1e-3}
     assert ui.form_defaults("./sd15", "style", "loha") == {"steps": 1000, "rank": 8, "lr": 2e-3}
 
 

@@ -39,7 +39,7 @@ class TrainConfig:
     method: str = _f("lora", "adapter method: lora, dora, loha, lokr, ...")
     rank: int | None = _f(None, "adapter rank (default: the method's)")
     alpha: float | None = _f(None, "adapter alpha (default: = rank)")
-    targets: str = _f("attention", "layers to adapt: attention, attention+resnet, all")
+    targets: str | None = _f(None, "layers to adapt: attention, attention+resnet, all (default: the recipe's)")
     text_encoder: bool = _f(False, "also train an adapter on the text encoder(s)")
     steps: int | None = _f(None, "optimizer steps (default: the recipe's for this base)")
     lr: float | None = _f(None, "learning rate (default: the method's)")

@@ -142,8 +142,11 @@ def _train(cfg: TrainConfig, out: Path, on_event: EventHandler | None, cancel: t
     text_cache = TextCache(pipe, train_text=cfg.text_encoder, live_word=cfg.token if plan.train_trigger else None)
 
     # ---- adapter --------------------------------------------------------------------------------
-    settings = adapters.AdapterSettings(rank=plan.rank, alpha=cfg.alpha, targets=cfg.targets,
+    settings = adapters.AdapterSettings(rank=plan.rank, alpha=cfg.alpha, targets=plan.targets,
                                         text_encoder=cfg.text_encoder)
+    for comp in pipe.components.values():  # only the adapter trains: a gradient that reaches the base
+        if isinstance(comp, torch.nn.Module):  # (through a learned trigger embedding, say) must not move it
+            comp.requires_grad_(False)
     params = adapters.add_adapter(pipe, cfg.method, settings, "default")
     trigger_params = adapters.add_trigger_embedding(pipe, cfg.token, "default") if plan.train_trigger else []
     unet = pipe.unet

@@ -25,6 +25,7 @@ class Plan:
     batch: int
     resolution: int
     vae_factor: int
+    targets: str
     prior: bool
     train_trigger: bool
     trigger_lr: float
@@ -43,7 +44,8 @@ class Plan:
 
 # Defaults measured on the micro model (docs/training.md); real-size bases use the usual
 # DreamBooth-LoRA settings of the diffusers scripts.
-MICRO_DEFAULTS = {"subject": dict(steps=300, batch=4), "style": dict(steps=300, batch=4)}
+MICRO_DEFAULTS = {"subject": dict(steps=1000, batch=4, rank=16, targets="all"),
+                  "style": dict(steps=300, batch=4)}
 REAL_DEFAULTS = {"subject": dict(steps=500, batch=1), "style": dict(steps=1000, batch=1)}
 
 
@@ -68,7 +70,8 @@ class Recipe:
             raise StudioError(f"--resolution {res}: must be a multiple of {f} for this model")
         class_word = cfg.class_word or ("shape" if micro else "object")
         return Plan(
-            steps=cfg.steps or d["steps"], lr=cfg.lr or method.default_lr, rank=cfg.rank or method.default_rank,
+            steps=cfg.steps or d["steps"], lr=cfg.lr or method.default_lr,
+            rank=cfg.rank or d.get("rank", method.default_rank), targets=cfg.targets or d.get("targets", "attention"),
             batch=cfg.batch or d["batch"], resolution=res, vae_factor=f,
             prior=self.default_prior() if cfg.prior is None else cfg.prior,
             train_trigger=self.trains_trigger if cfg.train_trigger is None else cfg.train_trigger,
@@ -124,7 +127,7 @@ class SubjectRecipe(Recipe):
     """DreamBooth-LoRA: every image is "a TOKEN CLASS"; class images keep the class's prior."""
 
     kind = "subject"
-    trains_trigger = False  # pivotal tuning: measured worse on micro so far (docs/training.md)
+    trains_trigger = True  # pivotal tuning: on micro it binds the subject without drift (docs/training.md)
 
     def default_prior(self) -> bool:
         return True

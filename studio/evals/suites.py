@@ -372,26 +372,21 @@ def _meta_list(meta: dict[str, str], key: str, attr: str) -> list[str]:
     return list(values)
 
 
-EVAL_ADAPTER = "studio-eval"
-
-
 def _apply_adapter(pipe: Any, path: str | Path) -> None:
-    """Load the adapter at ``path`` into ``pipe`` with the studio's loader (trigger embeddings included)."""
-    from studio.adapters import load_adapter
+    """Fuse the adapter at ``path`` into ``pipe`` (the mixer: base speed, trigger embeddings included)."""
+    from studio.mixing import AdapterSpec, Mixer
 
     file = adapter_file(path)
     try:
-        load_adapter(pipe, file, EVAL_ADAPTER)
+        Mixer(pipe, [AdapterSpec(target=str(file))]).apply()  # a spec object: a path may hold ':' or '@'
     except (StudioError, ValueError, KeyError, RuntimeError, OSError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise StudioError(f"--adapter {file}: cannot be loaded into this base model ({first[:300]})") from exc
 
 
 def _remove_adapter(pipe: Any) -> None:
-    """Undo :func:`_apply_adapter`: the pipeline is the base model again."""
-    from studio.adapters import remove_adapter
-
-    remove_adapter(pipe, EVAL_ADAPTER)
+    """Undo :func:`_apply_adapter`: the pipeline is the base model again (unfused exactly)."""
+    pipe._studio_mix.remove()
 
 
 @contextlib.contextmanager
