@@ -48,7 +48,9 @@ def test_subject_training_writes_a_diffusers_loadable_adapter(images, tiny_dirs,
     assert all(e.eta_s is not None and e.loss is not None for e in events if e.phase == "train")
     assert events[-1].phase == "done" and events[-1].samples
     tensors = load_file(str(res.adapter_file))
-    assert tensors and all(k.startswith("unet.") for k in tensors)
+    # the UNet's LoRA plus the learned trigger embedding (subjects learn it by default)
+    assert tensors and all(k.startswith(("unet.", "lora_trigger_embedding.")) for k in tensors)
+    assert "lora_trigger_embedding.text_encoder" in tensors
     assert any(v.abs().max() > 0 for k, v in tensors.items() if "lora_B" in k), "training must move the adapter"
     from studio.adapters import read_metadata
 
