@@ -85,6 +85,8 @@ def _run(op: str, device: torch.device, impls: dict[str, Callable[[], torch.Tens
             return fn()
         try:
             return fn()
+        except NotImplementedError:  # this call's case is not covered (e.g. grouped + asymmetric): next one
+            continue
         except Exception as exc:  # noqa: BLE001 - demote the backend, answer with the next one
             _demoted.add((op, name))
             log.warning("kernel %s/%s failed (%s: %s); using the next backend from now on", op, name,
@@ -97,12 +99,17 @@ def chosen(op: str, device: torch.device | str = "cpu") -> str:
     return backend_for(op, device)[0]
 
 
-def quantize_act(x: torch.Tensor, scale: torch.Tensor | float, zero: int, bits: int) -> torch.Tensor:
-    """Unsigned activation codes (uint8) of ``x``."""
+def quantize_act(x: torch.Tensor, scale: torch.Tensor | float, zero: int, bits: int,
+                 channels_last: bool = False) -> torch.Tensor:
+    """Unsigned activation codes (uint8) of ``x``; NHWC when ``channels_last`` (what conv kernels read)."""
     from studio.kernels import cpu
 
-    fast = None if x.device.type == "cuda" else (lambda: cpu.quantize_act(x, scale, zero, bits))
-    impls = {"reference": lambda: reference.quantize_act(x, scale, zero, bits)}
+    def ref() -> torch.Tensor:
+        q = reference.quantize_act(x, scale, zero, bits)
+        return q.contiguous(memory_format=torch.channels_last) if channels_last and q.dim() == 4 else q
+
+    fast = None if x.device.type == "cuda" else (lambda: cpu.quantize_act(x, scale, zero, bits, channels_last))
+    impls = {"reference": ref}
     if fast is not None:
         impls.update(onednn=fast, intmm=fast)
     return _run("quantize", x.device, impls)
@@ -126,19 +133,22 @@ def qlinear(xq: torch.Tensor, x_scale: float, x_zero: int, weight: IntWeight,
 
 def qconv2d(xq: torch.Tensor, x_scale: float, x_zero: int, weight: IntWeight, bias: torch.Tensor | None,
             stride: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int] = (1, 1),
-            groups: int = 1) -> torch.Tensor:
-    """Integer conv2d in float32 (zero padding is a real 0)."""
+            groups: int = 1, out_layout: torch.memory_format | None = None) -> torch.Tensor:
+    """Integer conv2d in float32 (zero padding is a real 0); ``out_layout`` fixes the output's memory format."""
     from studio.kernels import cpu
 
-    impls: dict[str, Callable[[], torch.Tensor]] = {
-        "reference": lambda: reference.qconv2d(xq, x_scale, x_zero, weight, bias, stride, padding, dilation, groups),
-    }
+    def ref() -> torch.Tensor:
+        y = reference.qconv2d(xq, x_scale, x_zero, weight, bias, stride, padding, dilation, groups)
+        return y if out_layout is None else y.contiguous(memory_format=out_layout)
+
+    impls: dict[str, Callable[[], torch.Tensor]] = {"reference": ref}
     if xq.device.type == "cpu":
         impls["onednn"] = lambda: cpu.onednn_qconv2d(xq, x_scale, x_zero, weight, bias, stride, padding, dilation,
-                                                     groups)
+                                                     groups, out_layout)
     elif _triton_module() is not None:
         impls["triton"] = lambda: _triton_module().qconv2d(xq, x_scale, x_zero, weight, bias, stride, padding,
-                                                           dilation, groups)
+                                                           dilation, groups).contiguous(
+            memory_format=out_layout or torch.contiguous_format)
     return _run("conv", xq.device, impls)
 
 

@@ -37,13 +37,58 @@ def onednn_available() -> bool:
     return bool(torch.backends.mkldnn.is_available())
 
 
-def quantize_act(x: torch.Tensor, scale: torch.Tensor | float, zero: int, bits: int) -> torch.Tensor:
+def quantize_act_eager(x: torch.Tensor, scale: torch.Tensor | float, zero: int, bits: int) -> torch.Tensor:
     """The reference's codes, computed with fewer passes: float -> int8 is several times faster
     than float -> uint8 on CPUs, so the codes are shifted into int8 and the top bit flipped back."""
     qmax = (1 << bits) - 1
     t = torch.round(x / scale)
     t.add_(zero - 128).clamp_(-128, qmax - 128)
     return (t.to(torch.int8) ^ -128).view(torch.uint8)
+
+
+def _codes(x: torch.Tensor, scale: torch.Tensor, zero: int, qmax: int) -> torch.Tensor:
+    return torch.clamp(torch.round(x / scale) + zero, 0, qmax).to(torch.uint8)
+
+
+def _codes_cl(x: torch.Tensor, scale: torch.Tensor, zero: int, qmax: int) -> torch.Tensor:
+    return _codes(x, scale, zero, qmax).contiguous(memory_format=torch.channels_last)
+
+
+@functools.lru_cache(maxsize=2)
+def _compiled_codes(channels_last: bool):
+    # Inductor fuses the elementwise passes (and the layout change oneDNN's conv wants) into one C++
+    # loop: measured about 4x less time than the eager passes on the micro UNet's activations;
+    # dynamic shapes, so every layer's size shares one compilation
+    return torch.compile(_codes_cl if channels_last else _codes, dynamic=True, fullgraph=True)
+
+
+_compile_state = {"failed": False}
+
+
+def quantize_act(x: torch.Tensor, scale: torch.Tensor | float, zero: int, bits: int,
+                 channels_last: bool = False) -> torch.Tensor:
+    """Activation codes: the compiled fused loop where torch.compile works here, the eager path otherwise.
+
+    ``channels_last`` asks for NHWC codes (what oneDNN's conv reads; otherwise it reorders the bytes
+    itself, slowly). ``STUDIO_COMPILE=0`` keeps to eager (no compiler, or no time for the first
+    compilation, about 10 s).
+    """
+    import os
+
+    if _compile_state["failed"] or os.environ.get("STUDIO_COMPILE", "1") == "0" or not isinstance(scale,
+                                                                                               torch.Tensor):
+        q = quantize_act_eager(x, scale, zero, bits)
+        return q.contiguous(memory_format=torch.channels_last) if channels_last else q
+    try:
+        return _compiled_codes(channels_last and x.dim() == 4)(x, scale, zero, (1 << bits) - 1)
+    except Exception as exc:  # noqa: BLE001 - no C++ compiler, an Inductor bug: eager is as exact
+        _compile_state["failed"] = True
+        import logging
+
+        logging.getLogger(__name__).warning("compiled activation quantization unavailable (%s: %s); using eager",
+                                            type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
+        q = quantize_act_eager(x, scale, zero, bits)
+        return q.contiguous(memory_format=torch.channels_last) if channels_last else q
 
 
 def _zeros(n: int, device: torch.device) -> torch.Tensor:
@@ -53,13 +98,13 @@ def _zeros(n: int, device: torch.device) -> torch.Tensor:
     return _NO_ZP[key]
 
 
-def _correction(w: IntWeight, x_scale: float) -> torch.Tensor | None:
-    """-(scale * zero) per output channel (times x_scale at call time), None for symmetric weights."""
+def _correction(w: IntWeight) -> torch.Tensor | None:
+    """-(scale * zero) per output channel, None for symmetric weights (cached)."""
     if w.symmetric:
         return None
     if "zcorr" not in w.cache:
         w.cache["zcorr"] = -(w.scale * w.zero.float())
-    return w.cache["zcorr"] * x_scale
+    return w.cache["zcorr"]
 
 
 def onednn_qlinear(xq: torch.Tensor, x_scale: float, x_zero: int, w: IntWeight,
@@ -74,17 +119,22 @@ def onednn_qlinear(xq: torch.Tensor, x_scale: float, x_zero: int, w: IntWeight,
     y = torch.ops.onednn.qlinear_pointwise(x2, float(x_scale), int(x_zero), w.cache["onednn_linear"], w.scale,
                                            _zeros(w.out_features, xq.device), bias, 1.0, 0, torch.float32,
                                            "none", [], "")
-    corr = _correction(w, x_scale)
+    corr = _correction(w)
     if corr is not None:
-        rows = x2.sum(-1, dtype=torch.int32).float() - shape[-1] * x_zero  # sum of (xq - x_zero) per row
+        # sum of (xq - x_zero) per row, read from the bytes (measured: cheaper than an extra GEMM row
+        # of ones, whose strided slice costs more than it saves)
+        rows = x2.sum(-1, dtype=torch.int32).float().sub_(shape[-1] * x_zero).mul_(x_scale)
         y.addr_(rows, corr)
     return y.reshape(*shape[:-1], w.out_features)
 
 
 def onednn_qconv2d(xq: torch.Tensor, x_scale: float, x_zero: int, w: IntWeight, bias: torch.Tensor | None,
                    stride: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int],
-                   groups: int) -> torch.Tensor:
-    """oneDNN u8s8 conv2d with float32 output (channels-last)."""
+                   groups: int, out_layout: torch.memory_format | None = None) -> torch.Tensor:
+    """oneDNN u8s8 conv2d with float32 output, channels-last unless ``out_layout`` asks otherwise."""
+    corr = _correction(w)
+    if groups != 1 and corr is not None:
+        raise NotImplementedError("grouped conv with asymmetric weights: no oneDNN path (the reference runs it)")
     key = ("onednn_conv", tuple(stride), tuple(padding), tuple(dilation), groups)
     if key not in w.cache:
         w.cache[key] = torch.ops.onednn.qconv_prepack(w.data.contiguous(), w.scale, 1.0, 0, list(stride),
@@ -92,26 +142,22 @@ def onednn_qconv2d(xq: torch.Tensor, x_scale: float, x_zero: int, w: IntWeight, 
     y = torch.ops.onednn.qconv2d_pointwise(xq, float(x_scale), int(x_zero), w.cache[key], w.scale,
                                            _zeros(w.out_features, xq.device), bias, list(stride), list(padding),
                                            list(dilation), groups, 1.0, 0, torch.float32, "none", [], "")
-    corr = _correction(w, x_scale)
+    if out_layout is not None:
+        y = y.contiguous(memory_format=out_layout)
     if corr is not None:
-        y = y + corr.view(1, -1, 1, 1) * _patch_sums(xq, x_zero, w, stride, padding, dilation, groups)
+        y.addcmul_(_patch_sums(xq, x_zero, w, stride, padding, dilation).mul_(x_scale), corr.view(1, -1, 1, 1))
     return y
 
 
-def _patch_sums(xq: torch.Tensor, x_zero: int, w: IntWeight, stride, padding, dilation, groups: int) -> torch.Tensor:
-    """Sum of (xq - x_zero) over each output position's receptive field, (B, 1 or O, Ho, Wo)."""
+def _patch_sums(xq: torch.Tensor, x_zero: int, w: IntWeight, stride, padding, dilation) -> torch.Tensor:
+    """Sum of (xq - x_zero) over each output position's receptive field, (B, 1, Ho, Wo)."""
     kh, kw = w.data.shape[2:]
-    c = xq.shape[1]
-    if groups == 1:
-        s = xq.sum(1, keepdim=True, dtype=torch.int32).float() - c * x_zero
-        ones = torch.ones(1, 1, kh, kw, device=xq.device)
-        return F.conv2d(s, ones, None, stride, padding, dilation)
-    # grouped: one receptive-field sum per group, repeated for the group's output channels
-    cg = c // groups
-    s = (xq.float() - x_zero).reshape(xq.shape[0], groups, cg, *xq.shape[2:]).sum(2)
-    ones = torch.ones(groups, 1, kh, kw, device=xq.device)
-    sums = F.conv2d(s, ones, None, stride, padding, dilation, groups)
-    return sums.repeat_interleave(w.out_features // groups, dim=1)
+    s = xq.sum(1, keepdim=True, dtype=torch.int32).float().sub_(xq.shape[1] * x_zero)
+    key = ("ones", kh, kw)
+    if key not in w.cache:
+        w.cache[key] = torch.ones(1, 1, kh, kw, device=xq.device)
+    # zero padding of the sums is right: a padded position is a real 0, i.e. code == x_zero
+    return F.conv2d(s, w.cache[key], None, stride, padding, dilation)
 
 
 def intmm_qlinear(xq: torch.Tensor, x_scale: float, x_zero: int, w: IntWeight,

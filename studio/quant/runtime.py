@@ -55,6 +55,7 @@ class IntQuantLayer(nn.Module):
         else:
             self.bias = None
         self._weight: IntWeight | None = None
+        self._steps: list[tuple[torch.Tensor, int]] | None = None
 
     # ------------------------------------------------------------------ building
     @classmethod
@@ -96,23 +97,38 @@ class IntQuantLayer(nn.Module):
             self._weight = w
         return w
 
-    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> Any:  # .to(), .cuda(): the cached weight moves too
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> Any:  # .to(), .cuda(): caches follow the tensors
         self._weight = None
+        self._steps = None
         return super()._apply(fn, *args, **kwargs)
 
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self._weight = None
+        self._steps = None
+        super()._load_from_state_dict(*args, **kwargs)
+
     # ------------------------------------------------------------------ running
+    def _act_params(self) -> tuple[torch.Tensor, int]:
+        """The live (scale, zero); on the grid from a per-step cache, so a step costs no tensor math or sync."""
+        clock = self.clock
+        if clock.w != 0.0:
+            return clock.pick(self.act_scale), int(torch.round(clock.pick(self.act_zero)))
+        if self._steps is None:
+            zeros = [int(v) for v in torch.round(self.act_zero).tolist()]
+            self._steps = [(self.act_scale[i], zeros[i]) for i in range(len(zeros))]
+        return self._steps[clock.lo]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s = self.clock.pick(self.act_scale)
-        z = int(torch.round(self.clock.pick(self.act_zero)))
-        xq = kernels.quantize_act(x, s, z, self.abits)
+        s, z = self._act_params()
+        xq = kernels.quantize_act(x, s, z, self.abits, channels_last=self.kind == "conv")
         w = self.int_weight()
         bias = self.bias
         if self.kind == "conv":
-            y = kernels.qconv2d(xq, float(s), z, w, bias, self.stride, self.padding, self.dilation, self.groups)
-            if x.is_contiguous() and not y.is_contiguous():
-                # oneDNN answers channels-last; the rest of the model (group norm, attention, residual
-                # adds) runs several times slower on mixed layouts than one copy back costs
-                y = y.contiguous()
+            # oneDNN answers channels-last; the rest of the model (group norm, attention, residual adds)
+            # runs several times slower on mixed layouts than one copy back to the input's layout costs
+            layout = torch.contiguous_format if x.is_contiguous() else None
+            y = kernels.qconv2d(xq, float(s), z, w, bias, self.stride, self.padding, self.dilation, self.groups,
+                                out_layout=layout)
         else:
             y = kernels.qlinear(xq, float(s), z, w, bias)
         return y if y.dtype == x.dtype else y.to(x.dtype)
