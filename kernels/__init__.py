@@ -102,22 +102,32 @@ def chosen(op: str, device: torch.device | str = "cpu") -> str:
 def quantize_act(x: torch.Tensor, scale: torch.Tensor | float, zero: int, bits: int,
                  channels_last: bool = False) -> torch.Tensor:
     """Unsigned activation codes (uint8) of ``x``; NHWC when ``channels_last`` (what conv kernels read)."""
+    return quantize_act_sums(x, scale, zero, bits, channels_last=channels_last)[0]
+
+
+def quantize_act_sums(x: torch.Tensor, scale: torch.Tensor | float, zero: int, bits: int, *,
+                      channels_last: bool = False, sums_dim: int | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Codes of ``x`` and, with ``sums_dim``, the float sums of ``codes - zero`` over that dimension (keepdim):
+    what the zero-point correction of an asymmetric weight needs, computed in the same pass."""
     from studio.kernels import cpu
 
-    def ref() -> torch.Tensor:
+    def ref() -> tuple[torch.Tensor, torch.Tensor | None]:
         q = reference.quantize_act(x, scale, zero, bits)
-        return q.contiguous(memory_format=torch.channels_last) if channels_last and q.dim() == 4 else q
+        sums = None if sums_dim is None else (q.double() - zero).sum(sums_dim, keepdim=True).float()
+        return (q.contiguous(memory_format=torch.channels_last) if channels_last and q.dim() == 4 else q), sums
 
-    fast = None if x.device.type == "cuda" else (lambda: cpu.quantize_act(x, scale, zero, bits, channels_last))
-    impls = {"reference": ref}
-    if fast is not None:
+    impls: dict[str, Callable[[], Any]] = {"reference": ref}
+    if x.device.type != "cuda":
+        fast = lambda: cpu.quantize_act_sums(x, scale, zero, bits, channels_last=channels_last,  # noqa: E731
+                                             sums_dim=sums_dim)
         impls.update(onednn=fast, intmm=fast)
     return _run("quantize", x.device, impls)
 
 
 def qlinear(xq: torch.Tensor, x_scale: float, x_zero: int, weight: IntWeight,
-            bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Integer linear: ``x_scale (xq - x_zero) . W^T + bias`` in float32."""
+            bias: torch.Tensor | None = None, act_sums: torch.Tensor | None = None) -> torch.Tensor:
+    """Integer linear: ``x_scale (xq - x_zero) . W^T + bias`` in float32 (``act_sums``: see quantize_act_sums)."""
     from studio.kernels import cpu
 
     impls: dict[str, Callable[[], torch.Tensor]] = {
@@ -125,7 +135,7 @@ def qlinear(xq: torch.Tensor, x_scale: float, x_zero: int, weight: IntWeight,
         "intmm": lambda: cpu.intmm_qlinear(xq, x_scale, x_zero, weight, bias),
     }
     if xq.device.type == "cpu":
-        impls["onednn"] = lambda: cpu.onednn_qlinear(xq, x_scale, x_zero, weight, bias)
+        impls["onednn"] = lambda: cpu.onednn_qlinear(xq, x_scale, x_zero, weight, bias, act_sums)
     elif _triton_module() is not None:
         impls["triton"] = lambda: _triton_module().qlinear(xq, x_scale, x_zero, weight, bias)
     return _run("linear", xq.device, impls)
@@ -133,7 +143,8 @@ def qlinear(xq: torch.Tensor, x_scale: float, x_zero: int, weight: IntWeight,
 
 def qconv2d(xq: torch.Tensor, x_scale: float, x_zero: int, weight: IntWeight, bias: torch.Tensor | None,
             stride: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int] = (1, 1),
-            groups: int = 1, out_layout: torch.memory_format | None = None) -> torch.Tensor:
+            groups: int = 1, out_layout: torch.memory_format | None = None,
+            act_sums: torch.Tensor | None = None) -> torch.Tensor:
     """Integer conv2d in float32 (zero padding is a real 0); ``out_layout`` fixes the output's memory format."""
     from studio.kernels import cpu
 
@@ -144,7 +155,7 @@ def qconv2d(xq: torch.Tensor, x_scale: float, x_zero: int, weight: IntWeight, bi
     impls: dict[str, Callable[[], torch.Tensor]] = {"reference": ref}
     if xq.device.type == "cpu":
         impls["onednn"] = lambda: cpu.onednn_qconv2d(xq, x_scale, x_zero, weight, bias, stride, padding, dilation,
-                                                     groups, out_layout)
+                                                     groups, out_layout, act_sums)
     elif _triton_module() is not None:
         impls["triton"] = lambda: _triton_module().qconv2d(xq, x_scale, x_zero, weight, bias, stride, padding,
                                                            dilation, groups).contiguous(
@@ -153,4 +164,4 @@ def qconv2d(xq: torch.Tensor, x_scale: float, x_zero: int, weight: IntWeight, bi
 
 
 __all__ = ["BACKENDS", "IntWeight", "available", "backend_for", "chosen", "pack_int4", "qconv2d", "qlinear",
-           "quantize_act", "reference", "unpack_int4"]
+           "quantize_act", "quantize_act_sums", "reference", "unpack_int4"]

@@ -46,49 +46,61 @@ def quantize_act_eager(x: torch.Tensor, scale: torch.Tensor | float, zero: int, 
     return (t.to(torch.int8) ^ -128).view(torch.uint8)
 
 
-def _codes(x: torch.Tensor, scale: torch.Tensor, zero: int, qmax: int) -> torch.Tensor:
-    return torch.clamp(torch.round(x / scale) + zero, 0, qmax).to(torch.uint8)
+def _codes_and_sums(x: torch.Tensor, scale: torch.Tensor, zero: int, qmax: int, channels_last: bool,
+                    sums_dim: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    codes = torch.clamp(torch.round(x / scale) + zero, 0, qmax)
+    sums = None if sums_dim is None else (codes - zero).sum(sums_dim, keepdim=True)  # exact: integers < 2^24
+    q = codes.to(torch.uint8)
+    if channels_last:
+        q = q.contiguous(memory_format=torch.channels_last)
+    return q, sums
 
 
-def _codes_cl(x: torch.Tensor, scale: torch.Tensor, zero: int, qmax: int) -> torch.Tensor:
-    return _codes(x, scale, zero, qmax).contiguous(memory_format=torch.channels_last)
+@functools.lru_cache(maxsize=8)
+def _compiled(channels_last: bool, sums_dim: int | None):
+    # Inductor fuses the elementwise passes, the layout change oneDNN's conv wants and the channel sums
+    # the zero-point correction needs into one compiled call: measured about 4x less time than the eager
+    # passes on the micro UNet's activations; dynamic shapes, so every layer shares one compilation
+    def fn(x: torch.Tensor, scale: torch.Tensor, zero: int, qmax: int):
+        return _codes_and_sums(x, scale, zero, qmax, channels_last, sums_dim)
 
-
-@functools.lru_cache(maxsize=2)
-def _compiled_codes(channels_last: bool):
-    # Inductor fuses the elementwise passes (and the layout change oneDNN's conv wants) into one C++
-    # loop: measured about 4x less time than the eager passes on the micro UNet's activations;
-    # dynamic shapes, so every layer's size shares one compilation
-    return torch.compile(_codes_cl if channels_last else _codes, dynamic=True, fullgraph=True)
+    return torch.compile(fn, dynamic=True, fullgraph=True)
 
 
 _compile_state = {"failed": False}
 
 
-def quantize_act(x: torch.Tensor, scale: torch.Tensor | float, zero: int, bits: int,
-                 channels_last: bool = False) -> torch.Tensor:
-    """Activation codes: the compiled fused loop where torch.compile works here, the eager path otherwise.
-
-    ``channels_last`` asks for NHWC codes (what oneDNN's conv reads; otherwise it reorders the bytes
-    itself, slowly). ``STUDIO_COMPILE=0`` keeps to eager (no compiler, or no time for the first
-    compilation, about 10 s).
-    """
+def quantize_act_sums(x: torch.Tensor, scale: torch.Tensor | float, zero: int, bits: int, *,
+                      channels_last: bool = False, sums_dim: int | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Codes (uint8, NHWC when ``channels_last``) and, with ``sums_dim``, the float sums of
+    ``codes - zero`` over that dimension (keepdim), from one compiled call where torch.compile works
+    here, eager passes otherwise. ``STUDIO_COMPILE=0`` keeps to eager (no compiler, or no time for the
+    first compilation, about 10 s)."""
     import os
 
-    if _compile_state["failed"] or os.environ.get("STUDIO_COMPILE", "1") == "0" or not isinstance(scale,
-                                                                                               torch.Tensor):
-        q = quantize_act_eager(x, scale, zero, bits)
-        return q.contiguous(memory_format=torch.channels_last) if channels_last else q
-    try:
-        return _compiled_codes(channels_last and x.dim() == 4)(x, scale, zero, (1 << bits) - 1)
-    except Exception as exc:  # noqa: BLE001 - no C++ compiler, an Inductor bug: eager is as exact
-        _compile_state["failed"] = True
-        import logging
+    channels_last = channels_last and x.dim() == 4
+    if not (_compile_state["failed"] or os.environ.get("STUDIO_COMPILE", "1") == "0"
+            or not isinstance(scale, torch.Tensor)):
+        try:
+            return _compiled(channels_last, sums_dim)(x, scale, zero, (1 << bits) - 1)
+        except Exception as exc:  # noqa: BLE001 - no C++ compiler, an Inductor bug: eager is as exact
+            _compile_state["failed"] = True
+            import logging
 
-        logging.getLogger(__name__).warning("compiled activation quantization unavailable (%s: %s); using eager",
-                                            type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
-        q = quantize_act_eager(x, scale, zero, bits)
-        return q.contiguous(memory_format=torch.channels_last) if channels_last else q
+            logging.getLogger(__name__).warning("compiled activation quantization unavailable (%s: %s); using "
+                                                "eager", type(exc).__name__,
+                                                str(exc).splitlines()[0][:200] if str(exc) else "")
+    q = quantize_act_eager(x, scale, zero, bits)
+    sums = None if sums_dim is None else q.sum(sums_dim, keepdim=True, dtype=torch.int32).float().sub_(
+        q.shape[sums_dim] * zero)
+    return (q.contiguous(memory_format=torch.channels_last) if channels_last else q), sums
+
+
+def quantize_act(x: torch.Tensor, scale: torch.Tensor | float, zero: int, bits: int,
+                 channels_last: bool = False) -> torch.Tensor:
+    """Activation codes (see :func:`quantize_act_sums`)."""
+    return quantize_act_sums(x, scale, zero, bits, channels_last=channels_last)[0]
 
 
 def _zeros(n: int, device: torch.device) -> torch.Tensor:
@@ -107,9 +119,9 @@ def _correction(w: IntWeight) -> torch.Tensor | None:
     return w.cache["zcorr"]
 
 
-def onednn_qlinear(xq: torch.Tensor, x_scale: float, x_zero: int, w: IntWeight,
-                   bias: torch.Tensor | None) -> torch.Tensor:
-    """oneDNN u8s8 linear with float32 output; ``xq`` (..., K)."""
+def onednn_qlinear(xq: torch.Tensor, x_scale: float, x_zero: int, w: IntWeight, bias: torch.Tensor | None,
+                   act_sums: torch.Tensor | None = None) -> torch.Tensor:
+    """oneDNN u8s8 linear with float32 output; ``xq`` (..., K); ``act_sums``: sum of (xq - x_zero) over K."""
     if "onednn_linear" not in w.cache:
         w.cache["onednn_linear"] = torch.ops.onednn.qlinear_prepack(w.data.contiguous(), None)
     shape = xq.shape
@@ -123,15 +135,21 @@ def onednn_qlinear(xq: torch.Tensor, x_scale: float, x_zero: int, w: IntWeight,
     if corr is not None:
         # sum of (xq - x_zero) per row, read from the bytes (measured: cheaper than an extra GEMM row
         # of ones, whose strided slice costs more than it saves)
-        rows = x2.sum(-1, dtype=torch.int32).float().sub_(shape[-1] * x_zero).mul_(x_scale)
-        y.addr_(rows, corr)
+        if act_sums is None:
+            rows = x2.sum(-1, dtype=torch.int32).float().sub_(shape[-1] * x_zero)
+        else:
+            rows = act_sums.reshape(-1)
+        y.addr_(rows, corr, alpha=x_scale)
     return y.reshape(*shape[:-1], w.out_features)
 
 
 def onednn_qconv2d(xq: torch.Tensor, x_scale: float, x_zero: int, w: IntWeight, bias: torch.Tensor | None,
                    stride: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int],
-                   groups: int, out_layout: torch.memory_format | None = None) -> torch.Tensor:
-    """oneDNN u8s8 conv2d with float32 output, channels-last unless ``out_layout`` asks otherwise."""
+                   groups: int, out_layout: torch.memory_format | None = None,
+                   act_sums: torch.Tensor | None = None) -> torch.Tensor:
+    """oneDNN u8s8 conv2d with float32 output, channels-last unless ``out_layout`` asks otherwise.
+
+    ``act_sums``: (B, 1, H, W) sums of (xq - x_zero) over the channels, when the caller has them."""
     corr = _correction(w)
     if groups != 1 and corr is not None:
         raise NotImplementedError("grouped conv with asymmetric weights: no oneDNN path (the reference runs it)")
@@ -145,14 +163,19 @@ def onednn_qconv2d(xq: torch.Tensor, x_scale: float, x_zero: int, w: IntWeight, 
     if out_layout is not None:
         y = y.contiguous(memory_format=out_layout)
     if corr is not None:
-        y.addcmul_(_patch_sums(xq, x_zero, w, stride, padding, dilation).mul_(x_scale), corr.view(1, -1, 1, 1))
+        patch = _patch_sums(xq, x_zero, w, stride, padding, dilation, act_sums)
+        y.addcmul_(patch, corr.view(1, -1, 1, 1), value=x_scale)
     return y
 
 
-def _patch_sums(xq: torch.Tensor, x_zero: int, w: IntWeight, stride, padding, dilation) -> torch.Tensor:
+def _patch_sums(xq: torch.Tensor, x_zero: int, w: IntWeight, stride, padding, dilation,
+                act_sums: torch.Tensor | None) -> torch.Tensor:
     """Sum of (xq - x_zero) over each output position's receptive field, (B, 1, Ho, Wo)."""
     kh, kw = w.data.shape[2:]
-    s = xq.sum(1, keepdim=True, dtype=torch.int32).float().sub_(xq.shape[1] * x_zero)
+    s = act_sums if act_sums is not None else \
+        xq.sum(1, keepdim=True, dtype=torch.int32).float().sub_(xq.shape[1] * x_zero)
+    if kh == kw == 1 and tuple(padding) == (0, 0):  # a 1x1 conv's field is one position
+        return s[:, :, ::stride[0], ::stride[1]]
     key = ("ones", kh, kw)
     if key not in w.cache:
         w.cache[key] = torch.ones(1, 1, kh, kw, device=xq.device)

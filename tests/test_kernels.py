@@ -48,6 +48,24 @@ def test_quantize_act_fast_path_gives_the_reference_codes():
         assert torch.equal(kernels.quantize_act(x, s, zero, bits), ref)
 
 
+def test_codes_with_channel_sums_in_one_pass():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 6, 5, 5, generator=g)
+    s = torch.tensor(0.02)
+    ref = reference.quantize_act(x, s, 120, 8)
+    for dim, cl in ((1, True), (1, False), (-1, False)):
+        q, sums = cpu.quantize_act_sums(x, s, 120, 8, channels_last=cl, sums_dim=dim)
+        assert torch.equal(q, ref) and q.is_contiguous(memory_format=torch.channels_last) == cl
+        assert torch.equal(sums, (ref.double() - 120).sum(dim, keepdim=True).float())
+        q2, sums2 = kernels.quantize_act_sums(x, s, 120, 8, channels_last=cl, sums_dim=dim)
+        assert torch.equal(q2, ref) and torch.equal(sums2, sums)
+    w = _weight((7, 6, 3, 3), symmetric=False)
+    q, sums = cpu.quantize_act_sums(x, s, 120, 8, channels_last=True, sums_dim=1)
+    if cpu.onednn_available():  # the correction from the given sums equals the one from the bytes
+        _close(cpu.onednn_qconv2d(q, 0.02, 120, w, None, (2, 2), (1, 1), (1, 1), 1, None, sums),
+               reference.qconv2d(q, 0.02, 120, w, None, (2, 2), (1, 1), (1, 1), 1))
+
+
 def test_reference_matches_float_math():
     w = _weight((6, 10), symmetric=False)
     xq = _codes((3, 10))

@@ -55,7 +55,7 @@ class IntQuantLayer(nn.Module):
         else:
             self.bias = None
         self._weight: IntWeight | None = None
-        self._steps: list[tuple[torch.Tensor, int]] | None = None
+        self._steps: list[tuple[torch.Tensor, int, float]] | None = None
 
     # ------------------------------------------------------------------ building
     @classmethod
@@ -108,29 +108,34 @@ class IntQuantLayer(nn.Module):
         super()._load_from_state_dict(*args, **kwargs)
 
     # ------------------------------------------------------------------ running
-    def _act_params(self) -> tuple[torch.Tensor, int]:
-        """The live (scale, zero); on the grid from a per-step cache, so a step costs no tensor math or sync."""
+    def _act_params(self) -> tuple[torch.Tensor, int, float]:
+        """The live (scale, zero, scale as a float); on the grid from a per-step cache (no tensor math, no sync)."""
         clock = self.clock
         if clock.w != 0.0:
-            return clock.pick(self.act_scale), int(torch.round(clock.pick(self.act_zero)))
+            s = clock.pick(self.act_scale)
+            return s, int(torch.round(clock.pick(self.act_zero))), float(s)
         if self._steps is None:
             zeros = [int(v) for v in torch.round(self.act_zero).tolist()]
-            self._steps = [(self.act_scale[i], zeros[i]) for i in range(len(zeros))]
+            floats = self.act_scale.tolist()
+            self._steps = [(self.act_scale[i], zeros[i], floats[i]) for i in range(len(zeros))]
         return self._steps[clock.lo]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s, z = self._act_params()
-        xq = kernels.quantize_act(x, s, z, self.abits, channels_last=self.kind == "conv")
+        s, z, s_float = self._act_params()
         w = self.int_weight()
+        conv = self.kind == "conv"
+        # an asymmetric weight's zero-point correction needs the codes' channel sums: same pass
+        sums_dim = None if w.symmetric or (conv and self.groups != 1) else (1 if conv else -1)
+        xq, sums = kernels.quantize_act_sums(x, s, z, self.abits, channels_last=conv, sums_dim=sums_dim)
         bias = self.bias
-        if self.kind == "conv":
+        if conv:
             # oneDNN answers channels-last; the rest of the model (group norm, attention, residual adds)
             # runs several times slower on mixed layouts than one copy back to the input's layout costs
             layout = torch.contiguous_format if x.is_contiguous() else None
-            y = kernels.qconv2d(xq, float(s), z, w, bias, self.stride, self.padding, self.dilation, self.groups,
-                                out_layout=layout)
+            y = kernels.qconv2d(xq, s_float, z, w, bias, self.stride, self.padding, self.dilation, self.groups,
+                                out_layout=layout, act_sums=sums)
         else:
-            y = kernels.qlinear(xq, float(s), z, w, bias)
+            y = kernels.qlinear(xq, s_float, z, w, bias, act_sums=sums)
         return y if y.dtype == x.dtype else y.to(x.dtype)
 
     def stored_bytes(self) -> int:
