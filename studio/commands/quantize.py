@@ -6,42 +6,8 @@ import argparse
 import json
 import logging
 import sys
-import time
-from typing import Any
 
 log = logging.getLogger(__name__)
-
-
-class QuantProgress:
-    """Draws quantization events on stderr: a live bar on a terminal, a line every 10 s otherwise."""
-
-    def __init__(self, stream: Any = None) -> None:
-        self.stream = stream or sys.stderr
-        self.tty = self.stream.isatty()
-        self.t0 = time.time()
-        self.start: float | None = None  # the first distillation step, for the ETA
-        self.last_line = 0.0
-
-    def __call__(self, ev: Any) -> None:
-        now = time.time()
-        if ev.phase == "distill":
-            if self.start is None:
-                self.start = now - 1e-9
-            frac = ev.step / max(1, ev.total)
-            elapsed = now - self.t0
-            eta = (now - self.start) / max(1, ev.step) * (ev.total - ev.step)
-            line = (f"distill [{'#' * int(frac * 30):<30}] {ev.step}/{ev.total} loss {ev.loss:.4g} "
-                    f"{ev.message} elapsed {elapsed:4.0f}s ETA {eta:4.0f}s")
-            if self.tty:
-                self.stream.write("\r" + line + ("\n" if ev.step == ev.total else ""))
-            elif ev.step in (1, ev.total) or now - self.last_line > 10:
-                self.stream.write(line + "\n")
-                self.last_line = now
-        else:
-            text = {"load": "loading", "calibrate": "calibrating", "export": "exporting to",
-                    "done": "done:"}.get(ev.phase, ev.phase)
-            self.stream.write(f"{text} {ev.message}".rstrip() + "\n")
-        self.stream.flush()
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -95,7 +61,9 @@ def run(args: argparse.Namespace) -> int:
     from studio.quant import run_job
 
     cfg = config_from_args(args)
-    report = run_job(args.base, cfg, args.out, adapter=args.adapter, on_event=QuantProgress())
+    from studio.trainers.cli import ProgressBar
+
+    report = run_job(args.base, cfg, args.out, adapter=args.adapter, on_event=ProgressBar())
     if args.json:
         sys.stdout.write(json.dumps(report) + "\n")
     else:

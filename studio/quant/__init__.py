@@ -17,7 +17,6 @@ timestep hook), :mod:`.calibrate`, :mod:`.trajectories` (the sampler, step by st
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import logging
 import threading
@@ -32,22 +31,14 @@ from studio.errors import StudioError
 from studio.quant.config import METHODS, QuantConfig
 from studio.quant.export import MARKER, export_quantized, is_quantized_folder, load_quantized
 from studio.quant.model import QuantState, find_io_layers, quantize_model
+from studio.trainers.loop import Event
 
 log = logging.getLogger(__name__)
 
 
-@dataclasses.dataclass
-class QuantEvent:
-    """A progress report of a quantization job (the CLI draws a bar, the UI streams them)."""
-
-    phase: str  # load | calibrate | distill | export | done
-    step: int = 0
-    total: int = 0
-    loss: float | None = None
-    message: str = ""
-
-
-EventHandler = Callable[[QuantEvent], None]
+# progress reports are the training loop's events (phases prepare | train | done), so the CLI's bar and
+# the UI's job view show a quantization job as they show a training run
+EventHandler = Callable[[Event], None]
 
 
 def _sampling(pipe: Any, cfg: QuantConfig) -> tuple[int, float]:
@@ -92,22 +83,23 @@ def quantize(pipe: Any, cfg: QuantConfig, *, on_event: EventHandler | None = Non
     state = quantize_model(pipe.unet, wbits=cfg.wbits, abits=cfg.abits, rank=cfg.lora_rank,
                            timesteps=sampler.timestep_grid())
     calibrate_weights(state, "lp" if cfg.method == "ptq-mse" else "minmax")
-    emit(QuantEvent("calibrate", 0, cfg.calib_samples, message="full-precision trajectories"))
+    emit(Event("prepare", message=f"calibrating on {cfg.calib_samples} full-precision sampling trajectories"))
     calib_prompts = _prompts(pipe, cfg, cfg.calib_samples, cfg.seed)
     stats = record_activations(state, lambda: run_fp(sampler, calib_prompts, cfg.seed * 100_003, cfg.batch * 2, cancel),
                                seed=cfg.seed)
     calibrate_activations(state, stats, "minmax" if cfg.method == "ptq-minmax" else "lp")
     del stats
     t_calib = time.perf_counter() - t0
-    emit(QuantEvent("calibrate", cfg.calib_samples, cfg.calib_samples, message=f"{t_calib:.0f} s"))
+    emit(Event("prepare", message=f"calibrated in {t_calib:.0f} s"))
     report: dict[str, Any] = {"method": cfg.method, "wbits": cfg.wbits, "abits": cfg.abits, "steps": steps,
                               "guidance": guidance, "layers": len(state.layers), "first": state.first,
                               "last": state.last, "calibrate_s": round(t_calib, 1)}
     if cfg.trained and cfg.resolved_epochs() > 0:
         prompts = _prompts(pipe, cfg, cfg.samples, cfg.seed + 1)
         summary = distill(sampler, pipe.unet, teacher, state, cfg, prompts, cancel=cancel,
-                          on_step=lambda p: emit(QuantEvent("distill", p.step, p.total, p.loss,
-                                                            f"epoch {p.epoch + 1}")))
+                          on_step=lambda p: emit(Event("train", p.step, p.total, p.loss, cfg.lr,
+                                                       p.elapsed_s / p.step * (p.total - p.step),
+                                                       f"distillation epoch {p.epoch + 1}")))
         report.update(distill_steps=summary["steps"], distill_s=round(summary["seconds"], 1),
                       epoch_losses=[round(v, 6) for v in summary["epoch_losses"]])
     state.set_quant(True)
@@ -125,7 +117,7 @@ def run_job(base: str, cfg: QuantConfig, out: str | Path, *, adapter: str | None
         raise StudioError(f"--out {out}: exists and is not an empty folder; choose a new folder")
     t0 = time.perf_counter()
     emit = on_event or (lambda e: None)
-    emit(QuantEvent("load", message=str(base)))
+    emit(Event("prepare", message=f"loading {base}"))
     torch.manual_seed(cfg.seed)
     pipe = load_pipeline(base, device=cfg.device, dtype="fp32")
     if getattr(pipe.unet, "studio_quant_runtime", None) is not None:
@@ -136,15 +128,15 @@ def run_job(base: str, cfg: QuantConfig, out: str | Path, *, adapter: str | None
         Mixer(pipe, [adapter], fuse=True).apply()  # fused into the weights: quantized with them
     report = quantize(pipe, cfg, on_event=on_event, cancel=cancel)
     report.update(base=str(base), adapter=adapter)
-    emit(QuantEvent("export", message=str(out)))
+    emit(Event("prepare", message=f"exporting to {out}"))
     export_quantized(pipe, out, config=cfg.to_dict(), report=report)
     report["total_s"] = round(time.perf_counter() - t0, 1)
     marker = json.loads((out / MARKER).read_text())  # the marker's report gets the final total too
     marker["report"] = report
     (out / MARKER).write_text(json.dumps(marker, indent=1))
-    emit(QuantEvent("done", message=str(out)))
+    emit(Event("done", message=f"W{cfg.wbits}A{cfg.abits} {cfg.method} model in {out} ({report['total_s']:.0f} s)"))
     return report
 
 
-__all__ = ["METHODS", "QuantConfig", "QuantEvent", "QuantState", "export_quantized", "find_io_layers",
+__all__ = ["METHODS", "QuantConfig", "QuantState", "export_quantized", "find_io_layers",
            "is_quantized_folder", "load_quantized", "quantize", "quantize_model", "run_job"]
