@@ -379,3 +379,17 @@ def test_distillation_brings_the_student_closer_to_the_teacher():
     assert summary["steps"] == 8 * 4
     assert gap() < 0.8 * before
     assert not any(p.requires_grad for p in pipe.unet.parameters())  # frozen again afterwards
+
+
+def test_cancelled_job_leaves_nothing(tmp_path, tiny_dirs):
+    import threading
+
+    from studio.quant import QuantConfig, run_job
+    from studio.trainers.loop import Cancelled
+
+    cancel = threading.Event()
+    cancel.set()
+    with pytest.raises(Cancelled):
+        run_job(str(tiny_dirs["sd1"]), QuantConfig(steps=2, calib_samples=1, samples=1, batch=1), tmp_path / "q",
+                cancel=cancel)
+    assert not (tmp_path / "q").exists() and not list(tmp_path.iterdir())

@@ -35,6 +35,7 @@ from studio.errors import StudioError
 from studio.quant.config import QuantConfig
 from studio.quant.model import QuantState
 from studio.quant.trajectories import Sampler
+from studio.trainers.loop import Cancelled  # the training loop's: the service treats both jobs alike
 
 log = logging.getLogger(__name__)
 
@@ -50,12 +51,6 @@ class DistillProgress:
     loss: float
     epoch: int
     elapsed_s: float
-
-
-class Cancelled(StudioError):
-    """The quantization job was cancelled."""
-
-    exit_code = 130
 
 
 def param_groups(state: QuantState, cfg: QuantConfig) -> list[dict[str, Any]]:

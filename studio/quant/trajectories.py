@@ -174,7 +174,7 @@ def run_fp(sampler: Sampler, prompts: Sequence[str], seed: int, batch: int,
     """Sample ``prompts`` with the pipeline's denoiser (whatever mode it is in), ``batch`` at a time."""
     for start in range(0, len(prompts), batch):
         if cancel is not None and cancel.is_set():
-            from studio.trainers.efficientdm import Cancelled
+            from studio.trainers.loop import Cancelled
 
             raise Cancelled("quantization cancelled")
         chunk = list(prompts[start : start + batch])
