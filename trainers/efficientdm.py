@@ -63,10 +63,10 @@ def param_groups(state: QuantState, cfg: QuantConfig) -> list[dict[str, Any]]:
                 continue
             layer.lora_down.requires_grad_(True)
             layer.lora_up.requires_grad_(True)
-            groups.append({"params": [layer.lora_down, layer.lora_up], "lr": cfg.lr * mean_steps[name],
+            groups.append({"params": [layer.lora_down, layer.lora_up], "lr": cfg.resolved_lr() * mean_steps[name],
                            "name": f"lora:{name}"})
     elif cfg.method == "qat":
-        lr = cfg.lr * statistics.median(mean_steps.values())
+        lr = cfg.resolved_lr() * statistics.median(mean_steps.values())
         weights = []
         for layer in state.layers.values():
             layer.base_layer.weight.requires_grad_(True)

@@ -30,8 +30,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="distillation passes over the prompts (default 2 for efficientdm, 10 for qat)")
     p.add_argument("--samples", type=int, default=d.samples, help=f"trajectories per epoch (default {d.samples})")
     p.add_argument("--batch", type=int, default=d.batch, help=f"trajectories per optimizer step (default {d.batch})")
-    p.add_argument("--lr", type=float, default=d.lr,
-                   help=f"learning rate in units of the layer's mean weight step size (default {d.lr})")
+    p.add_argument("--lr", type=float, default=None,
+                   help="learning rate in units of the weight step size (default 0.03 for efficientdm, 0.001 for qat)")
     p.add_argument("--act-lr", type=float, default=d.act_lr,
                    help=f"activation quantizer lr, relative to its step size (default {d.act_lr}; 0 freezes them)")
     p.add_argument("--calib-samples", type=int, default=d.calib_samples,

@@ -97,7 +97,7 @@ def quantize(pipe: Any, cfg: QuantConfig, *, on_event: EventHandler | None = Non
     if cfg.trained and cfg.resolved_epochs() > 0:
         prompts = _prompts(pipe, cfg, cfg.samples, cfg.seed + 1)
         summary = distill(sampler, pipe.unet, teacher, state, cfg, prompts, cancel=cancel,
-                          on_step=lambda p: emit(Event("train", p.step, p.total, p.loss, cfg.lr,
+                          on_step=lambda p: emit(Event("train", p.step, p.total, p.loss, cfg.resolved_lr(),
                                                        p.elapsed_s / p.step * (p.total - p.step),
                                                        f"distillation epoch {p.epoch + 1}")))
         report.update(distill_steps=summary["steps"], distill_s=round(summary["seconds"], 1),
