@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -393,3 +394,23 @@ def test_cancelled_job_leaves_nothing(tmp_path, tiny_dirs):
         run_job(str(tiny_dirs["sd1"]), QuantConfig(steps=2, calib_samples=1, samples=1, batch=1), tmp_path / "q",
                 cancel=cancel)
     assert not (tmp_path / "q").exists() and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("family", ["ldm-uncond", "ldm"])
+def test_ldm_unets_quantize_export_and_load(tmp_path, family):
+    from studio.loading import load_pipeline
+    from studio.quant import QuantConfig, export_quantized, quantize
+    from studio.testing import tiny_pipeline
+
+    torch.manual_seed(0)
+    pipe = tiny_pipeline(family)
+    pipe.studio_source = None
+    report = quantize(pipe, QuantConfig(method="efficientdm", wbits=4, abits=8, steps=3, guidance=2.0, epochs=1,
+                                        samples=2, batch=2, calib_samples=2))
+    assert report["first"] == "conv_in" and report["last"] == "conv_out" and report["distill_steps"] == 3
+    out = export_quantized(pipe, tmp_path / "q", config={})
+    q = load_pipeline(out)
+    assert type(q.unet).__name__ == type(pipe.unet).__name__
+    kwargs = {"batch_size": 1} if family == "ldm-uncond" else {"prompt": ["a red circle"], "guidance_scale": 2.0}
+    img = q(num_inference_steps=3, output_type="np", **kwargs).images
+    assert bool(np.isfinite(np.asarray(img)).all())
