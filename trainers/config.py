@@ -36,7 +36,10 @@ class TrainConfig:
     name: str = _f("", "adapter name in the library (default: <kind>-<folder name>)")
     token: str = _f("sks", "rare trigger word that names the subject or style")
     class_word: str = _f("", "subject class word, e.g. dog (default: 'shape' on micro, 'object' elsewhere)")
-    method: str = _f("lora", "adapter method: lora, dora, loha, lokr, ...")
+    method: str = _f("lora", "adapter method: lora, dora, loha, lokr, tlora, ...")
+    transform_rank: int | None = _f(None, "tlora: ring rank of the input transform T (default 4)")
+    residual: str | None = _f(None, "tlora: the residual, tr (tensor ring) or lora (TLoRA*) (default tr)")
+    residual_rank: int | None = _f(None, "tlora: rank of the residual (default 4)")
     rank: int | None = _f(None, "adapter rank (default: the method's)")
     alpha: float | None = _f(None, "adapter alpha (default: = rank)")
     targets: str | None = _f(None, "layers to adapt: attention, attention+resnet, all (default: the recipe's)")
@@ -112,7 +115,7 @@ class TrainConfig:
             raise bad("kind", f"{self.kind}: choose subject or style")
         if not self.images:
             raise bad("images", "is required: a folder of training images")
-        for name in ("steps", "rank", "batch", "resolution"):
+        for name in ("steps", "rank", "batch", "resolution", "transform_rank", "residual_rank"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
                 raise bad(name, f"{v}: must be a positive integer")
@@ -143,6 +146,16 @@ class TrainConfig:
         for name in ("checkpoint_every", "sample_every", "warmup"):
             if getattr(self, name) < 0:
                 raise bad(name, f"{getattr(self, name)}: must be >= 0")
+        self.adapter_options()  # method-specific flags belong to their method
+
+    def adapter_options(self) -> dict[str, Any]:
+        """Method-specific adapter settings (AdapterSettings.options); set only for the method they belong to."""
+        opts = {k: getattr(self, k) for k in ("transform_rank", "residual", "residual_rank") if getattr(self, k) is not None}
+        if opts and self.method != "tlora":
+            raise StudioError(f"--{next(iter(opts)).replace('_', '-')} applies to --method tlora only")
+        if self.residual is not None and self.residual not in ("tr", "lora"):
+            raise StudioError(f"--residual {self.residual}: choose tr or lora")
+        return opts
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)

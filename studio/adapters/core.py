@@ -119,6 +119,23 @@ def add_adapter(pipe: Any, method: str, settings: AdapterSettings, adapter_name:
     return params
 
 
+def no_decay_groups(groups: list[dict]) -> list[dict]:
+    """Optimizer groups with the parameters marked ``no_weight_decay`` moved into twins with weight_decay 0.
+
+    TLoRA's transform cores are marked: decay pulls a parameter towards zero, and a zero transform
+    is a zero layer, not the base model.
+    """
+    out = []
+    for g in groups:
+        keep = [p for p in g["params"] if not getattr(p, "no_weight_decay", False)]
+        free = [p for p in g["params"] if getattr(p, "no_weight_decay", False)]
+        if keep or not free:
+            out.append({**g, "params": keep})
+        if free:
+            out.append({**g, "params": free, "weight_decay": 0.0})
+    return out
+
+
 def _inject(model: torch.nn.Module, cfg: Any, adapter_name: str) -> None:
     """diffusers models through their adapter mixin (so set_adapters & co. know the adapter);
     transformers text encoders straight through PEFT (transformers 5's mixin wants peft >= 0.22)."""

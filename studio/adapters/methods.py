@@ -31,6 +31,7 @@ class AdapterSettings:
     rank_pattern: dict[str, int] = dataclasses.field(default_factory=dict)  # regex of module name -> rank
     alpha_pattern: dict[str, float] = dataclasses.field(default_factory=dict)
     dropout: float = 0.0
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)  # method-specific (tlora: transform_rank, ...)
 
     def __post_init__(self) -> None:
         if self.rank <= 0:

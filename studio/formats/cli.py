@@ -31,13 +31,32 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ldm-names", action="store_true",
                    help="kohya: name UNet modules like the original LDM UNet (input_blocks_4_1_…), as sd-scripts "
                         "does for SDXL; default: diffusers-style names (down_blocks_1_attentions_0_…)")
+    t = p.add_argument_group("TLoRA adapters (written as a LoRA by truncated SVD of each layer's update)")
+    t.add_argument("--rank", type=int, default=16, help="rank of the LoRA a TLoRA adapter becomes (default 16)")
+    t.add_argument("--base", default=None, metavar="SPEC",
+                   help="the base model the TLoRA was trained on (default: the one its file names)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from studio.adapters.core import read_metadata
     from studio.errors import StudioError
     from studio.formats.kohya import to_diffusers, to_kohya
 
+    try:
+        method = read_metadata(args.input).get("studio.method")
+    except StudioError:
+        method = None  # the LoRA converters below give their own message
+    if method == "tlora":
+        from studio.adapters.tlora.export import export_lora, summary
+
+        path, errors = export_lora(args.input, args.output, to=args.to, rank=args.rank, base=args.base)
+        for e in errors:
+            print(f"{e.layer}\trank {e.rank}\trelative error {e.rel_error:.4f}")
+        s = summary(errors)
+        print(f"{s['layers']} layers: mean relative error {s['mean']:.4f}, max {s['max']:.4f}")
+        print(path)
+        return 0
     if args.to == "kohya":
         path = to_kohya(args.input, args.output, family=args.family,
                         unet_names="ldm" if args.ldm_names else "diffusers")

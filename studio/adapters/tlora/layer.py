@@ -1,0 +1,225 @@
+"""The TLoRA layer: wraps a Linear or Conv2d and keeps every adapter's cores in dicts keyed by adapter name.
+
+Per adapter ``a`` with multiplier ``m_a`` (``set_scale``: mixing weights) the layer computes::
+
+    W = W0 + sum_a m_a * (W0 T_a - W0 + s_a Delta_a)
+
+which is ``W0 T + s Delta`` for one adapter at weight 1. The transform cores train without weight
+decay (``no_weight_decay`` on the parameter; the training loop honours it): decay would pull T
+towards zero, i.e. the layer towards a zero weight, not towards the base model.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from torch import nn
+
+from studio.adapters.tlora import functional as tf
+
+# how the transform meets the activations (measured in bench/tlora_orders.py, docs/tlora.md):
+# "weight": W0 T (+ s Delta) built once per forward, one matmul/conv; "dense": T built per forward
+# and applied to the activations, then the base layer; "cores": activations contracted core by core
+ORDERS: tuple[str, ...] = ("weight", "dense", "cores")
+DEFAULT_ORDER = "weight"
+
+
+def layer_dims(base: nn.Module) -> tuple[int, int, int]:
+    """(in channels, out channels, kernel taps) of a Linear or Conv2d."""
+    if isinstance(base, nn.Linear):
+        return base.in_features, base.out_features, 1
+    return base.in_channels, base.out_channels, math.prod(base.kernel_size)
+
+
+class TLoraLayer(nn.Module, BaseTunerLayer):
+    """A Linear/Conv2d with TLoRA adapters (the base layer is kept and frozen)."""
+
+    adapter_layer_names = ("tlora_T", "tlora_R")
+    other_param_names = ("r", "scaling", "multiplier", "base_scale", "residual_kind", "in_factors", "out_factors")
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, in_factors: list[int], out_factors: list[int],
+                 config: Any) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.tlora_T = nn.ModuleDict()
+        self.tlora_R = nn.ModuleDict()
+        self.r: dict[str, int] = {}
+        self.scaling: dict[str, float] = {}  # m_a * s_a: the residual's factor
+        self.multiplier: dict[str, float] = {}  # m_a: the mixing weight
+        self.base_scale: dict[str, float] = {}  # s_a = alpha / residual rank
+        self.residual_kind: dict[str, str] = {}
+        self.in_factors: dict[str, list[int]] = {}
+        self.out_factors: dict[str, list[int]] = {}
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+        self._w0: torch.Tensor | None = None  # the base weight while adapters are merged (exact unmerge)
+        self.order = DEFAULT_ORDER
+        self.conv = isinstance(base_layer, nn.Conv2d)
+        self.in_features, self.out_features, self.taps = layer_dims(base_layer)
+        self.update_layer(adapter_name, in_factors, out_factors, config)
+        self._active_adapter = adapter_name
+
+    def update_layer(self, adapter_name: str, in_factors: list[int], out_factors: list[int], config: Any) -> None:
+        """Create one adapter's cores: T exactly the identity, Delta exactly zero."""
+        w = self.get_base_layer().weight
+        rank, rr = config.transform_rank, config.residual_rank
+        cores = tf.identity_cores(in_factors, rank)
+        t = nn.ParameterList([nn.Parameter(c.to(device=w.device, dtype=torch.float32)) for c in cores])
+        for p in t:
+            p.no_weight_decay = True
+        if config.residual == "lora":
+            down = torch.randn(rr, self.in_features * self.taps) / rr  # PEFT's "gaussian" LoRA init
+            res = [down, torch.zeros(self.out_features, rr)]
+        else:
+            sizes = list(out_factors) + list(in_factors) + ([self.taps] if self.taps > 1 else [])
+            res = tf.residual_cores(sizes, rr)
+        self.tlora_T[adapter_name] = t
+        self.tlora_R[adapter_name] = nn.ParameterList([nn.Parameter(r.to(w.device)) for r in res])
+        self.r[adapter_name] = rr
+        self.multiplier[adapter_name] = 1.0
+        self.scaling[adapter_name] = config.scale
+        self.base_scale[adapter_name] = config.scale
+        self.residual_kind[adapter_name] = config.residual
+        self.in_factors[adapter_name] = list(in_factors)
+        self.out_factors[adapter_name] = list(out_factors)
+        self.set_adapter(self.active_adapters)
+
+    # ------------------------------------------------------------------ scales (mixing weights)
+
+    def set_scale(self, adapter: str, scale: float) -> None:
+        """Set adapter ``adapter``'s multiplier (diffusers' ``set_adapters`` weights land here)."""
+        if adapter not in self.tlora_T:
+            return
+        self.multiplier[adapter] = float(scale)
+        self.scaling[adapter] = float(scale) * self.base_scale[adapter]
+
+    def scale_layer(self, scale: float) -> None:
+        for a in self.active_adapters:
+            if a in self.tlora_T:
+                self.set_scale(a, self.multiplier[a] * scale)
+
+    def unscale_layer(self, scale: float | None = None) -> None:
+        for a in self.active_adapters:
+            if a in self.tlora_T:
+                self.set_scale(a, 1.0 if scale is None else self.multiplier[a] / scale)
+
+    # ------------------------------------------------------------------ the math per adapter
+
+    def transform_cores(self, adapter: str, dtype: torch.dtype | None = None) -> list[torch.Tensor]:
+        return [c if dtype is None else c.to(dtype) for c in self.tlora_T[adapter]]
+
+    def residual_matrix(self, adapter: str) -> torch.Tensor:
+        """Delta as (out x in * taps), unscaled."""
+        res = list(self.tlora_R[adapter])
+        if self.residual_kind[adapter] == "lora":
+            return res[1] @ res[0]
+        return tf.residual_matrix(res, self.out_features)
+
+    def get_delta_weight(self, adapter: str, w0: torch.Tensor | None = None) -> torch.Tensor:
+        """``m (W0 T - W0 + s Delta)`` in the base weight's shape (W0: the unmerged base weight)."""
+        base_w = self.get_base_layer().weight if w0 is None else w0
+        w = base_w.float()
+        d = tf.delta_weight(w, self.transform_cores(adapter), self.residual_matrix(adapter),
+                            self.base_scale[adapter], self.multiplier[adapter])
+        return d.to(base_w.dtype)
+
+    # ------------------------------------------------------------------ merge
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """Fuse adapters into the base weight; deltas are always taken against the unmerged W0."""
+        names = [a for a in check_adapters_to_merge(self, adapter_names) if a in self.tlora_T]
+        if not names:
+            return
+        base = self.get_base_layer()
+        if self._w0 is None:
+            self._w0 = base.weight.data.clone()
+        new = base.weight.data.clone()
+        for a in names:
+            new += self.get_delta_weight(a, self._w0)
+        if safe_merge and not torch.isfinite(new).all():
+            raise ValueError(f"non-finite weights when merging TLoRA adapter(s) {names}; the adapter is broken")
+        base.weight.data = new
+        self.merged_adapters.extend(names)
+
+    def unmerge(self) -> None:
+        """Take merged adapters out again; with none left the base weight is restored bit for bit."""
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        base = self.get_base_layer()
+        while self.merged_adapters:
+            a = self.merged_adapters.pop()
+            if self.merged_adapters:
+                base.weight.data -= self.get_delta_weight(a, self._w0)
+        base.weight.data = self._w0
+        self._w0 = None
+
+    # ------------------------------------------------------------------ forward
+
+    def _base_call(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        base = self.get_base_layer()
+        if self.conv:
+            return base._conv_forward(x, weight, base.bias)
+        return F.linear(x, weight, base.bias)
+
+    def _apply_transform(self, adapter: str, x: torch.Tensor) -> torch.Tensor:
+        cores = self.transform_cores(adapter, x.dtype)
+        if self.order == "dense":
+            t = tf.tr_matrix(cores)
+            return F.conv2d(x, t[:, :, None, None]) if self.conv else F.linear(x, t)
+        if self.conv:
+            return tf.tr_apply(cores, x.movedim(1, -1)).movedim(-1, 1)
+        return tf.tr_apply(cores, x)
+
+    def _residual_out(self, adapter: str, x: torch.Tensor) -> torch.Tensor:
+        base = self.get_base_layer()
+        res = [r.to(x.dtype) for r in self.tlora_R[adapter]]
+        s = self.scaling[adapter]
+        if self.residual_kind[adapter] == "lora":
+            if self.conv:
+                h = F.conv2d(x, res[0].reshape(-1, self.in_features, *base.kernel_size), None, base.stride,
+                             base.padding, base.dilation)
+                return F.conv2d(h, res[1][:, :, None, None]) * s
+            return F.linear(F.linear(x, res[0]), res[1]) * s
+        delta = tf.residual_matrix(res, self.out_features) * s
+        if self.conv:
+            return base._conv_forward(x, delta.reshape(base.weight.shape), None)
+        return F.linear(x, delta)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        base = self.get_base_layer()
+        active = [a for a in self.active_adapters if a in self.tlora_T]
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return base(x, *args, **kwargs)
+        if self.merged or not active:
+            return base(x, *args, **kwargs)
+        if self.order == "weight":
+            w0 = base.weight
+            w = w0
+            for a in active:
+                d = tf.transformed_weight(w0, tf.tr_matrix(self.transform_cores(a, w0.dtype))) - w0
+                if self.residual_kind[a] == "tr":
+                    d = d + self.base_scale[a] * self.residual_matrix(a).reshape(w0.shape).to(w0.dtype)
+                w = w + self.multiplier[a] * d
+            y = self._base_call(x, w.to(x.dtype))
+            for a in active:  # a LoRA residual stays low-rank: two thin products beat an (out x in) one
+                if self.residual_kind[a] == "lora":
+                    y = y + self._residual_out(a, x)
+            return y
+        xt = x
+        for a in active:
+            xt = xt + self.multiplier[a] * (self._apply_transform(a, x) - x)
+        y = base(xt, *args, **kwargs)
+        for a in active:
+            y = y + self._residual_out(a, x)
+        return y
+
+    def __repr__(self) -> str:
+        return "tlora." + super().__repr__()
