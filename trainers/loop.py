@@ -143,7 +143,7 @@ def _train(cfg: TrainConfig, out: Path, on_event: EventHandler | None, cancel: t
 
     # ---- adapter --------------------------------------------------------------------------------
     settings = adapters.AdapterSettings(rank=plan.rank, alpha=cfg.alpha, targets=plan.targets,
-                                        text_encoder=cfg.text_encoder)
+                                        text_encoder=cfg.text_encoder, options=cfg.adapter_options())
     for comp in pipe.components.values():  # only the adapter trains: a gradient that reaches the base
         if isinstance(comp, torch.nn.Module):  # (through a learned trigger embedding, say) must not move it
             comp.requires_grad_(False)
@@ -159,7 +159,7 @@ def _train(cfg: TrainConfig, out: Path, on_event: EventHandler | None, cancel: t
         groups.append({"params": te_params, "lr": cfg.text_encoder_lr or plan.lr / 2})
     if trigger_params:
         groups.append({"params": trigger_params, "lr": plan.trigger_lr, "weight_decay": 0.0})
-    optimizer = _optimizer(groups, accelerator.device, cfg.optimizer)
+    optimizer = _optimizer(adapters.no_decay_groups(groups), accelerator.device, cfg.optimizer)
     lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg.scheduler, cfg.warmup, plan.steps))
     unet, optimizer = accelerator.prepare(unet, optimizer)
     noise_sched = _noise_scheduler(pipe)
