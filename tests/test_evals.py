@@ -372,6 +372,25 @@ def test_quant_suite_json(smoke, smoke_pipe, tmp_path, capsys):
     assert other["judge_fid"] > 1e-3
 
 
+def test_quant_reference_made_once_gives_the_suites_numbers(smoke, smoke_pipe):
+    judge, settings = load_judge(smoke.judge), suites.GenSettings(steps=2, batch_size=16)
+    with torch.no_grad():
+        backup = {k: v.clone() for k, v in smoke_pipe.unet.state_dict().items()}
+        ref = suites.quant_reference(smoke_pipe, judge, n=8, settings=settings)
+        for p in smoke_pipe.unet.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(4)) * 0.2 * p.std().nan_to_num(0.02))
+    try:
+        kept = suites.quant_suite(smoke_pipe, ref, judge, n=8, settings=settings)
+        assert kept["judge_fid"] > 1e-3
+        with pytest.raises(StudioError, match="same"):  # a reference of other settings is refused
+            suites.quant_suite(smoke_pipe, ref, judge, n=6, settings=settings)
+    finally:
+        smoke_pipe.unet.load_state_dict(backup)
+    fresh = suites.quant_suite(smoke_pipe, smoke_pipe, judge, n=8, settings=settings)
+    assert fresh["accuracy_drop"] == 0.0 and fresh["judge_fid"] < 1e-6
+    assert kept["accuracy_drop"] == pytest.approx(ref.accuracy["joint"] - kept["accuracy"]["joint"])
+
+
 # ----------------------------------------------------------------------------- bad input
 
 

@@ -304,23 +304,52 @@ def base_suite(pipe: Any, judge: Judge, *, n: int = DEFAULT_N["base"], heldout_n
     return result
 
 
-def quant_suite(pipe: Any, reference: Any, judge: Judge, *, n: int = DEFAULT_N["base"],
-                settings: GenSettings | None = None, progress: Progress | None = None) -> dict[str, Any]:
-    """Base-suite accuracy of ``pipe``, its joint drop against ``reference``, and their judge-FID."""
+@dataclasses.dataclass
+class QuantReference:
+    """A reference model's side of the quant suite, computed once and reusable against many models."""
+
+    n: int
+    settings: GenSettings
+    accuracy: dict[str, float | None]
+    features: np.ndarray
+
+
+def quant_reference(reference: Any, judge: Judge, *, n: int = DEFAULT_N["base"], settings: GenSettings | None = None,
+                    progress: Progress | None = None) -> QuantReference:
+    """Generate the reference's images for the quant suite and keep what the suite compares with."""
     settings = settings or GenSettings()
     _check_count("n", n, 2)  # a Frechet distance needs a covariance: two images at least
+    items = seen_items(n, settings.seed)
+    images = generate(reference, items, settings, progress)
+    return QuantReference(n, settings, prompt_accuracy(read_attributes(images, judge), items), features(images, judge))
+
+
+def quant_suite(pipe: Any, reference: Any, judge: Judge, *, n: int = DEFAULT_N["base"],
+                settings: GenSettings | None = None, progress: Progress | None = None) -> dict[str, Any]:
+    """Base-suite accuracy of ``pipe``, its joint drop against ``reference``, and their judge-FID.
+
+    ``reference`` is a pipeline, or a :class:`QuantReference` made with the same ``n`` and settings
+    (a bench comparing many models with one reference generates its images once).
+    """
+    settings = settings or GenSettings()
+    _check_count("n", n, 2)
     t0 = time.perf_counter()
+    if isinstance(reference, QuantReference):
+        if (reference.n, reference.settings) != (n, settings):
+            raise StudioError(f"quant reference was made with n={reference.n}, {reference.settings}; "
+                              f"this suite asks n={n}, {settings}: make the reference with the same ones")
+        ref = reference
+    else:
+        ref = quant_reference(reference, judge, n=n, settings=settings, progress=progress)
     items = seen_items(n, settings.seed)
     images = generate(pipe, items, settings, progress)
-    ref_images = generate(reference, items, settings, progress)
     acc = prompt_accuracy(read_attributes(images, judge), items)
-    ref_acc = prompt_accuracy(read_attributes(ref_images, judge), items)
-    fid = frechet_distance(features(images, judge), features(ref_images, judge))
+    fid = frechet_distance(features(images, judge), ref.features)
     if not np.isfinite(fid):
         raise StudioError(f"judge-FID is not finite ({fid}): the generated images hold NaN or infinite values; "
                           f"check the model's dtype (try --dtype fp32)")
-    _timed("quant", 2 * n, t0)
-    return {"suite": "quant", "accuracy": acc, "accuracy_drop": ref_acc["joint"] - acc["joint"],
+    _timed("quant", n if isinstance(reference, QuantReference) else 2 * n, t0)
+    return {"suite": "quant", "accuracy": acc, "accuracy_drop": ref.accuracy["joint"] - acc["joint"],
             "judge_fid": max(fid, 0.0)}  # rounding can leave -1e-12 where the sets are identical
 
 
