@@ -25,6 +25,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "studio.micro.cli",
     "studio.evals.cli",
     "studio.formats.cli",
+    "studio.text.cli",
     "studio.commands.library",
     "studio.commands.quantize",
     "studio.commands.ui",

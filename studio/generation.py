@@ -57,6 +57,18 @@ class GenerationParams:
     batch_size: int = 8
     adapters: list[Any] = dataclasses.field(default_factory=list)  # spec strings or studio.mixing.AdapterSpec
     seeds: list[int] | None = None  # explicit seeds, one image each (instead of seed, seed+1, ... num)
+    decor: str = ""  # DECOR: unwanted words/phrases, comma-separated, projected out of the prompt (studio.text)
+    decor_alpha: float = 1.0  # studio.text.decor.DEFAULT_ALPHA
+    decor_rows: str = "words"
+    decor_pooled: bool = False
+
+    def decor_config(self) -> Any:
+        """The :class:`studio.text.decor.DecorConfig` of these parameters, or None without ``decor``."""
+        if not self.decor.strip():
+            return None
+        from studio.text.decor import DecorConfig
+
+        return DecorConfig(self.decor, alpha=self.decor_alpha, rows=self.decor_rows, pooled=self.decor_pooled)
 
     def validate(self) -> None:
         if self.steps is not None and self.steps <= 0:
@@ -75,6 +87,7 @@ class GenerationParams:
 
         for a in self.adapters:
             as_spec(a)  # a bad spec fails before the model loads
+        self.decor_config()
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -220,8 +233,11 @@ def generate(pipe: Any, params: GenerationParams, *, extra_info: dict[str, str] 
 
     Adapters come from ``params.adapters`` and from ``<lora:SPEC>`` tags in the prompt (taken out
     of the text the model sees); they are mixed in for this call only (:mod:`studio.mixing`).
+    ``params.decor`` projects the unwanted words out of the prompt embeddings (DECOR,
+    :mod:`studio.text.pipeline`), on top of the adapters.
     """
     from studio.mixing import Mixer, as_spec, parse_prompt
+    from studio.text.pipeline import decor_applied, infotext_fields
 
     params = dataclasses.replace(params)
     params.validate()
@@ -248,6 +264,11 @@ def generate(pipe: Any, params: GenerationParams, *, extra_info: dict[str, str] 
         if params.adapters:
             mix = stack.enter_context(Mixer(pipe, params.adapters))
             info.update(mix.infotext_fields())
+        decor = params.decor_config()
+        if decor is not None:
+            # on the prompt-embedding path: the adapters above act inside the text encoders as usual
+            stack.enter_context(decor_applied(pipe, decor))
+            info.update(infotext_fields(decor))
         return _run(pipe, params, seeds_all, width, height, info, callback)
 
 

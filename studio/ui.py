@@ -661,9 +661,30 @@ def image_caption(info: str) -> str:
     return " · ".join(parts) or (info.splitlines() or [""])[0][:60]
 
 
+def generation_params(prompt: str | None, negative: str | None, seed: float | None, num: float, steps: float,
+                      guidance: float, size: str | None, slots: Sequence[Any], decor: str | None = "",
+                      decor_alpha: float | None = None) -> Any:
+    """The Generate tab's fields as a checked :class:`studio.generation.GenerationParams`."""
+    from studio.generation import GenerationParams, parse_size
+    from studio.text.decor import DEFAULT_ALPHA
+
+    w = h = None
+    if (size or "").strip():
+        w, h = parse_size(size)
+    params = GenerationParams(prompt=prompt or "", negative=negative or "",
+                              seed=None if seed is None or seed < 0 else int(seed), num=int(num), steps=int(steps),
+                              guidance=float(guidance), width=w, height=h, adapters=mix_specs(slots),
+                              decor=(decor or "").strip(),
+                              decor_alpha=DEFAULT_ALPHA if decor_alpha is None else float(decor_alpha))
+    params.validate()
+    return params
+
+
 @panel("generate", "Generate", order=30)
 def _generate_panel(ctx: UIContext) -> None:
     import gradio as gr
+
+    from studio.text.decor import DEFAULT_ALPHA
 
     defaults = sampling_defaults(ctx.base)
     job_id = gr.BrowserState(None, storage_key="studio-generate-job")
@@ -710,6 +731,12 @@ def _generate_panel(ctx: UIContext) -> None:
                                               info="default: the first in the mix")
                     sweep_weights = gr.Textbox(SWEEP_WEIGHTS, label="Weights", elem_id="generate-sweep-weights")
                 base = gr.Textbox(ctx.base, label="Base model")
+            with gr.Accordion("DECOR: keep words out", open=False):
+                decor = gr.Textbox("", label="DECOR: unwanted words", elem_id="generate-decor",
+                                   placeholder="circle, red",
+                                   info="projected out of the prompt embeddings, against leakage (docs/decor.md)")
+                decor_alpha = gr.Slider(0, 1, value=DEFAULT_ALPHA, step=0.05, label="DECOR strength (alpha)",
+                                        elem_id="generate-decor-alpha")
             with gr.Row():
                 go = gr.Button("Generate", variant="primary", elem_id="generate-go")
                 sweep = gr.Button("Weight sweep grid", elem_id="generate-sweep")
@@ -784,17 +811,10 @@ def _generate_panel(ctx: UIContext) -> None:
         return job_markdown(st) if st else "", gal, text, gr.Timer(active=active), gr.update(interactive=active), info
 
     def submit(values: list[Any], sweep_: bool, which: str | None = None, weights: str = ""):
-        from studio.generation import GenerationParams, parse_size
-
-        prompt_, negative_, seed_, num_, steps_, guidance_, size_, base_, *slot_values = values
+        prompt_, negative_, seed_, num_, steps_, guidance_, size_, base_, decor_, alpha_, *slot_values = values
         try:
-            w = h = None
-            if (size_ or "").strip():
-                w, h = parse_size(size_)
-            params = GenerationParams(prompt=prompt_ or "", negative=negative_ or "",
-                                      seed=None if seed_ is None or seed_ < 0 else int(seed_), num=int(num_),
-                                      steps=int(steps_), guidance=float(guidance_), width=w, height=h,
-                                      adapters=mix_specs(slot_values))
+            params = generation_params(prompt_, negative_, seed_, num_, steps_, guidance_, size_, slot_values,
+                                       decor_, alpha_)
             grid = sweep_text(slot_values, which, weights) if sweep_ else None
             jid = ctx.manager.submit_generate(params, base=(base_ or ctx.base).strip(), sweep=grid)
         except StudioError as exc:
@@ -802,7 +822,7 @@ def _generate_panel(ctx: UIContext) -> None:
             return (gr.skip(), f"**Error:** {exc}", *[gr.skip()] * (len(views) - 1))
         return (jid, *view(jid))
 
-    inputs = [prompt, negative, seed, num, steps, guidance, size, base, *slots]
+    inputs = [prompt, negative, seed, num, steps, guidance, size, base, decor, decor_alpha, *slots]
     go.click(lambda *v: submit(list(v), False), inputs, [job_id, *views], concurrency_limit=None,
              api_name="generate")
     prompt.submit(lambda *v: submit(list(v), False), inputs, [job_id, *views], concurrency_limit=None,

@@ -70,7 +70,8 @@ def test_build_app_has_the_three_tabs():
     assert tabs == ["Train", "Library", "Generate"]
     labels = {c["props"].get("label") for c in config["components"]}
     assert {"Trigger word", "Class word (subjects)", "Method", "Steps", "Rank", "Learning rate", "Prompt",
-            "Negative prompt", "Search", "Weight", "New name"} <= labels
+            "Negative prompt", "Search", "Weight", "New name", "DECOR: unwanted words",
+            "DECOR strength (alpha)"} <= labels
     assert any(c.get("type") == "accordion" and c["props"].get("label") == "Advanced" for c in config["components"])
     # gallery clicks get their gr.SelectData: gradio finds it by a type hint it must be able to resolve
     import gradio as gr
@@ -167,6 +168,16 @@ def test_mix_specs_and_sweep():
         ui.sweep_text(["", 1, 0, 1], None, "0,1")
     with pytest.raises(StudioError, match="comma-separated"):
         ui.sweep_text(slots, None, "0, a lot")
+
+
+def test_generation_params_with_decor():
+    slots = ["heart", 1.0, 0.0, 1.0]
+    p = ui.generation_params("a red circle", "", -1, 2, 8, 2.5, "", slots, " circle, red ", 0.6)
+    assert (p.seed, p.adapters, p.decor, p.decor_alpha) == (None, ["heart:1"], "circle, red", 0.6)
+    assert p.decor_config().unwanted == ("circle", "red")
+    assert ui.generation_params("a red circle", "", 7, 1, 8, 2.5, "32x32", [], "", 1.0).decor_config() is None
+    with pytest.raises(StudioError, match="--decor-alpha"):
+        ui.generation_params("a red circle", "", 7, 1, 8, 2.5, "", [], "red", 1.5)
 
 
 def test_image_caption():

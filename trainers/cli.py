@@ -81,6 +81,8 @@ def _add_job_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--snr-gamma", dest="snr_gamma", type=float, help=helps["snr_gamma"])
     p.add_argument("--caption", choices=["auto", "captions", "trigger"], help=helps["caption"])
     p.add_argument("--optimizer", choices=["auto", "adamw", "adamw8bit"], help=helps["optimizer"])
+    p.add_argument("--decor", help=helps["decor"])
+    p.add_argument("--decor-alpha", dest="decor_alpha", type=float, help=helps["decor_alpha"])
     p.add_argument("--mixed-precision", dest="mixed_precision", choices=["no", "fp16", "bf16"],
                    help=helps["mixed_precision"])
     p.add_argument("--gradient-checkpointing", dest="gradient_checkpointing", action="store_true", default=None,

@@ -69,6 +69,9 @@ class TrainConfig:
     sample_every: int = _f(0, "write sample images every N steps (0: at the end only)")
     sample_prompts: list = _f([], "prompts of the sample images (default: the trigger in a few contexts)")
     checkpoint_every: int = _f(50, "save a resumable checkpoint every N steps (0: never)")
+    decor: str = _f("", "DECOR: words projected out of the training prompts' embeddings, comma-separated (e.g. "
+                        "the content words of a style set: \"circle, red\")")
+    decor_alpha: float = _f(1.0, "DECOR strength in [0, 1]")
     resume: bool = _f(False, "continue from the last checkpoint in the output folder")
     seed: int = _f(0, "random seed (data order, noise, timesteps)")
     device: str = _f("", "cpu, cuda, cuda:N (default: cuda if present)")
@@ -148,6 +151,8 @@ class TrainConfig:
                 raise bad(name, f"{getattr(self, name)}: must be >= 0")
         self.adapter_options()  # method-specific flags belong to their method
 
+        if self.decor.strip():
+            self.decor_config()  # DecorConfig names the --decor field that is wrong
     def adapter_options(self) -> dict[str, Any]:
         """Method-specific adapter settings (AdapterSettings.options); set only for the method they belong to."""
         opts = {k: getattr(self, k) for k in ("transform_rank", "residual", "residual_rank") if getattr(self, k) is not None}
@@ -159,3 +164,11 @@ class TrainConfig:
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    def decor_config(self) -> Any:
+        """The :class:`studio.text.decor.DecorConfig` of ``decor``/``decor_alpha``, or None without ``decor``."""
+        if not self.decor.strip():
+            return None
+        from studio.text.decor import DecorConfig
+
+        return DecorConfig(self.decor, alpha=self.decor_alpha)

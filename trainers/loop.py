@@ -139,7 +139,8 @@ def _train(cfg: TrainConfig, out: Path, on_event: EventHandler | None, cancel: t
             pixels = prior_images(pipe, plan.class_prompts, cfg.seed, emit, steps=plan.sample_steps,
                                   guidance=plan.guidance)
             class_latents = _encode_images(vae, pixels, accelerator.device)
-    text_cache = TextCache(pipe, train_text=cfg.text_encoder, live_word=cfg.token if plan.train_trigger else None)
+    text_cache = TextCache(pipe, train_text=cfg.text_encoder, live_word=cfg.token if plan.train_trigger else None,
+                           decor=cfg.decor_config())
 
     # ---- adapter --------------------------------------------------------------------------------
     settings = adapters.AdapterSettings(rank=plan.rank, alpha=cfg.alpha, targets=plan.targets,
@@ -351,10 +352,11 @@ class TextCache:
     prompt is.
     """
 
-    def __init__(self, pipe: Any, train_text: bool, live_word: str | None = None) -> None:
+    def __init__(self, pipe: Any, train_text: bool, live_word: str | None = None, decor: Any = None) -> None:
         self.pipe = pipe
         self.train_text = train_text
         self.live_word = live_word
+        self.decor = decor  # a studio.text.decor.DecorConfig: the prompts' embeddings are projected (DECOR)
         self.cache: dict[str, torch.Tensor] = {}
 
     def _live(self, prompt: str) -> bool:
@@ -364,7 +366,12 @@ class TextCache:
         tok = self.pipe.tokenizer
         ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
                   return_tensors="pt").input_ids.to(self.pipe.text_encoder.device)
-        return self.pipe.text_encoder(ids)[0]
+        emb = self.pipe.text_encoder(ids)[0]
+        if self.decor is not None:
+            from studio.text.pipeline import project_embeddings
+
+            emb = project_embeddings(self.pipe, self.decor, prompts, emb)[0]
+        return emb
 
     def embed(self, prompts: list[str]) -> torch.Tensor:
         if self.train_text:

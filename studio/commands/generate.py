@@ -65,7 +65,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     mix.add_argument("--seeds", default=None, metavar="S1,S2,...", help="explicit seeds, one image each (the grid's rows)")
     mix.add_argument("--grid", default=None, metavar="PNG",
                      help="where the labelled grid goes (with --sweep; default: OUT/grid.png)")
+    add_decor_args(p)
     p.set_defaults(func=run)
+
+
+def add_decor_args(p: argparse.ArgumentParser) -> None:
+    """--decor/--decor-alpha/--decor-rows/--decor-pooled, shared by generate and the eval suites."""
+    from studio.text.decor import DEFAULT_ALPHA, ROWS
+
+    g = p.add_argument_group("DECOR", "project unwanted words out of the prompt embeddings (docs/decor.md)")
+    g.add_argument("--decor", default="", metavar="WORDS",
+                   help='unwanted words or phrases, comma-separated, e.g. "circle, red"')
+    g.add_argument("--decor-alpha", type=float, default=DEFAULT_ALPHA,
+                   help=f"projection strength in [0, 1] (default {DEFAULT_ALPHA:g}; 0: no change)")
+    g.add_argument("--decor-rows", default="words", choices=ROWS,
+                   help="prompt rows projected: words (default), words+end (also EOS and padding), all")
+    g.add_argument("--decor-pooled", action="store_true", help="also project SDXL's pooled embedding")
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -96,7 +111,9 @@ def run(args: argparse.Namespace) -> int:
     sweep = parse_sweep(args.sweep) if args.sweep else None
     params = GenerationParams(prompt=args.prompt, negative=args.negative, steps=args.steps, guidance=args.guidance,
                               seed=args.seed, num=args.num, width=width, height=height, sampler=args.sampler,
-                              batch_size=args.batch_size, adapters=list(args.adapter), seeds=seeds)
+                              batch_size=args.batch_size, adapters=list(args.adapter), seeds=seeds,
+                              decor=args.decor, decor_alpha=args.decor_alpha, decor_rows=args.decor_rows,
+                              decor_pooled=args.decor_pooled)
     params.validate()
     pipe = load_from_args(args)
     if args.attention == "xformers":

@@ -106,6 +106,9 @@ def _adapter_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--token", default=None, help="trigger word (default: adapter metadata studio.trigger, else sks)")
     p.add_argument("--drift-n", type=int, default=DEFAULT_N["drift"],
                    help=f"base prompts without the trigger, for base_drift (default {DEFAULT_N['drift']}; 0: skip)")
+    from studio.commands.generate import add_decor_args
+
+    add_decor_args(p)
 
 
 def _load_judge(folder: str | None):
@@ -139,6 +142,11 @@ def run(args: argparse.Namespace) -> int:
                               f"style's training images")
     if args.suite in ("subject", "style"):
         suites.adapter_metadata(args.adapter)  # the file exists and is a safetensors file
+    decor = None
+    if args.suite in ("subject", "style") and args.decor.strip():
+        from studio.text.decor import DecorConfig
+
+        decor = DecorConfig(args.decor, alpha=args.decor_alpha, rows=args.decor_rows, pooled=args.decor_pooled)
     judge = _load_judge(args.judge)
 
     from studio.commands.generate import load_from_args
@@ -149,11 +157,11 @@ def run(args: argparse.Namespace) -> int:
     elif args.suite == "subject":
         result = suites.subject_suite(pipe, judge, args.adapter, subject=args.subject, color=args.color,
                                       token=args.token, class_word=args.class_word, n=args.n, drift_n=args.drift_n,
-                                      settings=settings)
+                                      settings=settings, decor=decor)
     elif args.suite == "style":
         result = suites.style_suite(pipe, judge, args.adapter, texture=args.texture, token=args.token,
                                     train_images=args.train_images, n=args.n, drift_n=args.drift_n,
-                                    settings=settings)
+                                    settings=settings, decor=decor)
     else:
         from studio.loading import load_pipeline
 

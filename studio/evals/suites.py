@@ -564,8 +564,11 @@ def training_concepts(folder: str | Path, judge: Judge) -> tuple[list[str], list
 def subject_suite(pipe: Any, judge: Judge, adapter: str | Path, *, subject: str, color: str | None = None,
                   token: str | None = None, class_word: str | None = None, n: int | None = None,
                   drift_n: int = DEFAULT_N["drift"], settings: GenSettings | None = None,
-                  progress: Progress | None = None) -> dict[str, Any]:
-    """DreamBench-style evaluation of a subject adapter whose subject is a ``subject`` shape (of ``color``)."""
+                  progress: Progress | None = None, decor: Any = None) -> dict[str, Any]:
+    """DreamBench-style evaluation of a subject adapter whose subject is a ``subject`` shape (of ``color``).
+
+    ``decor``: a :class:`studio.text.decor.DecorConfig` applied to the subject images (not the drift set).
+    """
     settings = settings or GenSettings()
     check_choice("shape", subject, "subject")
     if color is not None:
@@ -580,7 +583,7 @@ def subject_suite(pipe: Any, judge: Judge, adapter: str | Path, *, subject: str,
     log.info("subject suite: %d prompts like %r, %d images", len({it.group for it in items}), items[0].prompt,
              len(items))
     t0 = time.perf_counter()
-    images, drift_items, before, after = _adapter_run(pipe, adapter, items, drift_n, settings, progress)
+    images, drift_items, before, after = _adapter_run(pipe, adapter, items, drift_n, settings, progress, decor)
     seen = read_attributes(images, judge)
     subject_ok = [seen["shape"][i] == subject and (color is None or "color" in it.asked or seen["color"][i] == color)
                   for i, it in enumerate(items)]
@@ -596,11 +599,14 @@ def subject_suite(pipe: Any, judge: Judge, adapter: str | Path, *, subject: str,
 
 
 def _adapter_run(pipe: Any, adapter: str | Path, items: list, drift_n: int, settings: GenSettings,
-                 progress: Progress | None) -> tuple:
-    """The suite's images with the adapter, and the drift set's images without and with it."""
+                 progress: Progress | None, decor: Any = None) -> tuple:
+    """The suite's images with the adapter (and DECOR), and the drift set's images without and with the adapter."""
+    from studio.text.pipeline import decor_applied
+
     drift_items, before = _drift_images(pipe, drift_n, settings)
     with adapter_applied(pipe, adapter):
-        images = generate(pipe, items, settings, progress)
+        with decor_applied(pipe, decor):
+            images = generate(pipe, items, settings, progress)
         after = generate(pipe, drift_items, settings)
     return images, drift_items, before, after
 
@@ -608,8 +614,8 @@ def _adapter_run(pipe: Any, adapter: str | Path, items: list, drift_n: int, sett
 def style_suite(pipe: Any, judge: Judge, adapter: str | Path, *, texture: str, token: str | None = None,
                 train_images: str | Path | None = None, n: int = DEFAULT_N["style"],
                 drift_n: int = DEFAULT_N["drift"], settings: GenSettings | None = None,
-                progress: Progress | None = None) -> dict[str, Any]:
-    """Evaluation of a style adapter whose style is the ``texture`` texture."""
+                progress: Progress | None = None, decor: Any = None) -> dict[str, Any]:
+    """Evaluation of a style adapter whose style is the ``texture`` texture (``decor``: as for subject_suite)."""
     settings = settings or GenSettings()
     check_choice("texture", texture)
     _check_count("n", n, 1)
@@ -639,7 +645,7 @@ def style_suite(pipe: Any, judge: Judge, adapter: str | Path, *, texture: str, t
                     "pass --train-images DIR, or train with the studio so the adapter records them")
     items = style_items(token, texture, n=n, seed=settings.seed)
     t0 = time.perf_counter()
-    images, drift_items, before, after = _adapter_run(pipe, adapter, items, drift_n, settings, progress)
+    images, drift_items, before, after = _adapter_run(pipe, adapter, items, drift_n, settings, progress, decor)
     seen = read_attributes(images, judge)
     content = np.all(np.stack([_hits(seen, items, a) for a in ("shape", "color", "background")]), axis=0)
     result = {
