@@ -109,6 +109,22 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "A failing job is reported and the others still run; exit status 1 if any failed.")
     b.add_argument("jobs", nargs="+", metavar="JOB.toml")
     b.add_argument("--logs", default=None, metavar="DIR", help="folder of per-job logs (default: out/batch-logs)")
+    b.add_argument("--resume", action="store_true",
+                   help="continue each job from its last checkpoint; jobs that finished earlier are skipped")
+    c = b.add_argument_group("on a Ray cluster (pip install 'diffusion-studio[cluster]'; see docs/CLUSTER.md)")
+    c.add_argument("--cluster", metavar="ADDRESS",
+                   help="run the jobs as Ray tasks: auto, ray://HOST:PORT, HOST:PORT, or local[:N] (a Ray instance "
+                        "started here with N workers)")
+    c.add_argument("--num-cpus", dest="num_cpus", type=float, default=None,
+                   help="CPUs per job (default 1; a job file's [cluster] table overrides it)")
+    c.add_argument("--num-gpus", dest="num_gpus", type=float, default=None,
+                   help="GPUs per job, fractions allowed (default: 1 when the cluster has GPUs, else 0)")
+    c.add_argument("--max-retries", dest="max_retries", type=int, default=3,
+                   help="times Ray reruns a job whose worker died; it resumes from its last checkpoint (default 3)")
+    c.add_argument("--unschedulable-timeout", dest="unschedulable_timeout", type=float, default=60.0, metavar="S",
+                   help="a job asking for resources no node has is reported after S seconds (default 60)")
+    c.add_argument("--connect-timeout", dest="connect_timeout", type=float, default=5.0, metavar="S",
+                   help="give up on an unreachable cluster address after S seconds (default 5)")
     b.set_defaults(func=run_batch)
 
 
@@ -159,10 +175,18 @@ def _register(cfg, result) -> None:
 
 
 def run_batch(args: argparse.Namespace) -> int:
+    from studio.trainers.cluster import finished_earlier
     from studio.trainers.config import TrainConfig
     from studio.trainers.loop import train
 
     logs = Path(args.logs or "out/batch-logs")
+    if getattr(args, "cluster", None):
+        from studio.trainers.cluster import BatchOptions, run_cluster_batch
+
+        return run_cluster_batch(args.jobs, BatchOptions(
+            cluster=args.cluster, logs=logs, resume=args.resume, num_cpus=args.num_cpus, num_gpus=args.num_gpus,
+            max_retries=args.max_retries, unschedulable_timeout=args.unschedulable_timeout,
+            connect_timeout=args.connect_timeout))
     logs.mkdir(parents=True, exist_ok=True)
     rows = []
     for i, job in enumerate(args.jobs):
@@ -175,6 +199,10 @@ def run_batch(args: argparse.Namespace) -> int:
         try:
             with open(log_path, "a") as fh:
                 cfg = TrainConfig.from_toml(job)
+                cfg.resume = cfg.resume or getattr(args, "resume", False)
+                if cfg.resume and cfg.out and finished_earlier(cfg.out):
+                    rows.append((job, "ok", "0s", f"{cfg.out} (finished in an earlier run)"))
+                    continue
                 bar = ProgressBar(label=label)
                 file_bar = ProgressBar(stream=fh)
                 result = train(cfg, on_event=lambda e: (bar(e), file_bar(e)))

@@ -102,6 +102,7 @@ class TrainConfig:
             raise StudioError(f"{p}: no such job file") from exc
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise StudioError(f"{p}: not valid TOML ({exc})") from exc
+        data.pop("cluster", None)  # resources of `studio batch --cluster` (studio.trainers.cluster reads them)
         if "train" in data and isinstance(data["train"], dict) and len(data) == 1:
             data = data["train"]  # a [train] table is accepted too
         cfg = cls.from_dict(data, source=str(p))

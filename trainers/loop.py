@@ -414,8 +414,9 @@ def prior_images(pipe: Any, prompts: list[str], seed: int, emit: EventHandler, *
                         output_type="pil").images
             for im in imgs:
                 path = folder / f"{len(have) + done:05d}.png"
-                tmp = path.with_suffix(".tmp.png")
-                im.save(tmp)
+                # per-process name: jobs of a batch on a cluster fill one shared cache at once
+                tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp")
+                im.save(tmp, format="PNG")
                 os.replace(tmp, path)
                 done += 1
             emit(Event("prepare", message=f"class images {len(have) + done}/{n}"))
