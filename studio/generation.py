@@ -361,17 +361,23 @@ def image_grid(rows: Sequence[Sequence[Image.Image]], row_labels: Sequence[str],
 
 def save_grid(grid: Image.Image, path: str | Path) -> Path:
     """Write a grid PNG atomically, with its infotext."""
+    return write_png(grid, png_path(path, "--grid", "the grid"))
+
+
+def png_path(path: str | Path, flag: str, what: str) -> Path:
+    """``path`` checked to name a PNG file, its folder made; errors name ``flag`` and ``what`` is written."""
     path = Path(path)
     if path.suffix.lower() != ".png":
-        raise StudioError(f"--grid {path}: the grid is written as PNG; give a .png file name")
+        raise StudioError(f"{flag} {path}: {what} is written as PNG; give a .png file name")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise StudioError(f"--grid {path}: cannot create its folder ({exc.strerror}); choose another") from exc
-    return _write_png(grid, path)
+        raise StudioError(f"{flag} {path}: cannot create its folder ({exc.strerror}); choose another") from exc
+    return path
 
 
-def _write_png(im: Image.Image, path: Path) -> Path:
+def write_png(im: Image.Image, path: Path) -> Path:
+    """Write ``im`` as a PNG atomically, with its ``info['parameters']`` infotext (empty when it has none)."""
     meta = PngImagePlugin.PngInfo()
     meta.add_text("parameters", im.info.get("parameters", ""))
     tmp = path.with_suffix(".png.tmp")
@@ -395,6 +401,6 @@ def save_images(images: Sequence[Image.Image], out_dir: str | Path) -> list[Path
     for im in images:
         text = im.info.get("parameters", "")
         seed = re.search(r"Seed: (\d+)", text)
-        paths.append(_write_png(im, out / f"{index:05d}-{seed.group(1) if seed else 'x'}.png"))
+        paths.append(write_png(im, out / f"{index:05d}-{seed.group(1) if seed else 'x'}.png"))
         index += 1
     return paths

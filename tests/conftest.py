@@ -23,3 +23,14 @@ def tiny_dirs(tmp_path_factory):
 def _studio_home(tmp_path, monkeypatch):
     """Each test gets its own STUDIO_HOME so no test reads or writes ~/.studio."""
     monkeypatch.setenv("STUDIO_HOME", str(tmp_path / "studio-home"))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of tiny models (on two busy cores, two threads ran test_mixing 8x slower)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

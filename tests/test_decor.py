@@ -24,13 +24,7 @@ from studio.text.pipeline import apply_decor, decor_applied, encode, project_emb
 PROMPT = "a red circle on a white background"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models: one thread (two busy cores shared with other jobs)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from studio.errors import StudioError
-
 Series = tuple[str, Sequence[float], Sequence[float], Sequence[str]]  # name, xs, ys, point labels
 PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
 
@@ -23,18 +21,23 @@ def have_matplotlib() -> bool:
 
 
 def _target(path: Path) -> Path:
-    if path.suffix.lower() != ".png":
-        raise StudioError(f"--plot {path}: the plot is written as PNG; give a .png file name")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise StudioError(f"--plot {path}: cannot create its folder ({exc.strerror}); choose another") from exc
-    return path
+    from studio.generation import png_path
+
+    return png_path(path, "--plot", "the plot")
 
 
 def _save_pil(im: Any, path: Path) -> Path:
+    from studio.generation import write_png
+
+    return write_png(im, path)
+
+
+def _save_mpl(fig: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
     tmp = path.with_suffix(".png.tmp")
-    im.save(tmp, format="PNG")
+    fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
     os.replace(tmp, path)  # never a half-written PNG under the final name
     return path
 
@@ -128,11 +131,7 @@ def _analysis_mpl(panels: Sequence[tuple[str, Any, Sequence[float] | None]], pat
         axes[1][k].set(title="loadings" + (" | unwanted share" if share is not None else ""), xlabel="component")
     fig.suptitle(title)
     fig.tight_layout()
-    tmp = path.with_suffix(".png.tmp")
-    fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return _save_mpl(fig, path)
 
 
 # ----------------------------------------------------------------------------- Pareto plot
@@ -155,11 +154,7 @@ def line_plot(series: Sequence[Series], path: str | Path, *, title: str, xlabel:
         ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
         ax.legend()
         ax.grid(alpha=0.3)
-        tmp = path.with_suffix(".png.tmp")
-        fig.savefig(tmp, format="png", dpi=100)
-        plt.close(fig)
-        os.replace(tmp, path)
-        return path
+        return _save_mpl(fig, path)
     from PIL import Image, ImageDraw, ImageFont
 
     font = ImageFont.load_default(size=12)
