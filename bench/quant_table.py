@@ -89,12 +89,13 @@ def run_cell(results: Path, method: str, epochs: int | None, col: str, ref: Any,
     t0, c0 = time.perf_counter(), time.process_time()
     report = run_job("micro", cfg, out)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-    t1 = time.perf_counter()
+    t1, c1 = time.perf_counter(), time.process_time()
     result = quant_suite(load_pipeline(str(out)), ref, judge, n=n, settings=settings)
     data = {"cell": name, "method": method, "epochs": cfg.resolved_epochs(), "bits": col, "n": n,
             "accuracy": result["accuracy"], "accuracy_drop": result["accuracy_drop"],
             "judge_fid": result["judge_fid"], "wall_s": round(wall, 1), "cpu_s": round(cpu, 1),
             "load_avg_1min": round(os.getloadavg()[0], 2), "eval_s": round(time.perf_counter() - t1, 1),
+            "eval_cpu_s": round(time.process_time() - c1, 1),
             "report": report}
     _write(results / f"{name}.json", data)
     log.warning("%s: drop %.3f fid %.3f wall %.0f s cpu %.0f s", name, data["accuracy_drop"], data["judge_fid"],
