@@ -178,4 +178,5 @@ def test_two_processes_really_are_two(images, tiny_dirs, tmp_path):
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "world size 2" in res.stderr
+    assert "effective batch 2 = 1 per process x 1 accumulation x 2 process(es)" in res.stderr
     assert (tmp_path / "dp" / "pytorch_lora_weights.safetensors").is_file()

@@ -451,6 +451,7 @@ def run_cluster_batch(paths: list[str], opts: BatchOptions, stream: TextIO | Non
         if owned:
             ray.shutdown()
     _summary(jobs, out)
+    _write_summary_json(jobs, opts.logs / "summary.json")
     if status == 130:
         stream.write("cancelled: the jobs' last checkpoints are kept; run the same batch again with --resume\n")
     return status
@@ -574,6 +575,19 @@ def _finish(ray: Any, job: ClusterJob, log_file: Any, display: _Display) -> None
     log_file.line(text)
 
 
+def _write_summary_json(jobs: list[ClusterJob], path: Path) -> None:
+    """The batch's results for scripts (bench/cluster.py reads the timings from it)."""
+    rows = []
+    for j in jobs:
+        res = j.result or {}
+        rows.append({"job": j.path, "state": j.state, "error": j.error, "worker": j.worker, "pids": j.pids,
+                     "attempts": j.attempts, "resumed_from": j.resumed_from, "adapter": res.get("adapter_file"),
+                     "queued_s": (j.started - j.submitted) if j.started and j.submitted else None,
+                     "run_s": (j.finished - j.started) if j.finished and j.started else None,
+                     "train_s": res.get("seconds")})
+    path.write_text(json.dumps(rows, indent=1))
+
+
 def _summary(jobs: list[ClusterJob], out: TextIO) -> None:
     rows = []
     for j in jobs:
@@ -585,9 +599,9 @@ def _summary(jobs: list[ClusterJob], out: TextIO) -> None:
         rows.append((j.path, status, secs, j.worker or "-", str(j.attempts or "-"), res + (f" {j.note}" if j.note else "")))
     width = max([len(r[0]) for r in rows] + [3])
     wwidth = max([len(r[3]) for r in rows] + [6])
-    out.write(f"{'job':<{width}}  status         time  {'worker':<{wwidth}}  tries  result\n")
+    out.write(f"{'job':<{width}}  status           time  {'worker':<{wwidth}}  tries  result\n")
     for job, status, secs, worker, tries, res in rows:
-        out.write(f"{job:<{width}}  {status:<13}  {secs:>4}  {worker:<{wwidth}}  {tries:>5}  {res}\n")
+        out.write(f"{job:<{width}}  {status:<13}  {secs:>6}  {worker:<{wwidth}}  {tries:>5}  {res}\n")
     failed = sum(j.state != "done" for j in jobs)
     out.write(f"{len(jobs) - failed} ok, {failed} failed (on Ray)\n")
     out.flush()

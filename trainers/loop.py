@@ -121,6 +121,10 @@ def _train(cfg: TrainConfig, out: Path, on_event: EventHandler | None, cancel: t
     emit(Event("prepare", message=f"loading {cfg.base}"))
     pipe = load_pipeline(cfg.base, device=accelerator.device if cfg.device != "cpu" else "cpu", dtype="fp32")
     plan = recipe.plan(cfg, pipe)  # resolved defaults: steps, lr, rank, batch, prompts, prior
+    # said once per run because multi-GPU/multi-node launches change the first number silently
+    log.info("effective batch %d = %d per process x %d accumulation x %d process(es); lr %g, not scaled with "
+             "the process count (docs/CLUSTER.md)", plan.batch * cfg.grad_accum * world, plan.batch, cfg.grad_accum,
+             world, plan.lr)
     emit(Event("prepare", message=f"reading {cfg.images}"))
     data = load_image_folder(cfg.images, resolution=plan.resolution, center_crop=True, buckets=cfg.buckets,
                              require_captions=(cfg.kind == "style" and cfg.caption == "captions"),
