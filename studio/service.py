@@ -139,7 +139,7 @@ class JobManager:
         with self._lock:
             if self._closed:
                 raise StudioError("the job manager is shut down; restart the studio")
-            job_id = f"{kind}-{next(self._ids):04d}-{os.urandom(2).hex()}"
+            job_id = self._new_id(kind)
             self._jobs[job_id] = _Job(id=job_id, kind=kind, label=label or kind, fn=fn, params=_plain(params or {}))
             self._queue.append(job_id)
             self._ensure_worker()
@@ -210,6 +210,34 @@ class JobManager:
         return self.submit("generate", run, label=f"sweep {sweep}: {label}" if sweep else label,
                            params={**_plain(params), "base": base, "sweep": sweep})
 
+    # ---- jobs that run elsewhere (Ray tasks of `studio batch --cluster`) -------------------------
+    def track(self, kind: str, label: str = "", params: dict[str, Any] | None = None) -> str:
+        """List a job that runs outside this manager: its runner feeds it with :meth:`record` and
+        ends it with :meth:`end`; it is read and cancelled like a local one but never queued here."""
+        with self._lock:
+            job_id = self._new_id(kind)
+            self._jobs[job_id] = _Job(id=job_id, kind=kind, label=label or kind, fn=lambda emit, cancel: None,
+                                      params=_plain(params or {}), state="running", started=time.time())
+            self._changed.notify_all()
+        return job_id
+
+    def record(self, job_id: str, ev: Any) -> None:
+        """A progress event (an Event, a dict or a message) of a tracked job."""
+        with self._lock:
+            self._record(self._get(job_id), _event_dict(ev))
+
+    def end(self, job_id: str, state: str, *, result: Any = None, error: str | None = None) -> None:
+        """Finish a tracked job: ``state`` is done, failed or cancelled."""
+        if state not in FINISHED:
+            raise ValueError(f"state {state!r}: one of {', '.join(FINISHED)}")
+        with self._lock:
+            self._finish(self._get(job_id), state, result=_plain(result), error=error)
+
+    def cancel_requested(self, job_id: str) -> bool:
+        """Whether :meth:`cancel` was called on the job (a tracked job's runner polls this)."""
+        with self._lock:
+            return self._get(job_id).cancel.is_set()
+
     # ---- reading -------------------------------------------------------------------------------
     def status(self, job_id: str) -> dict[str, Any]:
         """A job as a plain dict: id, kind, state, progress, loss, ETA, messages, samples, result, error."""
@@ -272,6 +300,9 @@ class JobManager:
             worker.join(wait)
 
     # ---- internals -----------------------------------------------------------------------------
+    def _new_id(self, kind: str) -> str:
+        return f"{kind}-{next(self._ids):04d}-{os.urandom(2).hex()}"
+
     def _get(self, job_id: str) -> _Job:
         job = self._jobs.get(job_id)
         if job is None:

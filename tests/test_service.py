@@ -410,3 +410,24 @@ def test_unique_run_dir(tmp_path):
     (service.runs_dir() / "heart").mkdir(parents=True)
     assert service.unique_run_dir("heart").name == "heart-2"
     assert service.unique_run_dir("../x y").name == "x_y"
+
+
+def test_tracked_jobs_read_like_local_ones(manager, trainer):
+    """A job that runs elsewhere (a Ray task) shows progress, cancels and finishes as a local one."""
+    local = manager.submit_train(cfg("local"))
+    manager.wait(local, TIMEOUT)
+    remote = manager.track("train", label="rex (Ray)", params={"job": "rex.toml"})
+    assert manager.status(remote)["state"] == "running"
+    manager.record(remote, Event("train", step=2, total=4, loss=0.25, lr=1e-3, eta_s=3.0))
+    manager.record(remote, {"phase": "prepare", "message": "started on Ray worker pid 7"})
+    st = manager.status(remote)
+    assert (st["step"], st["total"], st["progress"], st["loss"], st["eta_s"]) == (2, 4, 0.5, 0.25, 3.0)
+    assert set(st) == set(manager.status(local)) and "started on Ray worker pid 7" in st["messages"]
+    assert not manager.cancel_requested(remote)
+    manager.cancel(remote)
+    assert manager.cancel_requested(remote)
+    manager.end(remote, "cancelled", error="cancelled at step 2")
+    assert manager.wait(remote, TIMEOUT)["state"] == "cancelled"
+    assert [j["id"] for j in manager.jobs()] == [local, remote] and not manager.active()
+    with pytest.raises(ValueError):
+        manager.end(remote, "running")
