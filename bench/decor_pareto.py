@@ -38,6 +38,7 @@ def main() -> None:
     ap.add_argument("--color", default=None)
     ap.add_argument("--rows", default="words", help="comma list of row choices")
     ap.add_argument("--alphas", default="0,0.25,0.5,0.75,1")
+    ap.add_argument("--center", action="store_true", help="DecorConfig.center")
     ap.add_argument("--n", type=int, default=None)
     ap.add_argument("--json", default=None, help="append the JSON lines to this file too")
     ap.add_argument("--plot", default=None)
@@ -49,7 +50,7 @@ def main() -> None:
     for rows in args.rows.split(","):
         xs, ys, labels = [], [], []
         for alpha in alphas:
-            decor = DecorConfig(args.decor, alpha=alpha, rows=rows) if alpha > 0 else None
+            decor = DecorConfig(args.decor, alpha=alpha, rows=rows, center=args.center) if alpha > 0 else None
             t0 = time.perf_counter()
             if args.suite == "style":
                 kw = {"n": args.n} if args.n else {}
@@ -60,7 +61,7 @@ def main() -> None:
                 r = suites.subject_suite(pipe, judge, args.adapter, subject=args.subject, color=args.color,
                                          n=args.n, drift_n=0, decor=decor)
                 x, y = r["prompt_fidelity"], r["subject_fidelity"]
-            line = {"rows": rows, "alpha": alpha, "decor": args.decor, "adapter": args.adapter,
+            line = {"rows": rows, "alpha": alpha, "center": args.center, "decor": args.decor, "adapter": args.adapter,
                     "seconds": round(time.perf_counter() - t0, 1), **r}
             sys.stdout.write(json.dumps(line) + "\n")
             sys.stdout.flush()

@@ -61,6 +61,7 @@ class GenerationParams:
     decor_alpha: float = 1.0  # studio.text.decor.DEFAULT_ALPHA
     decor_rows: str = "words"
     decor_pooled: bool = False
+    decor_center: bool = False
 
     def decor_config(self) -> Any:
         """The :class:`studio.text.decor.DecorConfig` of these parameters, or None without ``decor``."""
@@ -68,7 +69,8 @@ class GenerationParams:
             return None
         from studio.text.decor import DecorConfig
 
-        return DecorConfig(self.decor, alpha=self.decor_alpha, rows=self.decor_rows, pooled=self.decor_pooled)
+        return DecorConfig(self.decor, alpha=self.decor_alpha, rows=self.decor_rows, pooled=self.decor_pooled,
+                           center=self.decor_center)
 
     def validate(self) -> None:
         if self.steps is not None and self.steps <= 0:

@@ -318,3 +318,23 @@ def test_training_prompts_are_projected(sd1):
         assert torch.allclose(got[0], _by_hand_sd(sd1, cfg.decor_config(), prompts[0])[0], atol=1e-5)
         assert torch.allclose(got[1], _by_hand_sd(sd1, cfg.decor_config(), prompts[1])[0], atol=1e-5)
     assert not torch.allclose(got, plain, atol=1e-4)
+
+
+def test_centred_projection_keeps_the_reference_mean(sd1):
+    c = torch.randn(16)
+    x = torch.randn(5, 16)
+    basis = orthonormal_basis(_vectors() - c)[0]
+    y = project(x, basis, 1.0, center=c)
+    assert ((y - c).double() @ basis.T).abs().max() < 1e-5
+    assert torch.equal(project(x, basis, 0.0, center=c), x)
+    assert torch.allclose(project(c.unsqueeze(0), basis, 1.0, center=c), c.unsqueeze(0), atol=1e-6)
+    # on a pipeline: the word rows, less the reference mean, are orthogonal to the centred basis
+    from studio.text.pipeline import unwanted_bases
+
+    config = DecorConfig("circle, red", center=True)
+    bases = unwanted_bases(sd1, config)
+    with torch.no_grad(), decor_applied(sd1, config):
+        got = sd1.encode_prompt(PROMPT, "cpu", 1, False)[0]
+    n_words = len(sd1.tokenizer(PROMPT, add_special_tokens=False).input_ids)
+    rows = got[0, 1:1 + n_words] - bases.centers[0]
+    assert (rows.double() @ bases.per_segment[0].T).abs().max() < 1e-4

@@ -81,6 +81,18 @@ def add_decor_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--decor-rows", default="words", choices=ROWS,
                    help="prompt rows projected: words (default), words+end (also EOS and padding), all")
     g.add_argument("--decor-pooled", action="store_true", help="also project SDXL's pooled embedding")
+    g.add_argument("--decor-center", action="store_true",
+                   help="project about the mean of ordinary words: remove only what sets the unwanted words apart")
+
+
+def decor_from_args(args: argparse.Namespace):
+    """The DecorConfig of the --decor flags, or None without --decor."""
+    if not args.decor.strip():
+        return None
+    from studio.text.decor import DecorConfig
+
+    return DecorConfig(args.decor, alpha=args.decor_alpha, rows=args.decor_rows, pooled=args.decor_pooled,
+                       center=args.decor_center)
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -113,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
                               seed=args.seed, num=args.num, width=width, height=height, sampler=args.sampler,
                               batch_size=args.batch_size, adapters=list(args.adapter), seeds=seeds,
                               decor=args.decor, decor_alpha=args.decor_alpha, decor_rows=args.decor_rows,
-                              decor_pooled=args.decor_pooled)
+                              decor_pooled=args.decor_pooled, decor_center=args.decor_center)
     params.validate()
     pipe = load_from_args(args)
     if args.attention == "xformers":

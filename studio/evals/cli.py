@@ -142,11 +142,9 @@ def run(args: argparse.Namespace) -> int:
                               f"style's training images")
     if args.suite in ("subject", "style"):
         suites.adapter_metadata(args.adapter)  # the file exists and is a safetensors file
-    decor = None
-    if args.suite in ("subject", "style") and args.decor.strip():
-        from studio.text.decor import DecorConfig
+    from studio.commands.generate import decor_from_args
 
-        decor = DecorConfig(args.decor, alpha=args.decor_alpha, rows=args.decor_rows, pooled=args.decor_pooled)
+    decor = decor_from_args(args) if args.suite in ("subject", "style") else None
     judge = _load_judge(args.judge)
 
     from studio.commands.generate import load_from_args

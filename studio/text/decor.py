@@ -31,7 +31,16 @@ ROWS = ("words", "words+end", "all")
 """
 
 DEFAULT_ALPHA = 1.0
-RTOL = 1e-4  # singular values below RTOL * the largest are noise, not directions of the span
+RTOL = 1e-4
+REFERENCE_WORDS = ("a", "the", "of", "on", "in", "with", "and", "an", "this", "is", "thing", "object", "picture",
+                   "image", "photo")
+"""Neutral words whose mean encoder output is the centre for ``center=True``.
+
+A text encoder's outputs share a large common direction (on micro the first component of a
+prompt's word rows holds about three quarters of their energy); the span of the unwanted words
+contains it, and projecting it out damages every token alike. Centred, DECOR removes only
+how the unwanted words differ from an ordinary word.
+"""  # singular values below RTOL * the largest are noise, not directions of the span
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +49,9 @@ class DecorConfig:
 
     ``unwanted``: words or phrases (``"circle, red"`` is two); ``alpha`` in [0, 1]; ``rows``: one
     of :data:`ROWS`; ``pooled``: also project SDXL's pooled embedding (in its own space);
-    ``rank``: keep at most this many basis vectors (None: the whole span).
+    ``rank``: keep at most this many basis vectors (None: the whole span); ``center``: take the
+    span of the unwanted vectors minus the mean of :data:`REFERENCE_WORDS`' vectors, and project
+    the prompt rows about that mean (an affine projection: ``c + (x - c)(I - alpha P)``).
     """
 
     unwanted: tuple[str, ...]
@@ -48,6 +59,7 @@ class DecorConfig:
     rows: str = "words"
     pooled: bool = False
     rank: int | None = None
+    center: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.unwanted, str):
@@ -95,8 +107,11 @@ def projector(basis: torch.Tensor) -> torch.Tensor:
     return basis.transpose(0, 1) @ basis
 
 
-def project(x: torch.Tensor, basis: torch.Tensor, alpha: float, rows: torch.Tensor | None = None) -> torch.Tensor:
+def project(x: torch.Tensor, basis: torch.Tensor, alpha: float, rows: torch.Tensor | None = None,
+            center: torch.Tensor | None = None) -> torch.Tensor:
     """``x (I - alpha P)`` on the rows where ``rows`` is true (all rows when None); other rows unchanged.
+
+    With ``center`` (a ``d`` vector ``c``): ``c + (x - c)(I - alpha P)``, the projection about ``c``.
 
     ``x``: ``(..., tokens, d)``; ``basis``: ``r x d`` orthonormal rows; ``rows``: bool
     ``(..., tokens)``. Computed in float32 at least (fp16 embeddings lose the small
@@ -107,8 +122,9 @@ def project(x: torch.Tensor, basis: torch.Tensor, alpha: float, rows: torch.Tens
         return x
     work = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
     b = basis.to(device=x.device, dtype=work.dtype)
+    about = work if center is None else work - center.to(device=x.device, dtype=work.dtype)
     # (x V) V^T: two thin matmuls instead of the d x d projector
-    removed = (work @ b.transpose(0, 1)) @ b
+    removed = (about @ b.transpose(0, 1)) @ b
     if rows is not None:
         removed = removed * rows.to(device=x.device, dtype=work.dtype).unsqueeze(-1)
     return (work - alpha * removed).to(x.dtype)

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from studio.errors import StudioError
-from studio.text.decor import DecorConfig, orthonormal_basis, project, row_mask
+from studio.text.decor import REFERENCE_WORDS, DecorConfig, orthonormal_basis, project, row_mask
 
 log = logging.getLogger(__name__)
 
@@ -93,31 +93,49 @@ def encode(pipe: Any, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor 
 
 @dataclasses.dataclass
 class Bases:
-    """The unwanted texts' orthonormal bases: one per text-encoder segment, and the pooled one (or None)."""
+    """The unwanted texts' orthonormal bases: one per text-encoder segment, and the pooled one (or None).
+
+    ``centers``: with ``DecorConfig.center``, the reference mean of each segment (and ``pooled_center``).
+    """
 
     per_segment: list[torch.Tensor]
     pooled: torch.Tensor | None
+    centers: list[torch.Tensor | None] = dataclasses.field(default_factory=list)
+    pooled_center: torch.Tensor | None = None
+
+
+def word_vectors(pipe: Any, texts: Sequence[str]) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """The encoder outputs of the texts' word tokens, per segment (``k x width``), and their pooled rows."""
+    embeds, pooled = encode(pipe, texts)
+    vectors = []
+    for seg in segments(pipe):
+        words = _masks(seg.tokenizer, texts, "words")
+        if not words.any():
+            raise StudioError(f"--decor {', '.join(texts)!r}: the tokenizer gives these no word tokens")
+        vectors.append(embeds[..., seg.start:seg.stop][words.to(embeds.device)])
+    return vectors, pooled
 
 
 def unwanted_vectors(pipe: Any, config: DecorConfig) -> tuple[list[torch.Tensor], torch.Tensor | None]:
     """The encoder outputs of the unwanted texts' word tokens, per segment (``k x width``), and pooled rows."""
-    phrases = list(config.unwanted)
-    embeds, pooled = encode(pipe, phrases)
-    vectors = []
-    for seg in segments(pipe):
-        words = _masks(seg.tokenizer, phrases, "words")
-        if not words.any():
-            raise StudioError(f"--decor {config.text!r}: the tokenizer gives these no word tokens")
-        vectors.append(embeds[..., seg.start:seg.stop][words.to(embeds.device)])
-    return vectors, pooled
+    return word_vectors(pipe, list(config.unwanted))
 
 
 def unwanted_bases(pipe: Any, config: DecorConfig) -> Bases:
     """The bases DECOR projects out, from the pipeline's current text encoders."""
     vectors, pooled = unwanted_vectors(pipe, config)
-    per_seg = [orthonormal_basis(v, rank=config.rank)[0] for v in vectors]
-    pooled_basis = orthonormal_basis(pooled, rank=config.rank)[0] if config.pooled and pooled is not None else None
-    return Bases(per_seg, pooled_basis)
+    centers: list[torch.Tensor | None] = [None] * len(vectors)
+    pooled_center = None
+    if config.center:
+        ref, ref_pooled = word_vectors(pipe, list(REFERENCE_WORDS))
+        centers = [r.mean(0) for r in ref]
+        pooled_center = ref_pooled.mean(0) if ref_pooled is not None else None
+    per_seg = [orthonormal_basis(v if c is None else v - c, rank=config.rank)[0] for v, c in zip(vectors, centers)]
+    pooled_basis = None
+    if config.pooled and pooled is not None:
+        pooled_basis = orthonormal_basis(pooled if pooled_center is None else pooled - pooled_center,
+                                         rank=config.rank)[0]
+    return Bases(per_seg, pooled_basis, centers, pooled_center)
 
 
 def project_embeddings(pipe: Any, config: DecorConfig, prompts: Sequence[str], embeds: torch.Tensor,
@@ -136,13 +154,14 @@ def project_embeddings(pipe: Any, config: DecorConfig, prompts: Sequence[str], e
     repeat = embeds.shape[0] // len(prompts)
     bases = bases or unwanted_bases(pipe, config)
     parts = []
-    for seg, basis in zip(segments(pipe), bases.per_segment):
+    centers = bases.centers or [None] * len(bases.per_segment)
+    for seg, basis, center in zip(segments(pipe), bases.per_segment, centers):
         texts = prompts_2 if (seg.name == "text_encoder_2" and prompts_2 is not None) else prompts
         mask = _masks(seg.tokenizer, texts, config.rows).repeat_interleave(repeat, dim=0)
-        parts.append(project(embeds[..., seg.start:seg.stop], basis, config.alpha, mask))
+        parts.append(project(embeds[..., seg.start:seg.stop], basis, config.alpha, mask, center))
     out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
     if pooled is not None and bases.pooled is not None:
-        pooled = project(pooled, bases.pooled, config.alpha)
+        pooled = project(pooled, bases.pooled, config.alpha, center=bases.pooled_center)
     return out, pooled
 
 
@@ -231,4 +250,6 @@ def infotext_fields(config: DecorConfig) -> dict[str, str]:
         fields["DECOR pooled"] = "true"
     if config.rank is not None:
         fields["DECOR rank"] = str(config.rank)
+    if config.center:
+        fields["DECOR center"] = "true"
     return fields
