@@ -153,6 +153,20 @@ class ClusterJob:
     result: dict[str, Any] | None = None
     error: str = ""
     note: str = ""
+    view: str | None = None  # its id in a service.JobManager (the UI's job view), when one watches
+    cancel_sent: bool = False  # the job view asked this one job to stop
+    settled: bool = False  # registered (when done) and reported to the job view
+
+    def mirror(self, manager: Any, ev: dict[str, Any] | None = None) -> None:
+        """Tell the job view about an event, or (without one) that the job has ended."""
+        if manager is None or self.view is None:
+            return
+        if ev is not None:
+            manager.record(self.view, ev)
+        elif self.state not in ("pending", "running"):
+            state = {"done": "done", "cancelled": "cancelled"}.get(self.state, "failed")
+            manager.end(self.view, state, result=self.result if self.state == "done" else None,
+                        error=self.error or None)
 
     def asked(self) -> str:
         return ", ".join(f"{k.lower().replace('cpu', 'num_cpus').replace('gpu', 'num_gpus')}={v:g}"
@@ -207,12 +221,13 @@ class _Hub:
     def __init__(self) -> None:
         self.events: list[tuple[int, dict[str, Any]]] = []
         self.attempts: dict[int, int] = {}
-        self.cancel = False
+        self.cancel = False  # every job
+        self.cancel_jobs: set[int] = set()  # single jobs (cancelled in the UI's job view)
 
     def start(self, index: int, pid: int, node: str) -> tuple[int, bool]:
         self.attempts[index] = self.attempts.get(index, 0) + 1
         self.events.append((index, {"phase": "started", "pid": pid, "node": node, "attempt": self.attempts[index]}))
-        return self.attempts[index], self.cancel
+        return self.attempts[index], self.cancelled(index)
 
     def report(self, index: int, event: dict[str, Any]) -> None:
         self.events.append((index, event))
@@ -221,11 +236,14 @@ class _Hub:
         out, self.events = self.events, []
         return out
 
-    def request_cancel(self) -> None:
-        self.cancel = True
+    def request_cancel(self, index: int | None = None) -> None:
+        if index is None:
+            self.cancel = True
+        else:
+            self.cancel_jobs.add(index)
 
-    def cancelled(self) -> bool:
-        return self.cancel
+    def cancelled(self, index: int) -> bool:
+        return self.cancel or index in self.cancel_jobs
 
 
 def _job_task(index: int, cfg_json: str, hub: Any) -> dict[str, Any]:
@@ -259,7 +277,7 @@ def _job_task(index: int, cfg_json: str, hub: Any) -> dict[str, Any]:
     def watch_cancel() -> None:  # the driver's Ctrl-C reaches the loop through the hub's flag
         while not stop.wait(1.0):
             try:
-                if ray.get(hub.cancelled.remote(), timeout=10):
+                if ray.get(hub.cancelled.remote(index), timeout=10):
                     cancel.set()
                     return
             except Exception:  # noqa: BLE001 - the driver is gone: keep training, Ray will end us
@@ -397,6 +415,7 @@ class BatchOptions:
     unschedulable_timeout: float = 60.0
     connect_timeout: float = 5.0
     register: Any = None  # register(cfg, result) -> None; default: trainers.cli._register
+    manager: Any = None  # a service.JobManager whose job view lists the jobs (the UI's)
 
 
 def run_cluster_batch(paths: list[str], opts: BatchOptions, stream: TextIO | None = None,
@@ -432,6 +451,9 @@ def run_cluster_batch(paths: list[str], opts: BatchOptions, stream: TextIO | Non
                                  state="failed", error=str(exc), finished=time.monotonic())
                 display.note(f"{job.label} FAILED: {exc}")
                 logs[i].line(f"FAILED: {exc}")
+            if opts.manager is not None:
+                job.view = opts.manager.track("train", label=f"{Path(path).stem} (Ray {opts.cluster})",
+                                              params=dataclasses.asdict(job.cfg) if job.cfg else {"job": path})
             jobs.append(job)
         for job in jobs:
             if job.state != "pending":
@@ -442,9 +464,6 @@ def run_cluster_batch(paths: list[str], opts: BatchOptions, stream: TextIO | Non
                                    name=f"studio-train {Path(job.path).stem}").remote(job.index, job.cfg.to_json(), hub)
             logs[job.index].line(f"submitted to Ray ({job.asked()}, max_retries {job.max_retries}); out {job.cfg.out}")
         status = _drive(ray, jobs, hub, logs, display, opts)
-        for job in jobs:
-            if job.state == "done" and job.result and not job.result.get("skipped"):
-                (opts.register or _default_register)(job.cfg, job.result)
     finally:
         for lg in logs.values():
             lg.close()
@@ -477,10 +496,14 @@ def _drive(ray: Any, jobs: list[ClusterJob], hub: Any, logs: dict[int, Any], dis
             if not live:
                 break
             ready, _ = ray.wait([j.ref for j in live], num_returns=len(live), timeout=POLL_S)
-            _apply_events(ray.get(hub.drain.remote()), jobs, logs, display)
+            _apply_events(ray.get(hub.drain.remote()), jobs, logs, display, opts.manager)
             for job in live:
                 if job.ref in ready:
                     _finish(ray, job, logs[job.index], display)
+                elif opts.manager is not None and job.view and not job.cancel_sent \
+                        and opts.manager.cancel_requested(job.view):
+                    job.cancel_sent = True  # the job view's Cancel: this job only, checkpoint first
+                    hub.request_cancel.remote(job.index)
             now = time.monotonic()
             if now - nodes_at > 5:  # nodes join and leave (autoscaling): look again now and then
                 nodes, nodes_at = _node_totals(ray), now
@@ -496,6 +519,7 @@ def _drive(ray: Any, jobs: list[ClusterJob], hub: Any, logs: dict[int, Any], dis
                     logs[job.index].line(job.error)
             if cancelling_since is not None and now - cancelling_since > CANCEL_GRACE_S:
                 raise KeyboardInterrupt
+            _settle(jobs, opts)
             display.draw(jobs)
         except KeyboardInterrupt:
             if cancelling_since is not None:  # a second Ctrl-C, or the grace ran out: stop them now
@@ -513,14 +537,29 @@ def _drive(ray: Any, jobs: list[ClusterJob], hub: Any, logs: dict[int, Any], dis
                 if job.state == "pending":
                     ray.cancel(job.ref, force=False)
                     job.state, job.finished, job.error = "cancelled", time.monotonic(), "cancelled before it started"
+    _settle(jobs, opts)
     display.draw([])
     return 130 if cancelling_since is not None else (1 if any(j.state != "done" for j in jobs) else 0)
 
 
+def _settle(jobs: list[ClusterJob], opts: BatchOptions) -> None:
+    """Jobs that just ended: the driver registers a finished adapter at once (the library's one
+    writer), and the job view hears the end."""
+    for job in jobs:
+        if job.settled or job.state in ("pending", "running"):
+            continue
+        job.settled = True
+        if job.state == "done" and job.result and not job.result.get("skipped"):
+            (opts.register or _default_register)(job.cfg, job.result)
+        job.mirror(opts.manager)
+
+
 def _apply_events(batch: list[tuple[int, dict[str, Any]]], jobs: list[ClusterJob], logs: dict[int, Any],
-                  display: _Display) -> None:
+                  display: _Display, manager: Any = None) -> None:
     for index, ev in batch:
         job = jobs[index]
+        if ev["phase"] != "started":
+            job.mirror(manager, ev)
         if ev["phase"] == "started":
             if job.state in ("pending", "running"):
                 job.state = "running"
@@ -533,6 +572,7 @@ def _apply_events(batch: list[tuple[int, dict[str, Any]]], jobs: list[ClusterJob
                 text += ": Ray retried the job after its worker died; it resumes from its last checkpoint"
             logs[index].line(text)
             display.note(f"{job.label} {text}")
+            job.mirror(manager, {"phase": "prepare", "message": text})
             continue
         logs[index].event(ev)
         if ev.get("total"):
