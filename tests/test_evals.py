@@ -316,8 +316,15 @@ def test_subject_suite_json_zero_lora_has_no_drift(smoke, loras, capsys):
     argv = ["eval", "subject", "--base", smoke.model, "--judge", smoke.judge, "--adapter", str(loras.zero),
             "--subject", "heart", "--n", "34", "--drift-n", "8", *GEN, "--json"]
     res = _json(capsys, *argv)
-    assert set(res) == {"suite", "n", "subject_fidelity", "prompt_fidelity", "diversity", "base_drift"}
+    assert set(res) == {"suite", "n", "subject_fidelity", "prompt_fidelity", "diversity", "base_drift",
+                        "drift_by_attribute", "by_prompt"}
     assert res["suite"] == "subject" and res["n"] == 34
+    # the breakdown: every prompt once, its counts adding up, its means averaging to the totals
+    per = res["by_prompt"]
+    assert sum(r["n"] for r in per.values()) == 34 and len(per) == len(suites.subject_prompts("sks", "shape"))
+    assert abs(sum(r["subject"] * r["n"] for r in per.values()) / 34 - res["subject_fidelity"]) < 1e-3
+    assert set(res["drift_by_attribute"]) == {"shape", "color", "background", "texture", "joint"}
+    assert res["drift_by_attribute"]["joint"] == 0.0
     assert all(_in_unit(res[k]) for k in ("subject_fidelity", "prompt_fidelity"))
     assert isinstance(res["diversity"], float) and res["diversity"] > 0
     assert res["base_drift"] == 0.0
@@ -343,7 +350,8 @@ def test_style_suite_json_leakage_from_metadata_or_null(smoke, loras, capsys, ca
     argv = ["eval", "style", "--base", smoke.model, "--judge", smoke.judge, "--texture", "checkered", "--n", "12",
             "--drift-n", "4", *GEN, "--json"]
     res = _json(capsys, *argv, "--adapter", str(loras.style))
-    assert set(res) == {"suite", "n", "style_fidelity", "content_fidelity", "leakage", "base_drift"}
+    assert set(res) == {"suite", "n", "style_fidelity", "content_fidelity", "leakage", "base_drift",
+                        "drift_by_attribute"}
     assert res["suite"] == "style" and res["n"] == 12
     assert all(_in_unit(res[k]) for k in ("style_fidelity", "content_fidelity", "leakage"))
     assert res["base_drift"] == 0.0  # the style LoRA here has lora_B = 0
@@ -554,3 +562,19 @@ def test_training_concepts_from_captions_and_metadata_trigger(dummy_adapter, tmp
     assert np.isclose(suites.leakage_rate({"shape": np.array(["circle", "square"]), "color": np.array(["red", "red"])},
                                           [suites.Item("", 0, {"shape": "square", "color": "blue"})] * 2,
                                           ["circle"], ["red"]), 0.75)
+
+
+def test_table_shows_the_per_prompt_breakdown_as_its_own_table():
+    from studio.evals.cli import format_table
+
+    res = {"suite": "subject", "n": 4, "subject_fidelity": 0.5, "base_drift": None,
+           "drift_by_attribute": {"color": 0.25, "joint": 0.25},
+           "by_prompt": {"a sks shape": {"subject": 1.0, "prompt": 0.5, "n": 2},
+                         "a blue sks shape": {"subject": 0.0, "prompt": 1.0, "n": 2}}}
+    table = format_table(res)
+    assert "drift_by_attribute.color" in table and "base_drift" in table and "n/a" in table
+    assert "by_prompt" not in table and "{" not in table
+    lines = table.splitlines()
+    head = next(i for i, line in enumerate(lines) if "per prompt" in line)
+    assert lines[head].split()[-2:] == ["subject", "prompt"]
+    assert lines[head + 2].split()[-2:] == ["0.00", "1.00"] and "a blue sks shape" in lines[head + 2]

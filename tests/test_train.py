@@ -180,3 +180,83 @@ def test_two_processes_really_are_two(images, tiny_dirs, tmp_path):
     assert "world size 2" in res.stderr
     assert "effective batch 2 = 1 per process x 1 accumulation x 2 process(es)" in res.stderr
     assert (tmp_path / "dp" / "pytorch_lora_weights.safetensors").is_file()
+
+
+# ----------------------------------------------------------------------------- subject captions, output preservation
+
+
+def test_subject_word_is_found_in_micro_captions_only_when_unambiguous():
+    from studio.trainers.recipes import subject_word_from_captions
+
+    assert subject_word_from_captions(["a solid red heart on a gray background", "red heart, white background"]) == "heart"
+    assert subject_word_from_captions(["a red heart", "a star and a heart"]) == "heart"
+    assert subject_word_from_captions(["a red heart", "a red star"]) == ""  # no shared shape word
+    assert subject_word_from_captions(["a red heart", None]) == ""  # an image without a caption
+    assert subject_word_from_captions(["a heart and a star", "a star heart"]) == ""  # two shared: ambiguous
+
+
+class _Data(list):
+    @property
+    def items(self):
+        return list(self)
+
+
+def test_subject_captions_put_the_trigger_in_the_subject_word_place(caplog):
+    from types import SimpleNamespace
+
+    from studio.trainers.recipes import SubjectRecipe
+
+    data = _Data(SimpleNamespace(caption=c, path=Path(f"{i}.png"))
+                 for i, c in enumerate(["a red Rex on the beach", "Rex, studio light", "a dog in snow", None]))
+    plan = SimpleNamespace(class_word="dog", micro=False)
+    cfg = TrainConfig.from_dict(dict(images="x", subject_word="rex"))
+    prompts = SubjectRecipe().instance_prompts(cfg, plan, data)
+    plain = "a sks dog"
+    assert prompts[:2] == [("a red sks dog on the beach", plain), ("sks dog, studio light", plain)]
+    assert prompts[2:] == [plain, plain]  # captions that do not name the subject train on the plain prompt
+    assert "do not name the subject 'rex'" in caplog.text and "2.png" in caplog.text
+    # without a subject word (and not micro) the captions are not used: classic DreamBooth
+    assert SubjectRecipe().instance_prompts(TrainConfig.from_dict(dict(images="x")), plan, data) == [plain] * 4
+    assert SubjectRecipe().instance_prompts(TrainConfig.from_dict(dict(images="x", subject_word="rex",
+                                                                       caption="trigger")), plan, data) == [plain] * 4
+    with pytest.raises(StudioError, match="--subject-word"):
+        SubjectRecipe().instance_prompts(TrainConfig.from_dict(dict(images="x", caption="captions")), plan, data)
+
+
+def test_caption_dropout_picks_the_plain_prompt_at_its_rate():
+    from studio.trainers.loop import _pick
+
+    g = torch.Generator().manual_seed(0)
+    picks = [_pick(("caption", "plain"), 0.3, g) for _ in range(2000)]
+    assert abs(picks.count("plain") / 2000 - 0.3) < 0.04
+    state = g.get_state()
+    assert _pick("only", 0.3, g) == "only" and torch.equal(g.get_state(), state)  # no draw without a choice
+    assert {_pick(("c", "p"), 0.0, g) for _ in range(50)} == {"c"} and {_pick(("c", "p"), 1.0, g) for _ in range(50)} == {"p"}
+
+
+def test_adapters_off_is_the_base_model_and_keeps_the_adapter_trainable(tiny_dirs):
+    from studio import adapters, load_pipeline
+    from studio.trainers.loop import _adapters_off
+
+    pipe = load_pipeline(str(tiny_dirs["sd1"]))
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    emb = torch.randn(1, 77, pipe.unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        base = pipe.unet(x, 10, emb).sample
+    params = adapters.add_adapter(pipe, "lora", adapters.AdapterSettings(rank=2, targets="all"), "default")
+    with torch.no_grad():
+        for p in params:
+            p.add_(0.1)
+        adapted = pipe.unet(x, 10, emb).sample
+        with _adapters_off(pipe, params):
+            off = pipe.unet(x, 10, emb).sample
+        again = pipe.unet(x, 10, emb).sample
+    assert (adapted - base).abs().max() > 1e-4
+    torch.testing.assert_close(off, base)
+    torch.testing.assert_close(again, adapted)
+    assert all(p.requires_grad for p in params)
+
+
+def test_prior_target_is_checked(tmp_path):
+    with pytest.raises(StudioError, match="--prior-target zero: choose base or noise"):
+        TrainConfig.from_dict(dict(images="x", prior_target="zero"))

@@ -78,11 +78,14 @@ def _add_job_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-prior", dest="prior", action="store_false", default=None, help="turn prior preservation off")
     p.add_argument("--class-images", dest="class_images", type=int, help=helps["class_images"])
     p.add_argument("--prior-weight", dest="prior_weight", type=float, help=helps["prior_weight"])
+    p.add_argument("--prior-target", dest="prior_target", choices=["base", "noise"], help=helps["prior_target"])
     p.add_argument("--snr-gamma", dest="snr_gamma", type=float, help=helps["snr_gamma"])
     p.add_argument("--caption", choices=["auto", "captions", "trigger"], help=helps["caption"])
-    p.add_argument("--optimizer", choices=["auto", "adamw", "adamw8bit"], help=helps["optimizer"])
     p.add_argument("--decor", help=helps["decor"])
     p.add_argument("--decor-alpha", dest="decor_alpha", type=float, help=helps["decor_alpha"])
+    p.add_argument("--subject-word", dest="subject_word", help=helps["subject_word"])
+    p.add_argument("--caption-dropout", dest="caption_dropout", type=float, help=helps["caption_dropout"])
+    p.add_argument("--optimizer", choices=["auto", "adamw", "adamw8bit"], help=helps["optimizer"])
     p.add_argument("--mixed-precision", dest="mixed_precision", choices=["no", "fp16", "bf16"],
                    help=helps["mixed_precision"])
     p.add_argument("--gradient-checkpointing", dest="gradient_checkpointing", action="store_true", default=None,

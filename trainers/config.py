@@ -38,7 +38,7 @@ class TrainConfig:
     class_word: str = _f("", "subject class word, e.g. dog (default: 'shape' on micro, 'object' elsewhere)")
     method: str = _f("lora", "adapter method: lora, dora, loha, lokr, tlora, ...")
     transform_rank: int | None = _f(None, "tlora: ring rank of the input transform T (default 4)")
-    residual: str | None = _f(None, "tlora: the residual, tr (tensor ring) or lora (TLoRA*) (default tr)")
+    residual: str | None = _f(None, "tlora: the residual, lora (TLoRA*, default) or tr (tensor ring)")
     residual_rank: int | None = _f(None, "tlora: rank of the residual (default 4)")
     rank: int | None = _f(None, "adapter rank (default: the method's)")
     alpha: float | None = _f(None, "adapter alpha (default: = rank)")
@@ -56,11 +56,22 @@ class TrainConfig:
     flip: float = _f(0.5, "probability of a horizontal flip")
     prior: bool | None = _f(None, "prior preservation with generated class images (default: on for subjects)")
     prior_weight: float = _f(1.0, "weight of the prior-preservation loss")
+    prior_target: str = _f("base", "what the class images are trained towards: base (the base model's own "
+                                   "prediction, an output-preservation distillation) or noise (DreamBooth's loss)")
     snr_gamma: float = _f(5.0, "min-SNR loss weighting gamma (0: plain MSE); 5 is the paper's and diffusers' value")
     class_images: int = _f(50, "number of class images for prior preservation (generated once, cached)")
     class_prompt: str | None = _f(None, "prompt of the class images (default: 'a CLASS-WORD'; on micro, varied "
                                         "captions of the world's seen concepts)")
-    caption: str = _f("auto", "style prompts: auto (captions when present, else trigger), captions, trigger")
+    caption: str = _f("auto", "prompts from captions: auto (captions when present, else the trigger alone), "
+                              "captions (required), trigger (ignore captions)")
+    subject_word: str = _f("", "subject runs with captions: the word the captions use for the subject (e.g. rex); "
+                               "each caption is trained with it replaced by 'TOKEN CLASS' (micro: found from "
+                               "the captions)")
+    caption_dropout: float | None = _f(None, "fraction of steps an image trains on the bare trigger prompt instead "
+                                             "of its caption (default: 0.5 for subjects, 0 for styles)")
+    decor: str = _f("", "DECOR: words projected out of the training prompts' embeddings, comma-separated (e.g. "
+                        "the content words of a style set: \"circle, red\")")
+    decor_alpha: float = _f(1.0, "DECOR strength in [0, 1]")
     warmup: int = _f(0, "learning-rate warm-up steps")
     scheduler: str = _f("constant", "learning-rate schedule: constant, cosine, linear")
     optimizer: str = _f("auto", "auto (8-bit AdamW on CUDA when bitsandbytes is installed), adamw, adamw8bit")
@@ -69,9 +80,6 @@ class TrainConfig:
     sample_every: int = _f(0, "write sample images every N steps (0: at the end only)")
     sample_prompts: list = _f([], "prompts of the sample images (default: the trigger in a few contexts)")
     checkpoint_every: int = _f(50, "save a resumable checkpoint every N steps (0: never)")
-    decor: str = _f("", "DECOR: words projected out of the training prompts' embeddings, comma-separated (e.g. "
-                        "the content words of a style set: \"circle, red\")")
-    decor_alpha: float = _f(1.0, "DECOR strength in [0, 1]")
     resume: bool = _f(False, "continue from the last checkpoint in the output folder")
     seed: int = _f(0, "random seed (data order, noise, timesteps)")
     device: str = _f("", "cpu, cuda, cuda:N (default: cuda if present)")
@@ -135,8 +143,16 @@ class TrainConfig:
             raise bad("snr_gamma", f"{self.snr_gamma}: must be >= 0 (0 turns the weighting off)")
         if not 0 <= self.flip <= 1:
             raise bad("flip", f"{self.flip}: a probability in [0, 1]")
+        if self.caption_dropout is not None and not 0 <= self.caption_dropout <= 1:
+            raise bad("caption_dropout", f"{self.caption_dropout}: a probability in [0, 1]")
+        if self.subject_word and (not self.subject_word.strip() or " " in self.subject_word.strip()):
+            raise bad("subject_word", f"{self.subject_word!r}: one word, as the captions spell it")
+        if self.prior_target not in ("base", "noise"):
+            raise bad("prior_target", f"{self.prior_target}: choose base or noise")
         if self.caption not in ("auto", "captions", "trigger"):
             raise bad("caption", f"{self.caption}: choose auto, captions or trigger")
+        if self.decor.strip():
+            self.decor_config()  # DecorConfig names the --decor field that is wrong
         if self.scheduler not in ("constant", "cosine", "linear"):
             raise bad("scheduler", f"{self.scheduler}: choose constant, cosine or linear")
         if self.optimizer not in ("auto", "adamw", "adamw8bit"):
@@ -152,8 +168,6 @@ class TrainConfig:
                 raise bad(name, f"{getattr(self, name)}: must be >= 0")
         self.adapter_options()  # method-specific flags belong to their method
 
-        if self.decor.strip():
-            self.decor_config()  # DecorConfig names the --decor field that is wrong
     def adapter_options(self) -> dict[str, Any]:
         """Method-specific adapter settings (AdapterSettings.options); set only for the method they belong to."""
         opts = {k: getattr(self, k) for k in ("transform_rank", "residual", "residual_rank") if getattr(self, k) is not None}
@@ -163,9 +177,6 @@ class TrainConfig:
             raise StudioError(f"--residual {self.residual}: choose tr or lora")
         return opts
 
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), sort_keys=True)
-
     def decor_config(self) -> Any:
         """The :class:`studio.text.decor.DecorConfig` of ``decor``/``decor_alpha``, or None without ``decor``."""
         if not self.decor.strip():
@@ -173,3 +184,6 @@ class TrainConfig:
         from studio.text.decor import DecorConfig
 
         return DecorConfig(self.decor, alpha=self.decor_alpha)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)

@@ -11,6 +11,7 @@ them and the UI streams them.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -20,7 +21,7 @@ import random
 import shutil
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -127,7 +128,7 @@ def _train(cfg: TrainConfig, out: Path, on_event: EventHandler | None, cancel: t
              world, plan.lr)
     emit(Event("prepare", message=f"reading {cfg.images}"))
     data = load_image_folder(cfg.images, resolution=plan.resolution, center_crop=True, buckets=cfg.buckets,
-                             require_captions=(cfg.kind == "style" and cfg.caption == "captions"),
+                             require_captions=(cfg.caption == "captions"),
                              multiple=plan.vae_factor)
     prompts = recipe.instance_prompts(cfg, plan, data)
 
@@ -190,7 +191,7 @@ def _train(cfg: TrainConfig, out: Path, on_event: EventHandler | None, cancel: t
             idx = torch.randint(0, len(data), (plan.batch,), generator=gen)
             flips = torch.rand(plan.batch, generator=gen) < cfg.flip
             lat = torch.where(flips[:, None, None, None], latents_flip[idx], latents[idx])
-            emb = text_cache.embed([prompts[i] for i in idx.tolist()])
+            emb = text_cache.embed([_pick(prompts[i], plan.caption_dropout, gen) for i in idx.tolist()])
             if class_latents is not None:
                 cidx = torch.randint(0, len(class_latents), (plan.batch,), generator=gen)
                 lat = torch.cat([lat, class_latents[cidx]])
@@ -201,6 +202,15 @@ def _train(cfg: TrainConfig, out: Path, on_event: EventHandler | None, cancel: t
             noisy = noise_sched.add_noise(lat, noise, t)
             target = noise if noise_sched.config.prediction_type == "epsilon" else noise_sched.get_velocity(lat, noise, t)
             dev = accelerator.device
+            if class_latents is not None and cfg.prior_target == "base":
+                # Output preservation: the class half learns the base model's own prediction, not the
+                # sampled noise. Far less variance than DreamBooth's noise target, so the adapter is held
+                # to the base exactly where the trigger is absent (measured in docs/training.md).
+                with torch.no_grad(), _adapters_off(pipe, params), accelerator.autocast():
+                    base_pred = accelerator.unwrap_model(unet)(
+                        noisy[plan.batch :].to(dev), t[plan.batch :].to(dev), emb[plan.batch :].to(dev),
+                        **plan.unet_kwargs(lat.shape[0] - plan.batch)).sample
+                target = torch.cat([target[: plan.batch].to(dev), base_pred.float()])
             with accelerator.autocast():
                 pred = unet(noisy.to(dev), t.to(dev), emb.to(dev), **plan.unet_kwargs(lat.shape[0])).sample
             per = F.mse_loss(pred.float(), target.to(dev), reduction="none").mean(dim=(1, 2, 3))
@@ -248,6 +258,28 @@ def _train(cfg: TrainConfig, out: Path, on_event: EventHandler | None, cancel: t
     return TrainResult(out=out, adapter_file=result_file, steps=step, seconds=seconds,
                        final_loss=_mean_tail(losses) if losses else None, images=len(data),
                        skipped=[(str(p), r) for p, r in data.skipped], samples=samples)
+
+
+@contextlib.contextmanager
+def _adapters_off(pipe: Any, params: list[torch.nn.Parameter]) -> Iterator[None]:
+    """The base model for one forward pass (PEFT's switch also flips requires_grad: put it back)."""
+    from studio import adapters
+
+    grads = [p.requires_grad for p in params]
+    adapters.set_enabled(pipe, False)
+    try:
+        yield
+    finally:
+        adapters.set_enabled(pipe, True)
+        for p, g in zip(params, grads):
+            p.requires_grad_(g)
+
+
+def _pick(prompt: str | tuple[str, str], dropout: float, gen: torch.Generator) -> str:
+    """An image's prompt: its caption prompt, or with probability ``dropout`` its plain one."""
+    if isinstance(prompt, str):
+        return prompt  # draws nothing, so runs without captions keep their random streams
+    return prompt[1] if float(torch.rand(1, generator=gen)) < dropout else prompt[0]
 
 
 def default_name(cfg: TrainConfig) -> str:

@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import re
 from typing import Any
 
 from studio.errors import StudioError
 from studio.trainers.config import TrainConfig
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -36,6 +40,8 @@ class Plan:
     guidance: float  # of samples and class images: the model's own default
     family: str
     size_cond: tuple[int, int] | None = None  # SDXL added conditions: (height, width)
+    micro: bool = False
+    caption_dropout: float = 0.0  # chance that an image with a caption trains on its plain prompt instead
 
     def unet_kwargs(self, n: int) -> dict[str, Any]:
         """Extra denoiser inputs (SDXL's size/crop conditions)."""
@@ -52,6 +58,7 @@ REAL_DEFAULTS = {"subject": dict(steps=500, batch=1), "style": dict(steps=1000, 
 class Recipe:
     kind = ""
     trains_trigger = False  # learn the trigger word's embedding by default (pivotal tuning)
+    default_caption_dropout = 0.0
 
     def plan(self, cfg: TrainConfig, pipe: Any) -> Plan:
         from studio.adapters import get_method
@@ -79,6 +86,8 @@ class Recipe:
             class_word=class_word, class_prompts=self.class_prompts(cfg, class_word, micro),
             sample_prompts=self.sample_prompts(cfg, class_word, micro),
             sample_steps=model_defaults(pipe)["steps"], guidance=model_defaults(pipe)["guidance"], family=src.family,
+            micro=micro,
+            caption_dropout=self.default_caption_dropout if cfg.caption_dropout is None else cfg.caption_dropout,
         )
 
     def default_prior(self) -> bool:
@@ -105,7 +114,8 @@ class Recipe:
     def sample_prompts(self, cfg: TrainConfig, class_word: str, micro: bool) -> list[str]:
         return list(cfg.sample_prompts)
 
-    def instance_prompts(self, cfg: TrainConfig, plan: Plan, data: Any) -> list[str]:
+    def instance_prompts(self, cfg: TrainConfig, plan: Plan, data: Any) -> list[str | tuple[str, str]]:
+        """One entry per image: its prompt, or (caption prompt, plain prompt) for caption dropout."""
         raise NotImplementedError
 
     def metadata(self, cfg: TrainConfig, plan: Plan, pipe: Any, data: Any) -> dict[str, str]:
@@ -127,6 +137,9 @@ class SubjectRecipe(Recipe):
     """DreamBooth-LoRA: every image is "a TOKEN CLASS"; class images keep the class's prior."""
 
     kind = "subject"
+    # Captions name what is not the subject (colour, background...), so the trigger binds the subject
+    # alone and still composes with those words; the bare prompt half the time binds the rest too.
+    default_caption_dropout = 0.5
     trains_trigger = True  # pivotal tuning: on micro it binds the subject without drift (docs/training.md)
 
     def default_prior(self) -> bool:
@@ -141,14 +154,47 @@ class SubjectRecipe(Recipe):
                     f"a striped {cfg.token} {class_word}", f"a blue {cfg.token} {class_word}"]
         return [f"a photo of {subject}", f"{subject} on the beach", f"a painting of {subject}"]
 
-    def instance_prompts(self, cfg: TrainConfig, plan: Plan, data: Any) -> list[str]:
-        return [f"a {cfg.token} {plan.class_word}"] * len(data)
+    def instance_prompts(self, cfg: TrainConfig, plan: Plan, data: Any) -> list[str | tuple[str, str]]:
+        plain = f"a {cfg.token} {plan.class_word}"
+        captions = [it.caption for it in data.items] if cfg.caption != "trigger" else []
+        word = cfg.subject_word or (subject_word_from_captions(captions) if plan.micro else "")
+        if not word or not any(captions):
+            if any(captions) and cfg.caption == "captions":
+                raise StudioError("--caption captions: a subject run needs --subject-word, the word the captions "
+                                  "use for the subject, to put the trigger in its place")
+            return [plain] * len(data)
+        out: list[str | tuple[str, str]] = []
+        unnamed = []
+        for it in data.items:
+            named = _replace_word(it.caption or "", word, f"{cfg.token} {plan.class_word}")
+            if named is None:
+                unnamed.append(it.path.name)
+            out.append(plain if named is None else (named, plain))
+        if unnamed:
+            log.warning("%d caption(s) do not name the subject %r and train on %r: %s", len(unnamed), word, plain,
+                        ", ".join(unnamed[:10]))
+        return out
 
     def metadata(self, cfg: TrainConfig, plan: Plan, pipe: Any, data: Any) -> dict[str, str]:
         meta = super().metadata(cfg, plan, pipe, data)
         meta["class_word"] = plan.class_word
         meta["prior"] = str(plan.prior).lower()
         return meta
+
+
+def _replace_word(text: str, word: str, by: str) -> str | None:
+    """``text`` with its first whole-word ``word`` (any case) replaced by ``by``; None when absent."""
+    new, n = re.subn(rf"\b{re.escape(word)}\b", by, text, count=1, flags=re.IGNORECASE)
+    return new if n else None
+
+
+def subject_word_from_captions(captions: list[str | None]) -> str:
+    """The micro world's shape word that every caption names (the subject), or "" when there is none."""
+    from studio.micro.world import SHAPES
+
+    sets = [{w for w in re.findall(r"[a-z]+", c.lower()) if w in SHAPES} for c in captions if c]
+    common = set.intersection(*sets) if sets and len(sets) == len(captions) else set()
+    return next(iter(common)) if len(common) == 1 else ""
 
 
 class StyleRecipe(Recipe):

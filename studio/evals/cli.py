@@ -178,10 +178,17 @@ def _rows(prefix: str, value: Any) -> list[tuple[str, str]]:
 
 
 def format_table(result: dict[str, Any]) -> str:
-    """A result dict as aligned ``name  value`` lines."""
-    rows = _rows("", {k: v for k, v in result.items() if k != "suite"})
+    """A result dict as aligned ``name  value`` lines (a per-prompt breakdown as its own table)."""
+    rows = _rows("", {k: v for k, v in result.items() if k not in ("suite", "by_prompt")})
     width = max(len(k) for k, _ in rows)
-    return "\n".join([f"{result['suite']} suite"] + [f"  {k:<{width}}  {v}" for k, v in rows])
+    lines = [f"{result['suite']} suite"] + [f"  {k:<{width}}  {v}" for k, v in rows]
+    per = result.get("by_prompt") or {}
+    if per:
+        cols = [c for c in next(iter(per.values())) if c != "n"]
+        pw = max(len(p) for p in per)
+        lines += ["", f"  {'per prompt':<{pw}}  " + "  ".join(f"{c:>8}" for c in cols)]
+        lines += [f"  {p:<{pw}}  " + "  ".join(f"{r[c]:8.2f}" for c in cols) for p, r in per.items()]
+    return "\n".join(lines)
 
 
 def _emit(result: dict[str, Any], as_json: bool) -> int:

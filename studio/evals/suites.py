@@ -437,6 +437,29 @@ def _joint(images: torch.Tensor, items: Sequence[Item], judge: Judge) -> float |
     return prompt_accuracy(read_attributes(images, judge), items)["joint"] if items else None
 
 
+def drift_by_attribute(before: torch.Tensor, after: torch.Tensor, items: Sequence[Item],
+                       judge: Judge) -> dict[str, float | None]:
+    """Per-attribute accuracy drop on the drift set once the adapter is loaded (which attribute it hurts)."""
+    if not items:
+        return {}
+    b, a = prompt_accuracy(read_attributes(before, judge), items), prompt_accuracy(read_attributes(after, judge), items)
+    return {k: None if b[k] is None or a[k] is None else round(b[k] - a[k], 4) for k in b}
+
+
+def by_prompt(items: Sequence[Item], **scores: Sequence[bool]) -> dict[str, dict[str, float]]:
+    """Each score's mean per prompt: where an adapter fails (a background, a colour, a texture)."""
+    out: dict[str, dict[str, float]] = {}
+    for i, it in enumerate(items):
+        row = out.setdefault(it.prompt, {k: 0.0 for k in scores} | {"n": 0})
+        row["n"] += 1
+        for k, v in scores.items():
+            row[k] += float(v[i])
+    for row in out.values():
+        for k in scores:
+            row[k] = round(row[k] / row["n"], 4)
+    return out
+
+
 def base_drift(before: float | None, after: float | None) -> float | None:
     """Drop in base joint accuracy once the adapter is loaded (positive: the adapter hurts the base)."""
     return None if before is None or after is None else before - after
@@ -593,6 +616,8 @@ def subject_suite(pipe: Any, judge: Judge, adapter: str | Path, *, subject: str,
         "subject_fidelity": _mean(subject_ok), "prompt_fidelity": _mean(prompt_ok),
         "diversity": feature_diversity(images, items, seen, judge, subject=subject, color=color, seed=settings.seed),
         "base_drift": base_drift(_joint(before, drift_items, judge), _joint(after, drift_items, judge)),
+        "drift_by_attribute": drift_by_attribute(before, after, drift_items, judge),
+        "by_prompt": by_prompt(items, subject=subject_ok, prompt=prompt_ok),
     }
     _timed("subject", len(items) + 2 * drift_n, t0)
     return result
@@ -654,6 +679,7 @@ def style_suite(pipe: Any, judge: Judge, adapter: str | Path, *, texture: str, t
         "content_fidelity": _mean(content),
         "leakage": leakage_rate(seen, items, train_shapes, train_colors),
         "base_drift": base_drift(_joint(before, drift_items, judge), _joint(after, drift_items, judge)),
+        "drift_by_attribute": drift_by_attribute(before, after, drift_items, judge),
     }
     _timed("style", len(items) + 2 * drift_n, t0)
     return result
