@@ -19,7 +19,8 @@ class TLoraConfig(PeftConfig):
     target_modules: Optional[Union[list[str], str]] = field(
         default=None, metadata={"help": "module-name suffixes to adapt (PEFT's target_modules)"})
     transform_rank: int = field(default=4, metadata={"help": "ring rank R of the transform T's cores (I_d, I_d, R, R)"})
-    residual: str = field(default="tr", metadata={"help": "the residual Delta: tr (tensor ring) or lora (TLoRA*)"})
+    residual: str = field(default="lora", metadata={"help": "the residual Delta: lora (TLoRA*, the default) or tr "
+                                                             "(tensor ring)"})
     residual_rank: int = field(default=4, metadata={"help": "ring rank of a tr residual, or the rank of a lora one"})
     alpha: Optional[float] = field(default=None, metadata={"help": "residual scale s = alpha / residual_rank "
                                                                     "(default alpha = residual_rank: s = 1)"})

@@ -61,8 +61,8 @@ class TLoraLayer(nn.Module, BaseTunerLayer):
         self.order = DEFAULT_ORDER
         self.conv = isinstance(base_layer, nn.Conv2d)
         self.in_features, self.out_features, self.taps = layer_dims(base_layer)
-        self.update_layer(adapter_name, in_factors, out_factors, config)
         self._active_adapter = adapter_name
+        self.update_layer(adapter_name, in_factors, out_factors, config)
 
     def update_layer(self, adapter_name: str, in_factors: list[int], out_factors: list[int], config: Any) -> None:
         """Create one adapter's cores: T exactly the identity, Delta exactly zero."""

@@ -1,0 +1,126 @@
+"""Fidelity against stored parameters: LoRA at several ranks, LoHa, LoKr, DoRA and TLoRA settings on one subject set.
+
+    OMP_NUM_THREADS=1 python bench/param_efficiency.py [--steps 1000] [--lrs 1e-3,2e-3] [--rows lora-r1,tlora-r4]
+        [--out out/param-efficiency] [--png docs/images/param_efficiency.png]
+
+Every row trains `studio train --kind subject` on the bundled subject set with the same steps and
+the same learning-rate grid (the best lr by subject_fidelity is kept), then runs
+`studio eval subject --json`. Prints stored parameters (every tensor of the adapter file, the
+learned trigger included), subject_fidelity, prompt_fidelity, base_drift and s/step per row, and
+plots fidelity against parameters. Finished runs are reused (delete --out to start over).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROWS: dict[str, list[str]] = {
+    "lora-r1": ["--method", "lora", "--rank", "1"],
+    "lora-r2": ["--method", "lora", "--rank", "2"],
+    "lora-r4": ["--method", "lora", "--rank", "4"],
+    "lora-r8": ["--method", "lora", "--rank", "8"],
+    "lora-r16": ["--method", "lora", "--rank", "16"],  # the micro subject default
+    "loha-r4": ["--method", "loha", "--rank", "4"],
+    "lokr-r4": ["--method", "lokr", "--rank", "4"],
+    "dora-r4": ["--method", "dora", "--rank", "4"],
+    "tlora-t4-tr4": ["--method", "tlora", "--transform-rank", "4", "--residual", "tr", "--residual-rank", "4"],
+    "tlora-t2-tr8": ["--method", "tlora", "--transform-rank", "2", "--residual", "tr", "--residual-rank", "8"],
+    "tlora-t4-lora4": ["--method", "tlora", "--transform-rank", "4", "--residual", "lora", "--residual-rank", "4"],
+}
+
+
+def studio(*args: str, log: Path) -> str:
+    exe = [sys.executable, "-m", "studio.cli"]
+    with open(log, "a") as fh:
+        out = subprocess.run(exe + list(args), stdout=subprocess.PIPE, stderr=fh, text=True)
+    if out.returncode:
+        raise SystemExit(f"studio {' '.join(args)} failed (exit {out.returncode}); see {log}")
+    return out.stdout
+
+
+def stored(folder: Path) -> int:
+    from safetensors import safe_open
+
+    files = sorted(folder.glob("*.safetensors"))
+    with safe_open(str(files[0]), "pt") as fh:
+        return sum(_prod(fh.get_slice(k).get_shape()) for k in fh.keys())
+
+
+def _prod(shape: list[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def run_row(name: str, lr: str, args: argparse.Namespace, subject_dir: Path, shape: str) -> dict:
+    out = Path(args.out) / f"{name}-lr{lr}"
+    result = out / "result.json"
+    if result.is_file():
+        return json.loads(result.read_text())
+    log = Path(args.out) / f"{name}-lr{lr}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    studio("train", "--kind", "subject", "--images", str(subject_dir), "--base", "micro", "--out", str(out),
+           "--steps", str(args.steps), "--lr", lr, "--no-register", "--checkpoint-every", "0", *ROWS[name], log=log)
+    seconds = time.time() - t0
+    ev = json.loads(studio("eval", "subject", "--base", "micro", "--adapter", str(out), "--subject", shape,
+                           "--json", log=log))
+    row = {"row": name, "lr": float(lr), "params": stored(out), "subject_fidelity": ev["subject_fidelity"],
+           "prompt_fidelity": ev["prompt_fidelity"], "base_drift": ev["base_drift"],
+           "s_per_step": seconds / args.steps}  # the whole run (caches, prior images) over its steps
+    result.write_text(json.dumps(row))
+    return row
+
+
+def plot(rows: list[dict], png: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in rows:
+        ax.scatter(r["params"], r["subject_fidelity"], color="C1" if r["row"].startswith("tlora") else "C0")
+        ax.annotate(r["row"], (r["params"], r["subject_fidelity"]), fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlabel("stored parameters")
+    ax.set_ylabel("subject_fidelity")
+    ax.set_title("micro subject set: fidelity vs adapter size")
+    fig.tight_layout()
+    Path(png).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=120)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=1000)
+    ap.add_argument("--lrs", default="1e-3,2e-3", help="comma-separated learning rates tried for every row")
+    ap.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated rows of: {', '.join(ROWS)}")
+    ap.add_argument("--out", default="out/param-efficiency")
+    ap.add_argument("--png", default="docs/images/param_efficiency.png")
+    args = ap.parse_args()
+    subject_dir = sorted(Path("assets/samples").glob("*subject*"))[0]
+    shape = re.sub(r"[-_].*", "", subject_dir.name.split("subject", 1)[1].lstrip("-_"))
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    best = []
+    for name in args.rows.split(","):
+        runs = [run_row(name, lr, args, subject_dir, shape) for lr in args.lrs.split(",")]
+        best.append(max(runs, key=lambda r: r["subject_fidelity"]))
+        r = best[-1]
+        print(f"{r['row']:<16} lr {r['lr']:<7g} params {r['params']:>8d}  subject {r['subject_fidelity']:.3f}  "
+              f"prompt {r['prompt_fidelity']:.3f}  drift {r['base_drift']:.3f}  {r['s_per_step']:.3f} s/step",
+              flush=True)
+    plot(best, args.png)
+    print(f"plot: {args.png}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""TLoRA's forward orders against LoRA: seconds per training step (forward + backward) of the micro denoiser.
+
+    OMP_NUM_THREADS=1 python bench/tlora_orders.py [--steps 10] [--batch 8] [--targets all]
+
+Orders (studio/adapters/tlora/layer.py): ``weight`` builds W0 T + s Delta once per step and runs one
+matmul/conv; ``dense`` builds T and applies it to the activations before the base layer; ``cores``
+contracts the activations with the cores one by one. Prints s/step per row and the ratio to LoRA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+
+def step_time(method: str, order: str | None, args: argparse.Namespace, options: dict) -> float:
+    from studio.adapters import AdapterSettings, add_adapter
+    from studio.adapters.core import tuner_layers
+    from studio.loading import load_pipeline
+
+    pipe = load_pipeline("micro", device="cpu", dtype="fp32")
+    params = add_adapter(pipe, method, AdapterSettings(rank=args.rank, targets=args.targets, options=options), "a")
+    if order:
+        for _, layer in tuner_layers(pipe.unet):
+            layer.order = order
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    g = torch.Generator().manual_seed(0)
+    size = pipe.unet.config.sample_size
+    x = torch.randn(args.batch, 4, size, size, generator=g)
+    t = torch.randint(0, 1000, (args.batch,), generator=g)
+    cond = torch.randn(args.batch, 77, pipe.unet.config.cross_attention_dim, generator=g)
+    times = []
+    for i in range(args.steps + 2):
+        t0 = time.perf_counter()
+        loss = pipe.unet(x, t, cond).sample.pow(2).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if i >= 2:  # warm-up steps are not counted
+            times.append(time.perf_counter() - t0)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--rank", type=int, default=16, help="LoRA rank (the micro subject default)")
+    ap.add_argument("--targets", default="all")
+    ap.add_argument("--transform-rank", type=int, default=4)
+    ap.add_argument("--residual", default="tr")
+    ap.add_argument("--residual-rank", type=int, default=4)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    opts = {"transform_rank": args.transform_rank, "residual": args.residual, "residual_rank": args.residual_rank}
+    lora = step_time("lora", None, args, {})
+    print(f"{'row':<16} {'s/step':>8} {'x LoRA':>7}")
+    print(f"{'lora r' + str(args.rank):<16} {lora:8.4f} {1.0:7.2f}")
+    for order in ("weight", "dense", "cores"):
+        s = step_time("tlora", order, args, opts)
+        print(f"{'tlora ' + order:<16} {s:8.4f} {s / lora:7.2f}")
+
+
+if __name__ == "__main__":
+    main()
