@@ -58,6 +58,9 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=4)
     ap.add_argument("--workers", type=int, default=2)
     args = ap.parse_args()
+    from studio.machine import describe
+
+    print(describe())
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     with tempfile.TemporaryDirectory(prefix="bench-cluster-") as tmp:
         folder = Path(tmp)

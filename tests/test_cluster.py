@@ -51,9 +51,11 @@ def _free_port() -> int:
 
 
 def _studio(*args: str) -> subprocess.Popen:
+    """`studio ARGS` in its own process group, as a shell runs a command (Ctrl-C reaches the group)."""
     exe = Path(sys.executable).with_name("studio")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([str(exe), *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    return subprocess.Popen([str(exe), *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True)
 
 
 # ---- no Ray needed --------------------------------------------------------------------------------
@@ -147,6 +149,9 @@ def test_batch_on_local_ray(images, tiny_dirs, tmp_path):  # noqa: F811
     pids = {int(p) for p in re.findall(r"started on Ray worker pid (\d+)", text)}
     assert len(pids) >= 2 and proc.pid not in pids, "both Ray workers ran jobs, neither is the driver"
     assert len(list((tmp_path / "logs").glob("*.log"))) == 5
+    rows = [r for r in json.loads((tmp_path / "logs" / "summary.json").read_text()) if r["start_s"] is not None]
+    # Ray's slots hold: never more than 2 jobs at once (a task blocked in ray.get would lend its CPU)
+    assert max(sum(r["start_s"] <= s["start_s"] < r["end_s"] for r in rows) for s in rows) <= 2
 
 
 def _wait_for(path: Path, pattern: str, proc: subprocess.Popen, timeout: float = 600) -> re.Match:
@@ -197,7 +202,7 @@ def test_ctrl_c_cancels_keeps_checkpoints_and_resume_continues(images, tiny_dirs
     log_file = tmp_path / "logs" / "01-long.log"
     proc = _studio("batch", "--cluster", "local:1", "--logs", str(tmp_path / "logs"), job)
     _wait_for(log_file, r"\] [1-9]\d*/400", proc)  # training has begun
-    proc.send_signal(signal.SIGINT)
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole foreground group
     text, _ = proc.communicate(timeout=300)
     assert proc.returncode == 130, text[-3000:]
     assert "--resume" in text
@@ -230,3 +235,19 @@ def test_job_view_shows_cluster_jobs_like_local_ones(images, tiny_dirs, tmp_path
     assert any("started on Ray worker pid" in m for m in done["messages"])
     assert done["result"]["adapter_file"].endswith("pytorch_lora_weights.safetensors")
     assert failed["state"] == "failed" and "missing" in failed["error"]
+
+
+@needs_ray
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: two jobs share it with num_gpus = 0.5")
+def test_two_jobs_share_a_gpu(images, tiny_dirs, tmp_path):  # noqa: F811
+    jobs = [_job(tmp_path, f"g{i}", images, tiny_dirs["sd1"], extra="register = false\n", cluster="num_gpus = 0.5")
+            for i in range(2)]
+    for j in jobs:
+        Path(j).write_text(Path(j).read_text().replace("steps = 4", "steps = 200"))
+    rc = main(["batch", "--cluster", "local:2", "--logs", str(tmp_path / "logs"), *jobs])
+    assert rc == 0
+    rows = json.loads((tmp_path / "logs" / "summary.json").read_text())
+    assert len({r["pids"][0] for r in rows}) == 2
+    (a0, a1), (b0, b1) = [(r["start_s"], r["end_s"]) for r in rows]
+    assert a0 < b1 and b0 < a1, "the two jobs ran at the same time on the one GPU"

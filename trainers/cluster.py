@@ -246,6 +246,17 @@ class _Hub:
         return self.cancel or index in self.cancel_jobs
 
 
+def _ask(ray: Any, ref: Any, timeout: float) -> Any:
+    """``ray.get`` for a task that must not block: a task blocked in ``ray.get`` lends its CPUs to
+    other tasks (Ray's guard against deadlock), which would run more jobs than the cluster has slots."""
+    deadline = time.monotonic() + timeout
+    while not ray.wait([ref], timeout=0)[0]:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no answer from the driver in {timeout:g}s")
+        time.sleep(0.02)
+    return ray.get(ref)
+
+
 def _job_task(index: int, cfg_json: str, hub: Any) -> dict[str, Any]:
     """Train one job on a worker; returns a plain result dict (errors included, so Ray retries only
     when the worker itself died, never a job that failed on its own input)."""
@@ -254,7 +265,7 @@ def _job_task(index: int, cfg_json: str, hub: Any) -> dict[str, Any]:
     import ray
 
     pid = os.getpid()
-    attempt, cancel_now = ray.get(hub.start.remote(index, pid, ray.util.get_node_ip_address()))
+    attempt, cancel_now = _ask(ray, hub.start.remote(index, pid, ray.util.get_node_ip_address()), 60)
     base = {"pid": pid, "attempt": attempt}
     cancel = threading.Event()
     if cancel_now:
@@ -277,7 +288,7 @@ def _job_task(index: int, cfg_json: str, hub: Any) -> dict[str, Any]:
     def watch_cancel() -> None:  # the driver's Ctrl-C reaches the loop through the hub's flag
         while not stop.wait(1.0):
             try:
-                if ray.get(hub.cancelled.remote(index), timeout=10):
+                if _ask(ray, hub.cancelled.remote(index), 10):
                     cancel.set()
                     return
             except Exception:  # noqa: BLE001 - the driver is gone: keep training, Ray will end us
@@ -618,9 +629,11 @@ def _finish(ray: Any, job: ClusterJob, log_file: Any, display: _Display) -> None
 def _write_summary_json(jobs: list[ClusterJob], path: Path) -> None:
     """The batch's results for scripts (bench/cluster.py reads the timings from it)."""
     rows = []
+    t0 = min((j.submitted for j in jobs if j.submitted), default=0.0)
     for j in jobs:
         res = j.result or {}
-        rows.append({"job": j.path, "state": j.state, "error": j.error, "worker": j.worker, "pids": j.pids,
+        rows.append({"start_s": j.started - t0 if j.started else None, "end_s": j.finished - t0 if j.finished else None,
+                     "job": j.path, "state": j.state, "error": j.error, "worker": j.worker, "pids": j.pids,
                      "attempts": j.attempts, "resumed_from": j.resumed_from, "adapter": res.get("adapter_file"),
                      "queued_s": (j.started - j.submitted) if j.started and j.submitted else None,
                      "run_s": (j.finished - j.started) if j.finished and j.started else None,
