@@ -81,8 +81,10 @@ def main() -> None:
     pipe, judge = load_pipeline("micro"), load_judge()
     alphas = [float(a) for a in args.alphas.split(",")]
     lines = []
-    for rows in args.rows.split(","):
+    for k, rows in enumerate(args.rows.split(",")):
         for alpha in alphas:
+            if alpha == 0 and k > 0:
+                continue  # no DECOR: the same run whatever the rows; the plot shares it
             decor = DecorConfig(args.decor, alpha=alpha, rows=rows, center=args.center) if alpha > 0 else None
             t0 = time.perf_counter()
             if args.suite == "style":
