@@ -110,7 +110,7 @@ def table(results: Path) -> str:
         d = json.loads(f.read_text())
         cells[d["cell"]] = d
     fp = cells.pop("fp", None)
-    rows: dict[str, dict[str, dict[str, Any]]] = {}
+    rows: dict[str, dict[str, dict[str, Any]]] = {LABELS[m]: {} for m in ROWS}  # every row, run or not
     for d in cells.values():
         default = d["cell"] == _cell_name(d["method"], None, d["bits"])
         label = LABELS[d["method"]] + ("" if default else f" ({d['epochs']} epoch{'s' if d['epochs'] != 1 else ''})")
