@@ -140,7 +140,8 @@ def test_toml_unknown_key_lists_valid_ones(tmp_path):
 
 @pytest.mark.parametrize("field,value,match", [
     ("steps", 0, "--steps"), ("rank", -1, "--rank"), ("kind", "portrait", "--kind"), ("lr", 5, "--lr"),
-    ("batch", 0, "--batch"), ("token", "two words", "--token"),
+    ("batch", 0, "--batch"), ("token", "two words", "--token"), ("prior_weight", -1, "--prior-weight"),
+    ("caption_dropout", 1.5, "--caption-dropout"), ("subject_word", "two words", "--subject-word"),
 ])
 def test_bad_fields(field, value, match, tmp_path):
     with pytest.raises(StudioError, match=match):
@@ -260,3 +261,25 @@ def test_adapters_off_is_the_base_model_and_keeps_the_adapter_trainable(tiny_dir
 def test_prior_target_is_checked(tmp_path):
     with pytest.raises(StudioError, match="--prior-target zero: choose base or noise"):
         TrainConfig.from_dict(dict(images="x", prior_target="zero"))
+
+
+def test_micro_subject_defaults_and_overrides():
+    from types import SimpleNamespace
+
+    from studio.trainers.recipes import get_recipe
+
+    pipe = SimpleNamespace(studio_source=SimpleNamespace(kind="micro", family="sd1", spec="micro"))
+    import studio.generation as gen
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(gen, "native_size", lambda p: (64, 64))
+        mp.setattr(gen, "vae_factor", lambda p: 4)
+        mp.setattr(gen, "model_defaults", lambda p: {"steps": 20, "guidance": 2.5})
+        plan = get_recipe("subject").plan(TrainConfig.from_dict(dict(images="x")), pipe)
+        assert (plan.lr, plan.trigger_lr, plan.prior_weight, plan.caption_dropout) == (2e-3, 2e-3, 3.0, 0.5)
+        plan = get_recipe("subject").plan(TrainConfig.from_dict(dict(images="x", lr=1e-4, trigger_lr=1e-3,
+                                                                     prior_weight=0.5, caption_dropout=0.1)), pipe)
+        assert (plan.lr, plan.trigger_lr, plan.prior_weight, plan.caption_dropout) == (1e-4, 1e-3, 0.5, 0.1)
+        pipe.studio_source.kind = "folder"
+        plan = get_recipe("subject").plan(TrainConfig.from_dict(dict(images="x")), pipe)
+        assert (plan.lr, plan.prior_weight, plan.micro) == (1e-3, 1.0, False)

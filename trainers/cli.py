@@ -75,7 +75,8 @@ def _add_job_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, help=helps["batch"])
     p.add_argument("--grad-accum", dest="grad_accum", type=int, help=helps["grad_accum"])
     p.add_argument("--resolution", type=int, help=helps["resolution"])
-    p.add_argument("--no-prior", dest="prior", action="store_false", default=None, help="turn prior preservation off")
+    p.add_argument("--prior", dest="prior", action=argparse.BooleanOptionalAction, default=None,
+                   help=helps["prior"])
     p.add_argument("--class-images", dest="class_images", type=int, help=helps["class_images"])
     p.add_argument("--prior-weight", dest="prior_weight", type=float, help=helps["prior_weight"])
     p.add_argument("--prior-target", dest="prior_target", choices=["base", "noise"], help=helps["prior_target"])

@@ -47,7 +47,8 @@ class TrainConfig:
     steps: int | None = _f(None, "optimizer steps (default: the recipe's for this base)")
     lr: float | None = _f(None, "learning rate (default: the method's)")
     train_trigger: bool | None = _f(None, "also learn the trigger word's input embedding (pivotal tuning)")
-    trigger_lr: float | None = _f(None, "learning rate of the trigger embedding (default 5e-3)")
+    trigger_lr: float | None = _f(None, "learning rate of the trigger embedding (default: 2e-3 for subjects on "
+                                        "micro, else 5e-3)")
     text_encoder_lr: float | None = _f(None, "learning rate of the text-encoder adapter (default: lr / 2)")
     batch: int | None = _f(None, "images per step (per process)")
     grad_accum: int = _f(1, "gradient accumulation steps")
@@ -55,7 +56,8 @@ class TrainConfig:
     buckets: bool = _f(False, "aspect-ratio buckets instead of square center crops")
     flip: float = _f(0.5, "probability of a horizontal flip")
     prior: bool | None = _f(None, "prior preservation with generated class images (default: on for subjects)")
-    prior_weight: float = _f(1.0, "weight of the prior-preservation loss")
+    prior_weight: float | None = _f(None, "weight of the prior-preservation loss (default: 3 for subjects on "
+                                          "micro, else 1)")
     prior_target: str = _f("base", "what the class images are trained towards: base (the base model's own "
                                    "prediction, an output-preservation distillation) or noise (DreamBooth's loss)")
     snr_gamma: float = _f(5.0, "min-SNR loss weighting gamma (0: plain MSE); 5 is the paper's and diffusers' value")
@@ -147,6 +149,8 @@ class TrainConfig:
             raise bad("caption_dropout", f"{self.caption_dropout}: a probability in [0, 1]")
         if self.subject_word and (not self.subject_word.strip() or " " in self.subject_word.strip()):
             raise bad("subject_word", f"{self.subject_word!r}: one word, as the captions spell it")
+        if self.prior_weight is not None and self.prior_weight < 0:
+            raise bad("prior_weight", f"{self.prior_weight}: must be >= 0")
         if self.prior_target not in ("base", "noise"):
             raise bad("prior_target", f"{self.prior_target}: choose base or noise")
         if self.caption not in ("auto", "captions", "trigger"):

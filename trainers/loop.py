@@ -217,7 +217,7 @@ def _train(cfg: TrainConfig, out: Path, on_event: EventHandler | None, cancel: t
             if snr_w is not None:
                 per = per * snr_w[t].to(dev)
             if class_latents is not None:
-                loss = per[: plan.batch].mean() + cfg.prior_weight * per[plan.batch :].mean()
+                loss = per[: plan.batch].mean() + plan.prior_weight * per[plan.batch :].mean()
             else:
                 loss = per.mean()
             accelerator.backward(loss)

@@ -33,6 +33,7 @@ class Plan:
     prior: bool
     train_trigger: bool
     trigger_lr: float
+    prior_weight: float
     class_word: str
     class_prompts: list[str]  # one per class image
     sample_prompts: list[str]
@@ -50,7 +51,8 @@ class Plan:
 
 # Defaults measured on the micro model (docs/training.md); real-size bases use the usual
 # DreamBooth-LoRA settings of the diffusers scripts.
-MICRO_DEFAULTS = {"subject": dict(steps=1000, batch=4, rank=16, targets="all"),
+MICRO_DEFAULTS = {"subject": dict(steps=1000, batch=4, rank=16, targets="all", lr_scale=2.0, trigger_lr=2e-3,
+                                   prior_weight=3.0),
                   "style": dict(steps=300, batch=4)}
 REAL_DEFAULTS = {"subject": dict(steps=500, batch=1), "style": dict(steps=1000, batch=1)}
 
@@ -77,12 +79,13 @@ class Recipe:
             raise StudioError(f"--resolution {res}: must be a multiple of {f} for this model")
         class_word = cfg.class_word or ("shape" if micro else "object")
         return Plan(
-            steps=cfg.steps or d["steps"], lr=cfg.lr or method.default_lr,
+            steps=cfg.steps or d["steps"], lr=cfg.lr or method.default_lr * d.get("lr_scale", 1.0),
             rank=cfg.rank or d.get("rank", method.default_rank), targets=cfg.targets or d.get("targets", "attention"),
             batch=cfg.batch or d["batch"], resolution=res, vae_factor=f,
             prior=self.default_prior() if cfg.prior is None else cfg.prior,
             train_trigger=self.trains_trigger if cfg.train_trigger is None else cfg.train_trigger,
-            trigger_lr=cfg.trigger_lr or 5e-3,
+            trigger_lr=cfg.trigger_lr or d.get("trigger_lr", 5e-3),
+            prior_weight=d.get("prior_weight", 1.0) if cfg.prior_weight is None else cfg.prior_weight,
             class_word=class_word, class_prompts=self.class_prompts(cfg, class_word, micro),
             sample_prompts=self.sample_prompts(cfg, class_word, micro),
             sample_steps=model_defaults(pipe)["steps"], guidance=model_defaults(pipe)["guidance"], family=src.family,
