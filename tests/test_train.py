@@ -283,3 +283,24 @@ def test_micro_subject_defaults_and_overrides():
         pipe.studio_source.kind = "folder"
         plan = get_recipe("subject").plan(TrainConfig.from_dict(dict(images="x")), pipe)
         assert (plan.lr, plan.prior_weight, plan.micro) == (1e-3, 1.0, False)
+
+
+def test_micro_style_defaults_train_the_trigger_with_output_preservation():
+    from types import SimpleNamespace
+
+    import studio.generation as gen
+    from studio.trainers.recipes import get_recipe
+
+    pipe = SimpleNamespace(studio_source=SimpleNamespace(kind="micro", family="sd1", spec="micro"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(gen, "native_size", lambda p: (64, 64))
+        mp.setattr(gen, "vae_factor", lambda p: 4)
+        mp.setattr(gen, "model_defaults", lambda p: {"steps": 20, "guidance": 2.5})
+        plan = get_recipe("style").plan(TrainConfig.from_dict(dict(kind="style", images="x")), pipe)
+        assert (plan.prior, plan.train_trigger, plan.prior_weight, plan.caption_dropout) == (True, True, 3.0, 0.0)
+        plan = get_recipe("style").plan(TrainConfig.from_dict(dict(kind="style", images="x", prior=False,
+                                                                   train_trigger=False)), pipe)
+        assert (plan.prior, plan.train_trigger) == (False, False)
+        pipe.studio_source.kind = "folder"
+        plan = get_recipe("style").plan(TrainConfig.from_dict(dict(kind="style", images="x")), pipe)
+        assert (plan.prior, plan.train_trigger, plan.prior_weight) == (False, False, 1.0)

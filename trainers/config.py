@@ -45,19 +45,20 @@ class TrainConfig:
     targets: str | None = _f(None, "layers to adapt: attention, attention+resnet, all (default: the recipe's)")
     text_encoder: bool = _f(False, "also train an adapter on the text encoder(s)")
     steps: int | None = _f(None, "optimizer steps (default: the recipe's for this base)")
-    lr: float | None = _f(None, "learning rate (default: the method's)")
-    train_trigger: bool | None = _f(None, "also learn the trigger word's input embedding (pivotal tuning)")
-    trigger_lr: float | None = _f(None, "learning rate of the trigger embedding (default: 2e-3 for subjects on "
-                                        "micro, else 5e-3)")
+    lr: float | None = _f(None, "learning rate (default: the method's; twice that on micro)")
+    train_trigger: bool | None = _f(None, "also learn the trigger word's input embedding (pivotal tuning; default: "
+                                              "on for subjects, and for styles on micro)")
+    trigger_lr: float | None = _f(None, "learning rate of the trigger embedding (default: 2e-3 on micro, "
+                                        "else 5e-3)")
     text_encoder_lr: float | None = _f(None, "learning rate of the text-encoder adapter (default: lr / 2)")
     batch: int | None = _f(None, "images per step (per process)")
     grad_accum: int = _f(1, "gradient accumulation steps")
     resolution: int | None = _f(None, "training resolution in pixels (default: the base model's native size)")
     buckets: bool = _f(False, "aspect-ratio buckets instead of square center crops")
     flip: float = _f(0.5, "probability of a horizontal flip")
-    prior: bool | None = _f(None, "prior preservation with generated class images (default: on for subjects)")
-    prior_weight: float | None = _f(None, "weight of the prior-preservation loss (default: 3 for subjects on "
-                                          "micro, else 1)")
+    prior: bool | None = _f(None, "prior preservation with generated class images (default: on for subjects, "
+                                      "and for styles on micro)")
+    prior_weight: float | None = _f(None, "weight of the prior-preservation loss (default: 3 on micro, else 1)")
     prior_target: str = _f("base", "what the class images are trained towards: base (the base model's own "
                                    "prediction, an output-preservation distillation) or noise (DreamBooth's loss)")
     snr_gamma: float = _f(5.0, "min-SNR loss weighting gamma (0: plain MSE); 5 is the paper's and diffusers' value")

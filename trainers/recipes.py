@@ -53,7 +53,10 @@ class Plan:
 # DreamBooth-LoRA settings of the diffusers scripts.
 MICRO_DEFAULTS = {"subject": dict(steps=1000, batch=4, rank=16, targets="all", lr_scale=2.0, trigger_lr=2e-3,
                                    prior_weight=3.0),
-                  "style": dict(steps=300, batch=4)}
+                  # style: the same machinery; without the output-preservation prior the style leaks into
+                  # every prompt (base drift 0.57), with it 0.07 (docs/training.md)
+                  "style": dict(steps=800, batch=4, rank=16, targets="all", lr_scale=2.0, trigger_lr=2e-3,
+                                prior_weight=3.0, prior=True, train_trigger=True)}
 REAL_DEFAULTS = {"subject": dict(steps=500, batch=1), "style": dict(steps=1000, batch=1)}
 
 
@@ -82,8 +85,9 @@ class Recipe:
             steps=cfg.steps or d["steps"], lr=cfg.lr or method.default_lr * d.get("lr_scale", 1.0),
             rank=cfg.rank or d.get("rank", method.default_rank), targets=cfg.targets or d.get("targets", "attention"),
             batch=cfg.batch or d["batch"], resolution=res, vae_factor=f,
-            prior=self.default_prior() if cfg.prior is None else cfg.prior,
-            train_trigger=self.trains_trigger if cfg.train_trigger is None else cfg.train_trigger,
+            prior=d.get("prior", self.default_prior()) if cfg.prior is None else cfg.prior,
+            train_trigger=(d.get("train_trigger", self.trains_trigger) if cfg.train_trigger is None
+                           else cfg.train_trigger),
             trigger_lr=cfg.trigger_lr or d.get("trigger_lr", 5e-3),
             prior_weight=d.get("prior_weight", 1.0) if cfg.prior_weight is None else cfg.prior_weight,
             class_word=class_word, class_prompts=self.class_prompts(cfg, class_word, micro),
