@@ -106,6 +106,26 @@ def test_fits_looks_at_single_nodes():
     assert not _fits({"CPU": 1.0, "GPU": 2.0}, nodes)
 
 
+def test_a_slow_local_start_is_tried_twice_then_one_clear_error(monkeypatch):
+    from studio.trainers import cluster
+
+    class FakeRay:
+        def __init__(self, fails: int) -> None:
+            self.fails, self.calls = fails, 0
+
+        def init(self, **kw) -> None:
+            self.calls += 1
+            if self.calls <= self.fails:
+                raise Exception("The current node timed out during startup.")
+
+    monkeypatch.setattr(cluster, "_end_orphans", lambda: None)
+    once = FakeRay(1)
+    cluster._start_local(once, 2, {})
+    assert once.calls == 2
+    with pytest.raises(StudioError, match=r"local:2: Ray did not start .*timed out.*ray start --head"):
+        cluster._start_local(FakeRay(2), 2, {})
+
+
 @needs_ray
 def test_unreachable_address_exits_2_within_seconds(tmp_path, capsys):
     job = _job(tmp_path, "a", tmp_path, "micro")

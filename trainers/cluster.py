@@ -111,8 +111,7 @@ def connect(spec: str, connect_timeout: float = 5.0) -> bool:
         return False
     kw: dict[str, Any] = dict(log_to_driver=False, logging_level=logging.ERROR, namespace="studio")
     if addr.kind == "local":
-        # the workers inherit this process's environment (STUDIO_HOME, HF_HUB_OFFLINE, ...)
-        ray.init(num_cpus=addr.workers or os.cpu_count() or 1, include_dashboard=False, **kw)
+        _start_local(ray, addr.workers or os.cpu_count() or 1, kw)
         return True
     if addr.kind in ("client", "gcs"):
         _check_reachable(addr, connect_timeout)
@@ -123,6 +122,37 @@ def connect(spec: str, connect_timeout: float = 5.0) -> bool:
         raise StudioError(f"--cluster {addr.text}: could not connect to Ray ({first}); start a cluster with "
                           f"`ray start --head`, or use --cluster local:N for one on this machine") from exc
     return True
+
+
+def _start_local(ray: Any, workers: int, kw: dict[str, Any]) -> None:
+    """Start an in-process Ray instance; the workers inherit this process's environment
+    (STUDIO_HOME, HF_HUB_OFFLINE, ...). Ray gives its raylet a fixed 30 s to register, which a
+    heavily loaded machine can miss: one more try, then a clear error."""
+    for attempt in (1, 2):
+        try:
+            ray.init(num_cpus=workers, include_dashboard=False, **kw)
+            return
+        except Exception as exc:  # noqa: BLE001 - Ray raises a bare Exception for a slow start
+            _end_orphans()
+            if attempt == 2:
+                raise StudioError(f"--cluster local:{workers}: Ray did not start ({exc}); the machine may be too "
+                                  f"busy: try again, or start Ray once with `ray start --head --num-cpus "
+                                  f"{workers}` and use --cluster auto") from exc
+            log.warning("Ray did not start in time (%s); trying once more", exc)
+
+
+def _end_orphans() -> None:
+    """Stop the Ray processes a failed ``ray.init`` started from this process (they outlive it)."""
+    try:
+        import psutil
+    except ImportError:
+        return
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if "ray" in " ".join(child.cmdline()):
+                child.kill()
+        except psutil.Error:
+            pass
 
 
 # ---- jobs ---------------------------------------------------------------------------------------
@@ -548,6 +578,7 @@ def _drive(ray: Any, jobs: list[ClusterJob], hub: Any, logs: dict[int, Any], dis
                 if job.state == "pending":
                     ray.cancel(job.ref, force=False)
                     job.state, job.finished, job.error = "cancelled", time.monotonic(), "cancelled before it started"
+                    logs[job.index].line(job.error)
     _settle(jobs, opts)
     display.draw([])
     return 130 if cancelling_since is not None else (1 if any(j.state != "done" for j in jobs) else 0)
