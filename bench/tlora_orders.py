@@ -4,7 +4,7 @@
 
 Orders (studio/adapters/tlora/layer.py): ``weight`` builds W0 T + s Delta once per step and runs one
 matmul/conv; ``dense`` builds T and applies it to the activations before the base layer; ``cores``
-contracts the activations with the cores one by one. Prints s/step per row and the ratio to LoRA.
+contracts the activations with the cores one by one. Steps run round robin (every row sees the same\nmachine load); prints the median s/step per row and the ratio to LoRA.
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ import time
 import torch
 
 
-def step_time(method: str, order: str | None, args: argparse.Namespace, options: dict) -> float:
-    from studio.adapters import AdapterSettings, add_adapter
+def build(method: str, order: str | None, args: argparse.Namespace, options: dict):
+    """A micro pipeline with one adapter, its optimizer and a fixed batch: a closure running one step."""
+    from studio.adapters import AdapterSettings, add_adapter, no_decay_groups
     from studio.adapters.core import tuner_layers
     from studio.loading import load_pipeline
 
@@ -25,23 +26,21 @@ def step_time(method: str, order: str | None, args: argparse.Namespace, options:
     if order:
         for _, layer in tuner_layers(pipe.unet):
             layer.order = order
-    opt = torch.optim.AdamW(params, lr=1e-4)
+    opt = torch.optim.AdamW(no_decay_groups([{"params": params, "lr": 1e-4}]))
     g = torch.Generator().manual_seed(0)
     size = pipe.unet.config.sample_size
     x = torch.randn(args.batch, 4, size, size, generator=g)
     t = torch.randint(0, 1000, (args.batch,), generator=g)
     cond = torch.randn(args.batch, 77, pipe.unet.config.cross_attention_dim, generator=g)
-    times = []
-    for i in range(args.steps + 2):
+
+    def step() -> float:
         t0 = time.perf_counter()
-        loss = pipe.unet(x, t, cond).sample.pow(2).mean()
-        loss.backward()
+        pipe.unet(x, t, cond).sample.pow(2).mean().backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if i >= 2:  # warm-up steps are not counted
-            times.append(time.perf_counter() - t0)
-    times.sort()
-    return times[len(times) // 2]
+        return time.perf_counter() - t0
+
+    return step
 
 
 def main() -> None:
@@ -51,17 +50,26 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=16, help="LoRA rank (the micro subject default)")
     ap.add_argument("--targets", default="all")
     ap.add_argument("--transform-rank", type=int, default=4)
-    ap.add_argument("--residual", default="tr")
+    ap.add_argument("--residual", default="lora")
+    ap.add_argument("--orders", default="weight,dense,cores")
     ap.add_argument("--residual-rank", type=int, default=4)
     args = ap.parse_args()
     torch.manual_seed(0)
     opts = {"transform_rank": args.transform_rank, "residual": args.residual, "residual_rank": args.residual_rank}
-    lora = step_time("lora", None, args, {})
+    rows = {f"lora r{args.rank}": build("lora", None, args, {})}
+    for order in args.orders.split(","):
+        rows[f"tlora {order}"] = build("tlora", order, args, opts)
+    times: dict[str, list[float]] = {k: [] for k in rows}
+    for i in range(args.steps + 2):  # round robin: every row sees the same machine load
+        for k, step in rows.items():
+            dt = step()
+            if i >= 2:  # warm-up steps are not counted
+                times[k].append(dt)
+    med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    lora = med[f"lora r{args.rank}"]
     print(f"{'row':<16} {'s/step':>8} {'x LoRA':>7}")
-    print(f"{'lora r' + str(args.rank):<16} {lora:8.4f} {1.0:7.2f}")
-    for order in ("weight", "dense", "cores"):
-        s = step_time("tlora", order, args, opts)
-        print(f"{'tlora ' + order:<16} {s:8.4f} {s / lora:7.2f}")
+    for k, v in med.items():
+        print(f"{k:<16} {v:8.4f} {v / lora:7.2f}")
 
 
 if __name__ == "__main__":

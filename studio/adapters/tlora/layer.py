@@ -201,18 +201,19 @@ class TLoraLayer(nn.Module, BaseTunerLayer):
         if self.merged or not active:
             return base(x, *args, **kwargs)
         if self.order == "weight":
+            # one matmul/conv with W0 + sum m (W0 T - W0 + s Delta); a LoRA residual folds in too: its
+            # (out x r)(r x in) product is cheaper than the two extra thin products and their backward
             w0 = base.weight
-            w = w0
+            w = None
             for a in active:
-                d = tf.transformed_weight(w0, tf.tr_matrix(self.transform_cores(a, w0.dtype))) - w0
-                if self.residual_kind[a] == "tr":
-                    d = d + self.base_scale[a] * self.residual_matrix(a).reshape(w0.shape).to(w0.dtype)
-                w = w + self.multiplier[a] * d
-            y = self._base_call(x, w.to(x.dtype))
-            for a in active:  # a LoRA residual stays low-rank: two thin products beat an (out x in) one
-                if self.residual_kind[a] == "lora":
-                    y = y + self._residual_out(a, x)
-            return y
+                wt = tf.transformed_weight(w0, tf.tr_matrix(self.transform_cores(a, w0.dtype)))
+                wt = wt + self.base_scale[a] * self.residual_matrix(a).reshape(w0.shape).to(w0.dtype)
+                if len(active) == 1 and self.multiplier[a] == 1.0:
+                    w = wt  # the common case, two ops fewer
+                else:
+                    w = (w0 if w is None else w) + self.multiplier[a] * (wt - w0)
+            # contiguous: a permuted weight can send the conv to another kernel, which rounds differently
+            return self._base_call(x, w.to(x.dtype).contiguous())
         xt = x
         for a in active:
             xt = xt + self.multiplier[a] * (self._apply_transform(a, x) - x)
