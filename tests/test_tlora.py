@@ -221,7 +221,7 @@ def test_file_holds_the_cores_and_the_factorisation(tmp_path):
 
 
 @pytest.mark.parametrize("to", ["diffusers", "kohya"])
-def test_svd_export_reports_the_error_it_makes(to, tmp_path):
+def test_svd_export_reports_the_error_it_makes(to, tmp_path, capsys):
     from studio.adapters.tlora.export import export_lora, svd_factors
     from studio.formats.kohya import read_lora
 
@@ -237,6 +237,11 @@ def test_svd_export_reports_the_error_it_makes(to, tmp_path):
     try:
         full_path, full_err = export_lora(src, tmp_path / f"full-{to}", to=to, rank=10_000)
         low_path, low_err = export_lora(src, tmp_path / f"low-{to}", to=to, rank=2)
+        from studio.cli import main
+
+        assert main(["convert", "--to", to, str(src), str(tmp_path / f"cli-{to}"), "--rank", "2"]) == 0
+        printed = capsys.readouterr().out
+        assert f"relative error {low_err[0].rel_error:.4f}" in printed and "layers: mean relative error" in printed
     finally:
         studio.loading.load_pipeline = orig
     assert max(e.rel_error for e in full_err) < 1e-5
