@@ -6,7 +6,7 @@ files into tasks and results back into library entries:
 - :func:`connect` reaches ``auto``, ``ray://host:port``, ``host:port`` or starts ``local[:N]``
   in-process; an unreachable address is one :class:`StudioError` within ``connect_timeout``.
 - :func:`_job_task` runs on a worker: it trains into the job's folder (``out``), never touches
-  the library, and sends its progress events to a :class:`_Hub` actor. A retried attempt
+  the library, and posts its progress events to a :class:`_Hub` actor. A retried attempt
   (Ray's ``max_retries`` after a worker died) resumes from the folder's last checkpoint.
 - :func:`run_cluster_batch` is the driver: it submits the tasks, draws one progress line per
   running job, reports jobs no node can ever hold as unschedulable after a timeout, cancels
@@ -18,6 +18,7 @@ Nothing here imports torch or Ray at module level: workers import this module fi
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -245,19 +246,14 @@ def finished_earlier(out: str | os.PathLike) -> bool:
 
 # ---- the worker side ----------------------------------------------------------------------------
 class _Hub:
-    """The driver's mailbox (a Ray actor): workers report starts and events; the driver drains them
-    and raises the cancel flag. Attempts are counted here because a retried task cannot ask Ray."""
+    """The driver's mailbox (a Ray actor): workers post events, the driver drains them.
+
+    Workers only ever post (fire and forget): a task that waits in ``ray.get``/``ray.wait`` lends
+    its CPU slot to another task (Ray's guard against deadlock), so more jobs would run than the
+    cluster has slots."""
 
     def __init__(self) -> None:
         self.events: list[tuple[int, dict[str, Any]]] = []
-        self.attempts: dict[int, int] = {}
-        self.cancel = False  # every job
-        self.cancel_jobs: set[int] = set()  # single jobs (cancelled in the UI's job view)
-
-    def start(self, index: int, pid: int, node: str) -> tuple[int, bool]:
-        self.attempts[index] = self.attempts.get(index, 0) + 1
-        self.events.append((index, {"phase": "started", "pid": pid, "node": node, "attempt": self.attempts[index]}))
-        return self.attempts[index], self.cancelled(index)
 
     def report(self, index: int, event: dict[str, Any]) -> None:
         self.events.append((index, event))
@@ -266,63 +262,47 @@ class _Hub:
         out, self.events = self.events, []
         return out
 
-    def request_cancel(self, index: int | None = None) -> None:
-        if index is None:
-            self.cancel = True
-        else:
-            self.cancel_jobs.add(index)
 
-    def cancelled(self, index: int) -> bool:
-        return self.cancel or index in self.cancel_jobs
+RETRY_MARK = ".studio-batch"  # in a job folder while a batch runs it: "<token>"; a retried task finds it
 
 
-def _ask(ray: Any, ref: Any, timeout: float) -> Any:
-    """``ray.get`` for a task that must not block: a task blocked in ``ray.get`` lends its CPUs to
-    other tasks (Ray's guard against deadlock), which would run more jobs than the cluster has slots."""
-    deadline = time.monotonic() + timeout
-    while not ray.wait([ref], timeout=0)[0]:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"no answer from the driver in {timeout:g}s")
-        time.sleep(0.02)
-    return ray.get(ref)
-
-
-def _job_task(index: int, cfg_json: str, hub: Any) -> dict[str, Any]:
+def _job_task(index: int, cfg_json: str, hub: Any, token: str) -> dict[str, Any]:
     """Train one job on a worker; returns a plain result dict (errors included, so Ray retries only
-    when the worker itself died, never a job that failed on its own input)."""
+    when the worker itself died, never a job that failed on its own input).
+
+    ``ray.cancel(ref)`` (not forced) reaches a running task as SIGINT in its main thread; it sets
+    the loop's cancel flag, so the job writes a checkpoint and stops instead of dying mid-step."""
+    import signal
     import threading
 
     import ray
 
-    pid = os.getpid()
-    attempt, cancel_now = _ask(ray, hub.start.remote(index, pid, ray.util.get_node_ip_address()), 60)
-    base = {"pid": pid, "attempt": attempt}
+    hub.report.remote(index, {"phase": "started", "pid": os.getpid(), "node": ray.util.get_node_ip_address()})
     cancel = threading.Event()
-    if cancel_now:
-        return {**base, "ok": False, "cancelled": True, "error": "cancelled before it started"}
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, lambda *_: cancel.set()) if main else None
+    try:
+        return _run_job(index, cfg_json, hub, token, cancel)
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, previous)
+
+
+def _run_job(index: int, cfg_json: str, hub: Any, token: str, cancel: Any) -> dict[str, Any]:
+    base = {"pid": os.getpid()}
     try:
         from studio.trainers.config import TrainConfig
         from studio.trainers.loop import Cancelled, train
 
         cfg = TrainConfig.from_dict(json.loads(cfg_json), source=f"job {index + 1}")
-        if attempt > 1:  # Ray retried this job after its worker died: continue from the checkpoint
+        mark = Path(cfg.out) / RETRY_MARK
+        if mark.is_file() and mark.read_text() == token:  # Ray retried it after its worker died
             cfg.resume = True
         if cfg.resume and finished_earlier(cfg.out):
             return {**base, "ok": True, "skipped": True, "out": cfg.out, "adapter_file": str(Path(cfg.out) / LORA_FILE)}
     except Exception as exc:  # noqa: BLE001 - reported as this job's error
         return {**base, "ok": False, "error": f"{type(exc).__name__}: {exc}" if not isinstance(exc, StudioError)
                 else str(exc)}
-
-    stop = threading.Event()
-
-    def watch_cancel() -> None:  # the driver's Ctrl-C reaches the loop through the hub's flag
-        while not stop.wait(1.0):
-            try:
-                if _ask(ray, hub.cancelled.remote(index), 10):
-                    cancel.set()
-                    return
-            except Exception:  # noqa: BLE001 - the driver is gone: keep training, Ray will end us
-                return
 
     last = [0.0]
     resumed = [0]
@@ -331,13 +311,14 @@ def _job_task(index: int, cfg_json: str, hub: Any) -> dict[str, Any]:
         d = dataclasses.asdict(ev)
         if d["phase"] == "prepare" and d["step"] and d["message"].startswith("resumed"):
             resumed[0] = d["step"]
+        if d["phase"] == "train" and not last[0]:  # the folder exists now, and no checkpoint yet
+            mark.write_text(token)
         now = time.monotonic()
         if d["phase"] == "train" and d["step"] != d["total"] and now - last[0] < TRAIN_EVENT_EVERY_S:
             return
         last[0] = now
         hub.report.remote(index, d)  # fire and forget: progress must never slow the training
 
-    threading.Thread(target=watch_cancel, name="studio-cancel-watch", daemon=True).start()
     try:
         res = train(cfg, on_event=forward, cancel=cancel)
     except Cancelled as exc:
@@ -348,8 +329,9 @@ def _job_task(index: int, cfg_json: str, hub: Any) -> dict[str, Any]:
         log.exception("job %d crashed", index + 1)
         return {**base, "ok": False, "error": f"{type(exc).__name__}: {exc} (a bug: see the Ray worker log)",
                 "resumed_from": resumed[0]}
-    finally:
-        stop.set()
+    finally:  # not reached when the worker is killed: then the mark stays for Ray's retry
+        with contextlib.suppress(OSError):  # an unwritable or missing folder has none
+            mark.unlink()
     return {**base, "ok": True, "out": str(res.out), "adapter_file": str(res.adapter_file), "steps": res.steps,
             "seconds": res.seconds, "final_loss": res.final_loss, "resumed_from": resumed[0]}
 
@@ -483,6 +465,7 @@ def run_cluster_batch(paths: list[str], opts: BatchOptions, stream: TextIO | Non
     try:
         hub = ray.remote(num_cpus=0, max_restarts=0)(_Hub).remote()
         task = ray.remote(_job_task)
+        token = f"{os.getpid()}-{time.time_ns()}"  # this batch run: a retried task finds it in its folder
         for i, path in enumerate(paths):
             logs[i] = _JobLog(opts.logs / f"{i + 1:02d}-{Path(path).stem}.log")
             try:
@@ -502,7 +485,8 @@ def run_cluster_batch(paths: list[str], opts: BatchOptions, stream: TextIO | Non
             job.submitted = time.monotonic()
             job.ref = task.options(num_cpus=job.resources["CPU"], num_gpus=job.resources.get("GPU", 0),
                                    max_retries=job.max_retries, retry_exceptions=False,
-                                   name=f"studio-train {Path(job.path).stem}").remote(job.index, job.cfg.to_json(), hub)
+                                   name=f"studio-train {Path(job.path).stem}").remote(job.index, job.cfg.to_json(), hub,
+                                                                                      token)
             logs[job.index].line(f"submitted to Ray ({job.asked()}, max_retries {job.max_retries}); out {job.cfg.out}")
         status = _drive(ray, jobs, hub, logs, display, opts)
     finally:
@@ -544,7 +528,7 @@ def _drive(ray: Any, jobs: list[ClusterJob], hub: Any, logs: dict[int, Any], dis
                 elif opts.manager is not None and job.view and not job.cancel_sent \
                         and opts.manager.cancel_requested(job.view):
                     job.cancel_sent = True  # the job view's Cancel: this job only, checkpoint first
-                    hub.request_cancel.remote(job.index)
+                    ray.cancel(job.ref, force=False)
             now = time.monotonic()
             if now - nodes_at > 5:  # nodes join and leave (autoscaling): look again now and then
                 nodes, nodes_at = _node_totals(ray), now
@@ -573,10 +557,10 @@ def _drive(ray: Any, jobs: list[ClusterJob], hub: Any, logs: dict[int, Any], dis
                 break
             cancelling_since = time.monotonic()
             display.note("Ctrl-C: cancelling; running jobs write a checkpoint first (Ctrl-C again to stop at once)")
-            ray.get(hub.request_cancel.remote())
             for job in jobs:
+                if job.state in ("pending", "running"):
+                    ray.cancel(job.ref, force=False)  # a running job checkpoints first (see _job_task)
                 if job.state == "pending":
-                    ray.cancel(job.ref, force=False)
                     job.state, job.finished, job.error = "cancelled", time.monotonic(), "cancelled before it started"
                     logs[job.index].line(job.error)
     _settle(jobs, opts)
@@ -606,11 +590,11 @@ def _apply_events(batch: list[tuple[int, dict[str, Any]]], jobs: list[ClusterJob
             if job.state in ("pending", "running"):
                 job.state = "running"
             job.started = job.started or time.monotonic()
-            job.attempts = ev["attempt"]
+            job.attempts += 1
             job.worker = f"{ev['pid']}@{ev['node']}"
             job.pids.append(ev["pid"])
-            text = f"started on Ray worker pid {ev['pid']} at {ev['node']} (attempt {ev['attempt']})"
-            if ev["attempt"] > 1:
+            text = f"started on Ray worker pid {ev['pid']} at {ev['node']} (attempt {job.attempts})"
+            if job.attempts > 1:
                 text += ": Ray retried the job after its worker died; it resumes from its last checkpoint"
             logs[index].line(text)
             display.note(f"{job.label} {text}")
@@ -635,7 +619,10 @@ def _finish(ray: Any, job: ClusterJob, log_file: Any, display: _Display) -> None
     try:
         res = ray.get(job.ref)
     except TaskCancelledError:
-        job.state, job.error = "cancelled", job.error or "cancelled"
+        job.state = "cancelled"
+        job.error = job.error or (f"cancelled at step {job.step}; its last checkpoint is kept" if job.started
+                                  else "cancelled before it started")
+        log_file.line(job.error)
         return
     except RayError as exc:  # the worker died more often than max_retries allows, or Ray itself failed
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
