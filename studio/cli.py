@@ -34,6 +34,15 @@ COMMAND_MODULES: tuple[str, ...] = (
 log = logging.getLogger("studio")
 
 
+def add_group(sub: argparse._SubParsersAction, name: str, dest: str, metavar: str,
+              **kwargs: str) -> argparse._SubParsersAction:
+    """A subcommand that takes a required sub-subcommand (``studio eval SUITE``, ``studio decor ACTION``)."""
+    p = sub.add_parser(name, **kwargs)
+    group = p.add_subparsers(dest=dest, metavar=metavar)
+    group.required = True
+    return group
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="studio",

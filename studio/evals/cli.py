@@ -45,11 +45,12 @@ def _generation(p: argparse.ArgumentParser, n_help: str, n_default: int | None) 
 def register(sub: argparse._SubParsersAction) -> None:
     from studio.evals.suites import DEFAULT_N, JUDGE_SEED, PER_PROMPT
 
-    p = sub.add_parser("eval", help="measure the judge, a base model, an adapter or a quantized model",
-                       description="Evaluation suites read by the micro world's judge. Each prints a table, or one "
-                                   "JSON object with --json.")
-    esub = p.add_subparsers(dest="suite", metavar="SUITE")
-    esub.required = True
+    from studio.cli import add_group
+
+    esub = add_group(sub, "eval", "suite", "SUITE",
+                     help="measure the judge, a base model, an adapter or a quantized model",
+                     description="Evaluation suites read by the micro world's judge. Each prints a table, or one "
+                                 "JSON object with --json.")
 
     j = esub.add_parser("judge", help="judge accuracy per attribute on fresh renders of every concept")
     _common(j)

@@ -13,14 +13,14 @@ DEFAULT_PLOT = "out/decor-analysis.png"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from studio.cli import add_group
     from studio.commands.generate import add_model_args
     from studio.text.decor import ROWS
 
-    p = sub.add_parser("decor", help="DECOR: analyse prompt embeddings (the projection itself: generate --decor)",
-                       description="DECOR projects unwanted words out of prompt embeddings; `studio generate "
-                                   "--decor WORDS` applies it, `studio decor analyze` shows the components.")
-    dsub = p.add_subparsers(dest="action", metavar="ACTION")
-    dsub.required = True
+    dsub = add_group(sub, "decor", "action", "ACTION",
+                     help="DECOR: analyse prompt embeddings (the projection itself: generate --decor)",
+                     description="DECOR projects unwanted words out of prompt embeddings; `studio generate "
+                                 "--decor WORDS` applies it, `studio decor analyze` shows the components.")
     a = dsub.add_parser("analyze", help="singular values and token loadings of a prompt's embeddings",
                         description="Decompose the prompt's word-token encoder outputs (X = A S V^T) on each text "
                                     "encoder: singular values, and which tokens load on each component; with "
