@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from studio.text.decor import Components, DecorConfig, decompose, orthonormal_basis, unwanted_share
-from studio.text.pipeline import _ids, _masks, encode, segments, unwanted_vectors
+from studio.text.pipeline import encode, row_masks, segments, token_ids, unwanted_vectors
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +39,8 @@ def analyze(pipe: Any, prompt: str, decor: DecorConfig | None = None, rows: str 
     unwanted = unwanted_vectors(pipe, decor)[0] if decor is not None else None
     out = []
     for k, seg in enumerate(segments(pipe)):
-        mask = _masks(seg.tokenizer, [prompt], rows)[0]
-        ids = _ids(seg.tokenizer, [prompt])[0][mask]
+        mask = row_masks(seg.tokenizer, [prompt], rows)[0]
+        ids = token_ids(seg.tokenizer, [prompt])[0][mask]
         x = embeds[0, :, seg.start:seg.stop][mask.to(embeds.device)].float().cpu()
         comps = decompose(x, [_label(seg.tokenizer, i) for i in ids])
         result = EncoderAnalysis(seg.name, comps)

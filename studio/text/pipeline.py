@@ -69,14 +69,15 @@ def _is_xl(pipe: Any) -> bool:
     return "prompt_2" in inspect.signature(type(pipe).encode_prompt).parameters
 
 
-def _ids(tokenizer: Any, texts: Sequence[str]) -> torch.Tensor:
-    # the pipelines' own tokenization: padded to the model length, truncated
+def token_ids(tokenizer: Any, texts: Sequence[str]) -> torch.Tensor:
+    """The texts' token ids as the pipelines tokenize them: padded to the model length, truncated."""
     return tokenizer(list(texts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                      return_tensors="pt").input_ids
 
 
-def _masks(tokenizer: Any, texts: Sequence[str], rows: str) -> torch.Tensor:
-    return row_mask(_ids(tokenizer, texts), tokenizer.bos_token_id, tokenizer.eos_token_id, rows)
+def row_masks(tokenizer: Any, texts: Sequence[str], rows: str) -> torch.Tensor:
+    """Bool ``(len(texts), tokens)``: the rows DECOR projects (:func:`studio.text.decor.row_mask`)."""
+    return row_mask(token_ids(tokenizer, texts), tokenizer.bos_token_id, tokenizer.eos_token_id, rows)
 
 
 def encode(pipe: Any, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -109,7 +110,7 @@ def word_vectors(pipe: Any, texts: Sequence[str]) -> tuple[list[torch.Tensor], t
     embeds, pooled = encode(pipe, texts)
     vectors = []
     for seg in segments(pipe):
-        words = _masks(seg.tokenizer, texts, "words")
+        words = row_masks(seg.tokenizer, texts, "words")
         if not words.any():
             raise StudioError(f"--decor {', '.join(texts)!r}: the tokenizer gives these no word tokens")
         vectors.append(embeds[..., seg.start:seg.stop][words.to(embeds.device)])
@@ -157,7 +158,7 @@ def project_embeddings(pipe: Any, config: DecorConfig, prompts: Sequence[str], e
     centers = bases.centers or [None] * len(bases.per_segment)
     for seg, basis, center in zip(segments(pipe), bases.per_segment, centers):
         texts = prompts_2 if (seg.name == "text_encoder_2" and prompts_2 is not None) else prompts
-        mask = _masks(seg.tokenizer, texts, config.rows).repeat_interleave(repeat, dim=0)
+        mask = row_masks(seg.tokenizer, texts, config.rows).repeat_interleave(repeat, dim=0)
         parts.append(project(embeds[..., seg.start:seg.stop], basis, config.alpha, mask, center))
     out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
     if pooled is not None and bases.pooled is not None:
