@@ -170,8 +170,9 @@ def test_batch_on_local_ray(images, tiny_dirs, tmp_path):  # noqa: F811
     assert len(pids) >= 2 and proc.pid not in pids, "both Ray workers ran jobs, neither is the driver"
     assert len(list((tmp_path / "logs").glob("*.log"))) == 5
     rows = [r for r in json.loads((tmp_path / "logs" / "summary.json").read_text()) if r["start_s"] is not None]
-    # Ray's slots hold: never more than 2 jobs at once (a task blocked in ray.get would lend its CPU)
-    assert max(sum(r["start_s"] <= s["start_s"] < r["end_s"] for r in rows) for s in rows) <= 2
+    # Ray's slots hold: never more than 2 jobs at once (a task blocked in ray.get would lend its CPU);
+    # the driver sees an end up to a poll (0.5 s) after the start it made room for
+    assert max(sum(r["start_s"] <= s["start_s"] < r["end_s"] - 1.0 for r in rows) for s in rows) <= 2
 
 
 def _wait_for(path: Path, pattern: str, proc: subprocess.Popen, timeout: float = 600) -> re.Match:

@@ -306,13 +306,15 @@ def _run_job(index: int, cfg_json: str, hub: Any, token: str, cancel: Any) -> di
 
     last = [0.0]
     resumed = [0]
+    marked = [False]
 
     def forward(ev: Any) -> None:
         d = dataclasses.asdict(ev)
         if d["phase"] == "prepare" and d["step"] and d["message"].startswith("resumed"):
             resumed[0] = d["step"]
-        if d["phase"] == "train" and not last[0]:  # the folder exists now, and no checkpoint yet
+        if d["phase"] == "train" and not marked[0]:  # the folder exists now, and no checkpoint yet
             mark.write_text(token)
+            marked[0] = True
         now = time.monotonic()
         if d["phase"] == "train" and d["step"] != d["total"] and now - last[0] < TRAIN_EVENT_EVERY_S:
             return
