@@ -67,10 +67,13 @@ def run_row(name: str, lr: str, args: argparse.Namespace, subject_dir: Path, sha
         return json.loads(result.read_text())
     log = Path(args.out) / f"{name}-lr{lr}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
-    studio("train", "--kind", "subject", "--images", str(subject_dir), "--base", "micro", "--out", str(out),
-           "--steps", str(args.steps), "--lr", lr, "--no-register", "--checkpoint-every", "0", *ROWS[name], log=log)
-    seconds = time.time() - t0
+    timing = Path(args.out) / f"{name}-lr{lr}.seconds"
+    if not any(out.glob("*.safetensors")):  # a run whose eval failed keeps its adapter
+        t0 = time.time()
+        studio("train", "--kind", "subject", "--images", str(subject_dir), "--base", "micro", "--out", str(out),
+               "--steps", str(args.steps), "--lr", lr, "--no-register", "--checkpoint-every", "0", *ROWS[name], log=log)
+        timing.write_text(str(time.time() - t0))
+    seconds = float(timing.read_text()) if timing.is_file() else float("nan")
     ev = json.loads(studio("eval", "subject", "--base", "micro", "--adapter", str(out), "--subject", shape,
                            "--json", log=log))
     row = {"row": name, "lr": float(lr), "params": stored(out), "subject_fidelity": ev["subject_fidelity"],
@@ -81,7 +84,13 @@ def run_row(name: str, lr: str, args: argparse.Namespace, subject_dir: Path, sha
 
 
 def plot(rows: list[dict], png: str) -> None:
-    import matplotlib
+    """Fidelity against parameters (log scale) as a PNG: matplotlib when installed, else a plain PIL drawing."""
+    Path(png).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import matplotlib
+    except ImportError:
+        _plot_pil(rows, png)
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -95,8 +104,29 @@ def plot(rows: list[dict], png: str) -> None:
     ax.set_ylabel("subject_fidelity")
     ax.set_title("micro subject set: fidelity vs adapter size")
     fig.tight_layout()
-    Path(png).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=120)
+
+
+def _plot_pil(rows: list[dict], png: str) -> None:
+    import math
+
+    from PIL import Image, ImageDraw
+
+    w, h, m = 640, 420, 60
+    img = Image.new("RGB", (w, h), "white")
+    d = ImageDraw.Draw(img)
+    d.rectangle([m, 20, w - 20, h - m], outline="black")
+    xs = [math.log10(r["params"]) for r in rows]
+    lo, hi = min(xs) - 0.1, max(xs) + 0.1
+    for r, lx in zip(rows, xs):
+        x = m + (lx - lo) / (hi - lo) * (w - m - 20)
+        y = h - m - r["subject_fidelity"] * (h - m - 20)
+        color = (220, 110, 0) if r["row"].startswith("tlora") else (30, 90, 200)
+        d.ellipse([x - 4, y - 4, x + 4, y + 4], fill=color)
+        d.text((x + 6, y - 6), r["row"], fill=color)
+    d.text((m, h - m + 8), f"stored parameters, log10 {lo:.1f} .. {hi:.1f}", fill="black")
+    d.text((4, 4), "subject_fidelity (0..1)", fill="black")
+    img.save(png)
 
 
 def main() -> None:
@@ -116,7 +146,7 @@ def main() -> None:
         best.append(max(runs, key=lambda r: r["subject_fidelity"]))
         r = best[-1]
         print(f"{r['row']:<16} lr {r['lr']:<7g} params {r['params']:>8d}  subject {r['subject_fidelity']:.3f}  "
-              f"prompt {r['prompt_fidelity']:.3f}  drift {r['base_drift']:.3f}  {r['s_per_step']:.3f} s/step",
+              f"prompt {r['prompt_fidelity']:.3f}  drift {r['base_drift']:.3f}  {r['s_per_step']:.3f} s/step (whole run)",
               flush=True)
     plot(best, args.png)
     print(f"plot: {args.png}")

@@ -458,7 +458,7 @@ def _peft_factors(pipe: Any, file: Path, method: str) -> list[_Factor]:
                 _graft(skeletons[comp], found[0], found[1])
                 break
     holder = types.SimpleNamespace(unet=skeletons["unet"], **{c: m for c, m in skeletons.items() if c != "unet"})
-    load_adapter(holder, file, "mix")
+    load_adapter(holder, file, "mix", trigger=False)  # the skeleton has no text encoder; the mixer installs triggers
     out = []
     with torch.no_grad():
         for comp, skel in skeletons.items():

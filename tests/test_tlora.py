@@ -300,3 +300,25 @@ def test_mixes_with_a_lora(tmp_path):
     torch.testing.assert_close(_unet_out(fresh), base, atol=0, rtol=0)
     merge(pipe)
     unmerge(pipe)
+
+
+def test_mixer_fuses_a_tlora_with_a_learned_trigger(tmp_path):
+    # the mixer reads non-LoRA files through a skeleton without a text encoder: the trigger rows
+    # must not be installed there (they were: "this base model lacks text_encoder")
+    from studio.adapters import add_trigger_embedding
+    from studio.mixing import mixed
+
+    pipe = tiny_pipeline("sd1")
+    _trained(pipe)
+    with torch.no_grad():
+        add_trigger_embedding(pipe, "sks", "default")[0].add_(0.5)
+    want = _unet_out(pipe)
+    ids = pipe.tokenizer(["a sks circle"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        te_want = pipe.text_encoder(ids)[0]
+    save_adapter(pipe, tmp_path / "t", "default")
+    fresh = tiny_pipeline("sd1")
+    with mixed(fresh, [str(tmp_path / "t")]):
+        torch.testing.assert_close(_unet_out(fresh), want, atol=1e-4, rtol=1e-4)
+        with torch.no_grad():
+            torch.testing.assert_close(fresh.text_encoder(ids)[0], te_want, atol=1e-5, rtol=1e-5)

@@ -255,8 +255,10 @@ def _peft_config_from_json(text: str) -> Any:
     return cls(**{k: v for k, v in d.items() if k in fields and k not in ("peft_type", "auto_mapping")})
 
 
-def load_adapter(pipe: Any, path: str | os.PathLike, adapter_name: str = "default") -> str:
+def load_adapter(pipe: Any, path: str | os.PathLike, adapter_name: str = "default", trigger: bool = True) -> str:
     """Load an adapter written by :func:`save_adapter` (any method) into the pipeline.
+
+    ``trigger=False`` leaves a learned trigger embedding out (the mixer installs those itself).
 
     Files the studio did not write (community diffusers or kohya LoRAs) go through diffusers'
     own ``load_lora_weights``, which converts the common layouts.
@@ -297,7 +299,7 @@ def load_adapter(pipe: Any, path: str | os.PathLike, adapter_name: str = "defaul
                               f"was it trained on another model family?")
         models[comp].requires_grad_(False)
     entry = {"method": meta[f"{META_PREFIX}method"], "configs": configs}
-    trig = TriggerEmbeddings.from_file_parts(tensors, meta)
+    trig = TriggerEmbeddings.from_file_parts(tensors, meta) if trigger else None
     if trig is not None:
         try:
             entry["trigger"] = trig.install(pipe)
