@@ -7,7 +7,7 @@ Both sides are whole `studio batch` commands in fresh processes, timed from star
 the same job files (prior preservation off, so no class images are generated inside the timing;
 each job its own seed and output folder). The sequential side lets torch use every core inside
 one job (intra-op threads); on Ray each job gets one CPU (Ray sets OMP_NUM_THREADS to the task's
-num_cpus). Prints both wall times and their ratio, then the per-job overhead of going through
+num_cpus), at the sequential side's priority (RAY_worker_niceness=0). Prints both wall times and their ratio, then the per-job overhead of going through
 Ray, from the driver's summary.json: Ray's start, the wait for a worker, and a task's run time
 beyond its training (the worker process importing torch and the studio on its first job).
 Run it on an otherwise idle machine; the load average is printed beside the figures.
@@ -68,6 +68,9 @@ def main() -> None:
         jobs = write_jobs(folder, args.jobs, args.base, args.images, args.steps)
         load0 = os.getloadavg()
         seq, _ = run_batch(jobs, "seq", [], folder / "logs-seq")
+        # Ray runs its workers at niceness 15 by default (to keep its raylet responsive); on a shared
+        # machine that alone made them 3x slower than the sequential side, so both sides run at 0
+        os.environ.setdefault("RAY_worker_niceness", "0")
         ray_wall, text = run_batch(jobs, "ray", ["--cluster", f"local:{args.workers}"], folder / "logs-ray")
         load1 = os.getloadavg()
         rows = json.loads((folder / "logs-ray" / "summary.json").read_text())
