@@ -128,7 +128,11 @@ def connect(spec: str, connect_timeout: float = 5.0) -> bool:
 def _start_local(ray: Any, workers: int, kw: dict[str, Any]) -> None:
     """Start an in-process Ray instance; the workers inherit this process's environment
     (STUDIO_HOME, HF_HUB_OFFLINE, ...). Ray gives its raylet a fixed 30 s to register, which a
-    heavily loaded machine can miss: one more try, then a clear error."""
+    heavily loaded machine can miss: one more try, then a clear error.
+
+    Workers run at this process's priority: Ray's default niceness 15 made a batch 3.6x slower than
+    the same jobs run by `studio batch` next to other busy processes (docs/CLUSTER.md)."""
+    os.environ.setdefault("RAY_worker_niceness", "0")  # read by the raylet that ray.init starts
     for attempt in (1, 2):
         try:
             ray.init(num_cpus=workers, include_dashboard=False, **kw)
