@@ -263,44 +263,34 @@ def test_prior_target_is_checked(tmp_path):
         TrainConfig.from_dict(dict(images="x", prior_target="zero"))
 
 
-def test_micro_subject_defaults_and_overrides():
+def _plan(kind: str, source: str = "micro", **fields):
+    """The recipe's plan for a job on a base of this source kind (no model loaded)."""
     from types import SimpleNamespace
 
+    import studio.generation as gen
     from studio.trainers.recipes import get_recipe
 
-    pipe = SimpleNamespace(studio_source=SimpleNamespace(kind="micro", family="sd1", spec="micro"))
-    import studio.generation as gen
-
+    pipe = SimpleNamespace(studio_source=SimpleNamespace(kind=source, family="sd1", spec=source))
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(gen, "native_size", lambda p: (64, 64))
         mp.setattr(gen, "vae_factor", lambda p: 4)
         mp.setattr(gen, "model_defaults", lambda p: {"steps": 20, "guidance": 2.5})
-        plan = get_recipe("subject").plan(TrainConfig.from_dict(dict(images="x")), pipe)
-        assert (plan.lr, plan.trigger_lr, plan.prior_weight, plan.caption_dropout) == (2e-3, 2e-3, 3.0, 0.5)
-        plan = get_recipe("subject").plan(TrainConfig.from_dict(dict(images="x", lr=1e-4, trigger_lr=1e-3,
-                                                                     prior_weight=0.5, caption_dropout=0.1)), pipe)
-        assert (plan.lr, plan.trigger_lr, plan.prior_weight, plan.caption_dropout) == (1e-4, 1e-3, 0.5, 0.1)
-        pipe.studio_source.kind = "folder"
-        plan = get_recipe("subject").plan(TrainConfig.from_dict(dict(images="x")), pipe)
-        assert (plan.lr, plan.prior_weight, plan.micro) == (1e-3, 1.0, False)
+        return get_recipe(kind).plan(TrainConfig.from_dict(dict(kind=kind, images="x", **fields)), pipe)
+
+
+def test_micro_subject_defaults_and_overrides():
+    plan = _plan("subject")
+    assert (plan.lr, plan.trigger_lr, plan.prior_weight, plan.caption_dropout) == (2e-3, 2e-3, 3.0, 0.5)
+    plan = _plan("subject", lr=1e-4, trigger_lr=1e-3, prior_weight=0.5, caption_dropout=0.1)
+    assert (plan.lr, plan.trigger_lr, plan.prior_weight, plan.caption_dropout) == (1e-4, 1e-3, 0.5, 0.1)
+    plan = _plan("subject", source="folder")
+    assert (plan.lr, plan.prior_weight, plan.micro) == (1e-3, 1.0, False)
 
 
 def test_micro_style_defaults_train_the_trigger_with_output_preservation():
-    from types import SimpleNamespace
-
-    import studio.generation as gen
-    from studio.trainers.recipes import get_recipe
-
-    pipe = SimpleNamespace(studio_source=SimpleNamespace(kind="micro", family="sd1", spec="micro"))
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(gen, "native_size", lambda p: (64, 64))
-        mp.setattr(gen, "vae_factor", lambda p: 4)
-        mp.setattr(gen, "model_defaults", lambda p: {"steps": 20, "guidance": 2.5})
-        plan = get_recipe("style").plan(TrainConfig.from_dict(dict(kind="style", images="x")), pipe)
-        assert (plan.prior, plan.train_trigger, plan.prior_weight, plan.caption_dropout) == (True, True, 3.0, 0.0)
-        plan = get_recipe("style").plan(TrainConfig.from_dict(dict(kind="style", images="x", prior=False,
-                                                                   train_trigger=False)), pipe)
-        assert (plan.prior, plan.train_trigger) == (False, False)
-        pipe.studio_source.kind = "folder"
-        plan = get_recipe("style").plan(TrainConfig.from_dict(dict(kind="style", images="x")), pipe)
-        assert (plan.prior, plan.train_trigger, plan.prior_weight) == (False, False, 1.0)
+    plan = _plan("style")
+    assert (plan.prior, plan.train_trigger, plan.prior_weight, plan.caption_dropout) == (True, True, 3.0, 0.0)
+    plan = _plan("style", prior=False, train_trigger=False)
+    assert (plan.prior, plan.train_trigger) == (False, False)
+    plan = _plan("style", source="folder")
+    assert (plan.prior, plan.train_trigger, plan.prior_weight) == (False, False, 1.0)
