@@ -433,17 +433,14 @@ def _drift_images(pipe: Any, drift_n: int, settings: GenSettings) -> tuple[list[
     return items, generate(pipe, items, settings)
 
 
-def _joint(images: torch.Tensor, items: Sequence[Item], judge: Judge) -> float | None:
-    return prompt_accuracy(read_attributes(images, judge), items)["joint"] if items else None
-
-
-def drift_by_attribute(before: torch.Tensor, after: torch.Tensor, items: Sequence[Item],
-                       judge: Judge) -> dict[str, float | None]:
-    """Per-attribute accuracy drop on the drift set once the adapter is loaded (which attribute it hurts)."""
+def drift(before: torch.Tensor, after: torch.Tensor, items: Sequence[Item],
+          judge: Judge) -> tuple[float | None, dict[str, float | None]]:
+    """The drift set read once: ``base_drift`` (joint) and the drop per attribute (which one the adapter hurts)."""
     if not items:
-        return {}
+        return None, {}
     b, a = prompt_accuracy(read_attributes(before, judge), items), prompt_accuracy(read_attributes(after, judge), items)
-    return {k: None if b[k] is None or a[k] is None else round(b[k] - a[k], 4) for k in b}
+    per = {k: None if b[k] is None or a[k] is None else round(b[k] - a[k], 4) for k in b}
+    return base_drift(b["joint"], a["joint"]), per
 
 
 def by_prompt(items: Sequence[Item], **scores: Sequence[bool]) -> dict[str, dict[str, float]]:
@@ -608,6 +605,7 @@ def subject_suite(pipe: Any, judge: Judge, adapter: str | Path, *, subject: str,
     t0 = time.perf_counter()
     images, drift_items, before, after = _adapter_run(pipe, adapter, items, drift_n, settings, progress, decor)
     seen = read_attributes(images, judge)
+    drifted, drift_per_attribute = drift(before, after, drift_items, judge)
     subject_ok = [seen["shape"][i] == subject and (color is None or "color" in it.asked or seen["color"][i] == color)
                   for i, it in enumerate(items)]
     prompt_ok = [all(seen[a][i] == v for a, v in it.asked.items()) for i, it in enumerate(items)]
@@ -615,8 +613,7 @@ def subject_suite(pipe: Any, judge: Judge, adapter: str | Path, *, subject: str,
         "suite": "subject", "n": len(items),
         "subject_fidelity": _mean(subject_ok), "prompt_fidelity": _mean(prompt_ok),
         "diversity": feature_diversity(images, items, seen, judge, subject=subject, color=color, seed=settings.seed),
-        "base_drift": base_drift(_joint(before, drift_items, judge), _joint(after, drift_items, judge)),
-        "drift_by_attribute": drift_by_attribute(before, after, drift_items, judge),
+        "base_drift": drifted, "drift_by_attribute": drift_per_attribute,
         "by_prompt": by_prompt(items, subject=subject_ok, prompt=prompt_ok),
     }
     _timed("subject", len(items) + 2 * drift_n, t0)
@@ -672,14 +669,14 @@ def style_suite(pipe: Any, judge: Judge, adapter: str | Path, *, texture: str, t
     t0 = time.perf_counter()
     images, drift_items, before, after = _adapter_run(pipe, adapter, items, drift_n, settings, progress, decor)
     seen = read_attributes(images, judge)
+    drifted, drift_per_attribute = drift(before, after, drift_items, judge)
     content = np.all(np.stack([_hits(seen, items, a) for a in ("shape", "color", "background")]), axis=0)
     result = {
         "suite": "style", "n": len(items),
         "style_fidelity": _mean(_hits(seen, items, "texture")),
         "content_fidelity": _mean(content),
         "leakage": leakage_rate(seen, items, train_shapes, train_colors),
-        "base_drift": base_drift(_joint(before, drift_items, judge), _joint(after, drift_items, judge)),
-        "drift_by_attribute": drift_by_attribute(before, after, drift_items, judge),
+        "base_drift": drifted, "drift_by_attribute": drift_per_attribute,
     }
     _timed("style", len(items) + 2 * drift_n, t0)
     return result
