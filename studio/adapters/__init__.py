@@ -13,3 +13,4 @@ __all__ = [
 ]
 
 from studio.adapters import tlora  # noqa: E402,F401 - registers --method tlora
+from studio.adapters import b4m  # noqa: E402,F401 - registers --method b4m

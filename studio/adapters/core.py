@@ -109,6 +109,8 @@ def add_adapter(pipe: Any, method: str, settings: AdapterSettings, adapter_name:
     for comp, cfg in configs.items():
         models[comp].requires_grad_(False)
         _inject(models[comp], cfg, adapter_name)
+        if m.after_inject is not None:
+            m.after_inject(models[comp], adapter_name, settings, comp)
     registry[adapter_name] = {"method": method, "configs": configs}
     params = []
     for comp in configs:

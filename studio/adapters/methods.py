@@ -61,6 +61,9 @@ class AdapterMethod:
     diffusers_loadable: bool = True  # vanilla `pipe.load_lora_weights` reads its files
     kohya_export: bool = True
     can_merge: bool = True  # static mixes fuse it into the weights
+    # (model, adapter name, settings, component) -> None: runs after PEFT injected the adapter into a
+    # component (Break-for-Make splits the injected LoRA into frozen and learnable halves there)
+    after_inject: Callable[[Any, str, AdapterSettings, str], None] | None = None
 
 
 _REGISTRY: dict[str, AdapterMethod] = {}
