@@ -1,6 +1,7 @@
 """`studio eval SUITE`: the evaluation bench on the micro world's judge.
 
-Suites: ``judge``, ``base``, ``subject``, ``style``, ``quant`` (see :mod:`studio.evals.suites`).
+Suites: ``judge``, ``base``, ``subject``, ``style``, ``quant`` (see :mod:`studio.evals.suites`) and
+``compose`` (a subject and a style mixed: :mod:`studio.evals.compose`).
 With ``--json`` the result is one JSON object on the last line of stdout; otherwise a table.
 Progress and notes go to stderr through logging.
 """
@@ -18,7 +19,7 @@ from studio.errors import StudioError
 
 log = logging.getLogger(__name__)
 
-SUITES: tuple[str, ...] = ("judge", "base", "subject", "style", "quant")
+SUITES: tuple[str, ...] = ("judge", "base", "subject", "style", "quant", "compose")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -97,6 +98,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     _generation(q, f"images per model (default {DEFAULT_N['base']})", DEFAULT_N["base"])
     q.add_argument("--reference", required=True, metavar="SPEC", help="the full-precision model to compare with")
     q.set_defaults(func=run)
+
+    from studio.evals.compose import add_parser as add_compose
+
+    add_compose(esub)
 
 
 def _adapter_args(p: argparse.ArgumentParser) -> None:
