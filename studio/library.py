@@ -56,7 +56,7 @@ LOCK_NAME = "library.lock"
 ADAPTERS_DIR = "adapters"
 TMP_DIR = ".library-tmp"
 SCHEMA_VERSION = 1
-KINDS: tuple[str, ...] = ("subject", "style", "content", "other")
+KINDS: tuple[str, ...] = ("subject", "style", "content", "combined", "other")  # combined: Break-for-Make
 # names become folder names and appear in prompts as <lora:NAME:0.8>: no separators, colons or brackets
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$")
 SAMPLE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")

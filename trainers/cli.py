@@ -96,6 +96,16 @@ def _add_job_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", default=None, help=helps["resume"])
     p.add_argument("--seed", type=int, help=helps["seed"])
     p.add_argument("--device", help=helps["device"])
+    g = p.add_argument_group("Break-for-Make (--method b4m): a content and a style adapter that compose (docs/b4m.md)")
+    g.add_argument("--content", metavar="DIR", help=helps["content"])
+    g.add_argument("--style", metavar="DIR", help=helps["style"])
+    g.add_argument("--content-prompt", dest="content_prompt", help=helps["content_prompt"])
+    g.add_argument("--style-prompt", dest="style_prompt", help=helps["style_prompt"])
+    g.add_argument("--style-token", dest="style_token", help=helps["style_token"])
+    g.add_argument("--steps-content", dest="steps_content", type=int, help=helps["steps_content"])
+    g.add_argument("--steps-style", dest="steps_style", type=int, help=helps["steps_style"])
+    g.add_argument("--steps-make", dest="steps_make", type=int, help=helps["steps_make"])
+    g.add_argument("--aux-sets", dest="aux_sets", type=int, help=helps["aux_sets"])
     p.add_argument("--no-register", dest="register", action="store_false", default=None,
                    help="do not add the result to the adapter library")
 
@@ -142,7 +152,7 @@ def config_from_args(args: argparse.Namespace):
         v = getattr(args, f.name, None)
         if v is not None:
             base[f.name] = v
-    if not base.get("images"):
+    if not base.get("images") and base.get("method") != "b4m":
         raise StudioError("--images is required (a folder of training images), or give a JOB.toml")
     return TrainConfig.from_dict(base, source=args.job or "--")
 

@@ -86,6 +86,19 @@ class TrainConfig:
     resume: bool = _f(False, "continue from the last checkpoint in the output folder")
     seed: int = _f(0, "random seed (data order, noise, timesteps)")
     device: str = _f("", "cpu, cuda, cuda:N (default: cuda if present)")
+    content: str = _f("", "b4m: folder of the subject's (content) images")
+    style: str = _f("", "b4m: folder of the style's images")
+    content_prompt: str = _f("", "b4m: prompt of every content image, with --token (default: the subject recipe's "
+                                 "captions with the trigger in the subject's place)")
+    style_prompt: str = _f("", "b4m: prompt of every style image, with --style-token (default: 'CAPTION in "
+                               "STYLE-TOKEN style')")
+    style_token: str = _f("zwx", "b4m: the style's trigger word (--token names the subject)")
+    steps_content: int | None = _f(None, "b4m: steps of the content stage (default 400 on micro)")
+    steps_style: int | None = _f(None, "b4m: steps of the style stage (default 400 on micro)")
+    steps_make: int | None = _f(None, "b4m: steps of the joint fine-tune after the make step (default 100 on micro; "
+                                      "0: none)")
+    aux_sets: int | None = _f(None, "b4m: auxiliary sets per stage for multi-correspondence learning, rendered by "
+                                    "the micro world (default 2; 0: off)")
     register: bool = _f(True, "add the result to the adapter library")
     description: str = _f("", "free text kept in the library")
 
@@ -128,8 +141,22 @@ class TrainConfig:
 
         if self.kind not in KINDS:
             raise bad("kind", f"{self.kind}: choose subject or style")
-        if not self.images:
+        if self.method == "b4m":
+            if not self.content or not self.style:
+                raise bad("content" if not self.content else "style", "is required with --method b4m: "
+                          "--content DIR (the subject's images) and --style DIR (the style's)")
+        elif not self.images:
             raise bad("images", "is required: a folder of training images")
+        for name in ("steps_content", "steps_style"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
+                raise bad(name, f"{v}: must be a positive integer")
+        for name in ("steps_make", "aux_sets"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
+                raise bad(name, f"{v}: must be an integer >= 0")
+        if self.method == "b4m" and (not self.style_token.strip() or " " in self.style_token.strip()):
+            raise bad("style_token", f"{self.style_token!r}: one word, e.g. zwx")
         for name in ("steps", "rank", "batch", "resolution", "transform_rank", "residual_rank"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):

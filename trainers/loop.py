@@ -77,6 +77,10 @@ def train(cfg: TrainConfig, on_event: EventHandler | None = None, cancel: thread
     A run that fails before its first checkpoint removes the output folder it created, so
     nothing half-made is left behind; later failures keep the checkpoints for ``resume``.
     """
+    if cfg.method == "b4m":  # three stages on this loop's machinery (studio.trainers.b4m)
+        from studio.trainers.b4m import train_b4m
+
+        return train_b4m(cfg, on_event, cancel)
     out = Path(cfg.out or Path("out") / default_name(cfg))
     created = not out.exists()
     try:
