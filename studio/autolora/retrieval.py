@@ -1,0 +1,190 @@
+"""Train the weight encoder on a zoo, evaluate retrieval, and retrieve adapters for a prompt.
+
+Training pairs each zoo adapter with its renderer captions (and its short concept prompt),
+encoded by the base model's own text encoder (pooled output, frozen), under a symmetric InfoNCE
+loss with a learnable temperature. Held-out adapters (20 % of the zoo) are never seen.
+
+The metadata baseline embeds each adapter's metadata text (name, trigger, description) with the
+same text encoder, the way metadata-based tools retrieve; run once with the real names and once
+with random names (the case AutoLoRA exists for).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from studio.autolora.encoder import EncoderConfig, Factors, WeightEncoder, adapter_factors, slots_of, stack
+from studio.autolora.functional import cosine_scores, info_nce, recall_at
+from studio.errors import StudioError
+
+log = logging.getLogger(__name__)
+
+ASSETS = Path(__file__).resolve().parents[2] / "assets" / "autolora"
+DEFAULT_ZOO = ASSETS / "zoo"
+DEFAULT_ENCODER = ASSETS / "encoder.safetensors"
+# below this cosine the best adapter is reported as no match (calibrated on the zoo: docs/autolora.md)
+MATCH_THRESHOLD = 0.5
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSettings:
+    """How the encoder trains on a zoo (seconds on a CPU)."""
+
+    steps: int = 600
+    lr: float = 2e-3
+    weight_decay: float = 1e-2
+    seed: int = 0
+
+
+@torch.no_grad()
+def encode_texts(pipe: Any, texts: Sequence[str], batch: int = 64) -> torch.Tensor:
+    """The base text encoder's pooled output for each text ``(N, D)`` (the encoder stays frozen)."""
+    te, tok = pipe.text_encoder, pipe.tokenizer
+    out = []
+    for i in range(0, len(texts), batch):
+        ids = tok(list(texts[i:i + batch]), padding="max_length", max_length=tok.model_max_length, truncation=True,
+                  return_tensors="pt").input_ids.to(te.device)
+        out.append(te(ids).pooler_output.float().cpu())
+    return torch.cat(out) if out else torch.zeros(0, te.config.hidden_size)
+
+
+def text_dim(pipe: Any) -> int:
+    """Width of the text encoder's pooled output."""
+    return int(pipe.text_encoder.config.hidden_size)
+
+
+def train_encoder(pipe: Any, factors: Sequence[Factors], captions: Sequence[Sequence[str]],
+                  config: EncoderConfig = EncoderConfig(), settings: TrainSettings = TrainSettings(),
+                  names: Sequence[str] | None = None) -> tuple[WeightEncoder, dict[str, Any]]:
+    """Fit a weight encoder to (adapter, caption) pairs; returns it (eval mode) and a report."""
+    if len(factors) < 2:
+        raise StudioError(f"AutoLoRA: {len(factors)} training adapter(s); contrastive training needs at least 2")
+    torch.manual_seed(settings.seed)
+    gen = torch.Generator().manual_seed(settings.seed)
+    enc = WeightEncoder(slots_of(pipe), text_dim(pipe), config)
+    batch = stack(enc.slots, factors, name=names)
+    flat = sorted({c for cs in captions for c in cs})
+    text = encode_texts(pipe, flat)
+    pick = [torch.tensor([flat.index(c) for c in cs]) for cs in captions]
+    opt = torch.optim.AdamW([p for p in enc.parameters() if p.requires_grad], lr=settings.lr,
+                            weight_decay=settings.weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, settings.steps)
+    enc.train()
+    t0 = time.time()
+    losses = []
+    for _ in range(settings.steps):
+        idx = torch.stack([p[torch.randint(len(p), (1,), generator=gen)][0] for p in pick])
+        loss = info_nce(enc(batch, generator=gen), text[idx], enc.logit_scale)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        with torch.no_grad():  # CLIP's clamp: a temperature below 1/100 makes the loss unstable
+            enc.logit_scale.clamp_(0.0, 4.6052)
+        losses.append(loss.item())
+    enc.eval()
+    report = {"steps": settings.steps, "seconds": round(time.time() - t0, 1), "final_loss": round(losses[-1], 4),
+              "logit_scale": round(float(enc.logit_scale.exp()), 3), "adapters": len(factors)}
+    log.info("AutoLoRA encoder: %d adapters, %d steps in %.1f s, loss %.3f, inverse temperature %.2f",
+             len(factors), settings.steps, report["seconds"], losses[-1], report["logit_scale"])
+    return enc, report
+
+
+def metadata_text(name: str, trigger: str = "", description: str = "") -> str:
+    """What a metadata-based tool embeds for an adapter: its name (words split), trigger and description."""
+    words = name.replace("-", " ").replace("_", " ")
+    return " ".join(w for w in (words, trigger, description) if w)
+
+
+def _recalls(scores: torch.Tensor, truth: torch.Tensor) -> dict[str, float]:
+    return {"recall@1": round(recall_at(scores, truth, 1), 4), "recall@3": round(recall_at(scores, truth, 3), 4)}
+
+
+def retrieval_suite(zoo: str | os.PathLike | None = None, *, encoder: str | os.PathLike | None = None,
+                    config: EncoderConfig = EncoderConfig(), settings: TrainSettings = TrainSettings(),
+                    pipe: Any = None) -> dict[str, Any]:
+    """``studio eval retrieval``: recall@1/3 of the held-out zoo adapters for prompts of their concepts.
+
+    The encoder trains on the zoo's training adapters (seeded, seconds) unless ``encoder`` names a
+    saved one. Queries are the held-out adapters' concept prompts; the gallery is the held-out
+    adapters (``recall@k``) and, harder, the whole zoo (``full_zoo``). Printed beside: the
+    metadata baseline with real and with random names.
+    """
+    from studio.autolora.encoder import load_encoder
+    from studio.autolora.zoo import load_zoo
+
+    zoo_dir = Path(zoo) if zoo else DEFAULT_ZOO
+    index = load_zoo(zoo_dir)
+    entries = index["adapters"]
+    if pipe is None:
+        from studio.loading import load_pipeline
+
+        pipe = load_pipeline(index.get("base", "micro"))
+    factors = [adapter_factors(pipe, e["file"], config.lowrank) for e in entries]
+    train = [i for i, e in enumerate(entries) if not e["heldout"]]
+    test = [i for i, e in enumerate(entries) if e["heldout"]]
+    if not test:
+        raise StudioError(f"{zoo_dir}: the zoo has no held-out adapters; build one with --n 5 or more")
+    t0 = time.time()
+    if encoder is not None:
+        enc, _ = load_encoder(encoder)
+        report = {"loaded": str(encoder)}
+    else:
+        enc, report = train_encoder(pipe, [factors[i] for i in train],
+                                    [e["captions"] + [e["prompt"]] for e in (entries[i] for i in train)],
+                                    config, settings, names=[entries[i]["name"] for i in train])
+    vec = enc.encode(factors, [e["name"] for e in entries])
+    queries = encode_texts(pipe, [entries[i]["prompt"] for i in test])
+    truth_test = torch.arange(len(test))
+    truth_full = torch.tensor(test)
+    result: dict[str, Any] = {"suite": "retrieval", "n": len(test), "gallery": "held-out adapters"}
+    s_test = cosine_scores(queries, vec[test])
+    result.update(_recalls(s_test, truth_test))
+    s_full = cosine_scores(queries, vec)
+    result["full_zoo"] = {**_recalls(s_full, truth_full), "gallery": len(entries)}
+    for label, key in (("metadata_real_names", "name"), ("metadata_random_names", "random_name")):
+        meta = encode_texts(pipe, [metadata_text(e[key], e.get("trigger", "")) for e in entries])
+        result[label] = {**_recalls(cosine_scores(queries, meta[test]), truth_test),
+                         "full_zoo": _recalls(cosine_scores(queries, meta), truth_full)}
+    pos = s_full.gather(1, truth_full[:, None]).squeeze(1)
+    result["true_match_cosine_mean"] = round(float(pos.mean()), 4)
+    result["train_adapters"] = len(train)
+    result["encoder"] = report
+    result["seconds"] = round(time.time() - t0, 1)
+    return result
+
+
+# ----------------------------------------------------------------------------- retrieving for a prompt
+
+
+@dataclasses.dataclass(frozen=True)
+class Hit:
+    """One retrieved adapter."""
+
+    name: str
+    score: float
+    path: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "score": round(self.score, 4), "path": self.path}
+
+
+def rank(pipe: Any, prompt: str, names: Sequence[str], vectors: torch.Tensor, paths: Sequence[str],
+         k: int) -> list[Hit]:
+    """The top-``k`` adapters for ``prompt`` by cosine between its pooled text vector and their vectors."""
+    if not prompt.strip():
+        raise StudioError("--prompt is empty; describe what the adapters should draw")
+    if k < 1:
+        raise StudioError(f"-k {k}: must be at least 1")
+    q = encode_texts(pipe, [prompt])
+    scores = cosine_scores(q, vectors)[0]
+    order = sorted(range(len(names)), key=lambda i: (-float(scores[i]), names[i]))  # ties: by name, deterministic
+    return [Hit(names[i], float(scores[i]), paths[i]) for i in order[:k]]
