@@ -351,8 +351,13 @@ def test_style_suite_json_leakage_from_metadata_or_null(smoke, loras, capsys, ca
             "--drift-n", "4", *GEN, "--json"]
     res = _json(capsys, *argv, "--adapter", str(loras.style))
     assert set(res) == {"suite", "n", "style_fidelity", "content_fidelity", "leakage", "base_drift",
-                        "drift_by_attribute"}
+                        "drift_by_attribute", "by_asked", "texture_seen"}
     assert res["suite"] == "style" and res["n"] == 12
+    # the breakdown per asked shape/colour/background: counts add up, means average back to the totals
+    assert set(res["by_asked"]) == {"shape", "color", "background"} and sum(res["texture_seen"].values()) == 12
+    for groups in res["by_asked"].values():
+        assert sum(g["n"] for g in groups.values()) == 12
+        assert abs(sum(g["style"] * g["n"] for g in groups.values()) / 12 - res["style_fidelity"]) < 1e-3
     assert all(_in_unit(res[k]) for k in ("style_fidelity", "content_fidelity", "leakage"))
     assert res["base_drift"] == 0.0  # the style LoRA here has lora_B = 0
     with caplog.at_level(logging.WARNING, logger="studio.evals.suites"):
@@ -562,6 +567,15 @@ def test_training_concepts_from_captions_and_metadata_trigger(dummy_adapter, tmp
     assert np.isclose(suites.leakage_rate({"shape": np.array(["circle", "square"]), "color": np.array(["red", "red"])},
                                           [suites.Item("", 0, {"shape": "square", "color": "blue"})] * 2,
                                           ["circle"], ["red"]), 0.75)
+
+
+def test_by_asked_groups_scores_per_asked_value():
+    items = [suites.Item("", 0, {"shape": s, "color": c}) for s, c in
+             [("circle", "red"), ("circle", "blue"), ("square", "red"), ("square", "red")]]
+    out = suites.by_asked(items, ("shape", "color", "texture"), style=[True, False, True, True])
+    assert out["shape"] == {"circle": {"style": 0.5, "n": 2}, "square": {"style": 1.0, "n": 2}}
+    assert out["color"]["red"] == {"style": 1.0, "n": 3} and out["color"]["blue"]["style"] == 0.0
+    assert out["texture"] == {}  # not asked: no groups
 
 
 def test_table_shows_the_per_prompt_breakdown_as_its_own_table():

@@ -185,7 +185,7 @@ def _rows(prefix: str, value: Any) -> list[tuple[str, str]]:
 
 def format_table(result: dict[str, Any]) -> str:
     """A result dict as aligned ``name  value`` lines (a per-prompt breakdown as its own table)."""
-    rows = _rows("", {k: v for k, v in result.items() if k not in ("suite", "by_prompt")})
+    rows = _rows("", {k: v for k, v in result.items() if k not in ("suite", "by_prompt", "by_asked")})
     width = max(len(k) for k, _ in rows)
     lines = [f"{result['suite']} suite"] + [f"  {k:<{width}}  {v}" for k, v in rows]
     per = result.get("by_prompt") or {}
@@ -194,6 +194,13 @@ def format_table(result: dict[str, Any]) -> str:
         pw = max(len(p) for p in per)
         lines += ["", f"  {'per prompt':<{pw}}  " + "  ".join(f"{c:>8}" for c in cols)]
         lines += [f"  {p:<{pw}}  " + "  ".join(f"{r[c]:8.2f}" for c in cols) for p, r in per.items()]
+    for attr, groups in (result.get("by_asked") or {}).items():
+        if not groups:
+            continue
+        cols = [c for c in next(iter(groups.values())) if c != "n"]
+        w = max(len(attr) + 4, *(len(v) for v in groups))
+        lines += ["", f"  {'per ' + attr:<{w}}  " + "  ".join(f"{c:>8}" for c in cols)]
+        lines += [f"  {v:<{w}}  " + "  ".join(f"{r[c]:8.2f}" for c in cols) for v, r in groups.items()]
     return "\n".join(lines)
 
 

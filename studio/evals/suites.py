@@ -457,6 +457,19 @@ def by_prompt(items: Sequence[Item], **scores: Sequence[bool]) -> dict[str, dict
     return out
 
 
+def by_asked(items: Sequence[Item], attrs: Sequence[str], **scores: Sequence[bool]) -> dict[str, dict[str, dict[str, float]]]:
+    """Each score's mean per asked value of each attribute (e.g. style fidelity per shape, colour, background)."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for attr in attrs:
+        groups: dict[str, list[int]] = {}
+        for i, it in enumerate(items):
+            if attr in it.asked:
+                groups.setdefault(it.asked[attr], []).append(i)
+        out[attr] = {v: {k: round(float(np.mean([s[i] for i in idx])), 4) for k, s in scores.items()} | {"n": len(idx)}
+                     for v, idx in sorted(groups.items())}
+    return out
+
+
 def base_drift(before: float | None, after: float | None) -> float | None:
     """Drop in base joint accuracy once the adapter is loaded (positive: the adapter hurts the base)."""
     return None if before is None or after is None else before - after
@@ -671,12 +684,16 @@ def style_suite(pipe: Any, judge: Judge, adapter: str | Path, *, texture: str, t
     seen = read_attributes(images, judge)
     drifted, drift_per_attribute = drift(before, after, drift_items, judge)
     content = np.all(np.stack([_hits(seen, items, a) for a in ("shape", "color", "background")]), axis=0)
+    styled = _hits(seen, items, "texture")
     result = {
         "suite": "style", "n": len(items),
-        "style_fidelity": _mean(_hits(seen, items, "texture")),
+        "style_fidelity": _mean(styled),
         "content_fidelity": _mean(content),
         "leakage": leakage_rate(seen, items, train_shapes, train_colors),
         "base_drift": drifted, "drift_by_attribute": drift_per_attribute,
+        # where the style fails: per asked shape, colour and background; what the judge read instead
+        "by_asked": by_asked(items, ("shape", "color", "background"), style=styled, content=content),
+        "texture_seen": dict(Counter(seen["texture"].tolist()).most_common()),
     }
     _timed("style", len(items) + 2 * drift_n, t0)
     return result
