@@ -282,3 +282,25 @@ def test_resume_with_another_rank_or_base_is_refused(runs, tmp_path, capsys, mon
     assert (copy / "content" / "pytorch_lora_weights.safetensors").exists()  # a refused resume deletes nothing
     with pytest.raises(StudioError, match="not on this base"):
         _stage_file_checks(copy / "content", 16, "sdxl", "0" * 16, "content")
+
+
+def test_service_job_reports_each_stage_and_fills_the_library(tmp_path, monkeypatch):
+    """The same job through the service layer: per-stage progress, library entries for all three adapters."""
+    from studio import service
+    from studio.library import Library
+
+    monkeypatch.setenv("STUDIO_HOME", str(tmp_path / "home"))
+    m = service.JobManager()
+    job = m.submit_train({"method": "b4m", "content": str(ROOT / SUBJECT), "style": str(ROOT / STYLE), "base": "micro",
+                          "out": str(tmp_path / "svc"), "name": "hc", "prior": False, "steps_content": 2,
+                          "steps_style": 2, "steps_make": 1, "aux_sets": 1})
+    status = m.wait(job, timeout=900)
+    m.shutdown()
+    assert status["state"] == "done", status
+    messages = [e.get("message", "") for e in m.events(job)]
+    for stage in ("content", "style", "make"):
+        assert any(msg.startswith(f"stage {stage}") for msg in messages), stage
+    steps = [e for e in m.events(job) if e.get("phase") == "train"]
+    assert [e["step"] for e in steps] == list(range(1, 6)) and all(e["total"] == 5 for e in steps)
+    kinds = {r.name: r.kind for r in Library().list()}
+    assert kinds.get("hc") == "combined" and kinds.get("hc-content") == "content" and kinds.get("hc-style") == "style"
