@@ -29,6 +29,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "studio.commands.library",
     "studio.commands.quantize",
     "studio.commands.ui",
+    "studio.autolora.cli",
 )
 
 log = logging.getLogger("studio")

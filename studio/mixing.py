@@ -79,6 +79,7 @@ class AdapterSpec:
     end: float = 1.0
     scope: str = "both"
     blocks: tuple[tuple[str, float], ...] = ()
+    gated: bool = False  # ``gated:SPEC``: AutoLoRA's learned gates instead of a fixed weight (studio.autolora.gates)
 
     def __post_init__(self) -> None:
         blocks = self.blocks.items() if isinstance(self.blocks, Mapping) else self.blocks
@@ -93,6 +94,9 @@ class AdapterSpec:
                               f"0 <= START < END <= 1 (fractions of the denoising run, e.g. @0.5-1)")
         if self.scope not in SCOPES:
             raise StudioError(f"adapter {self.target}: scope {self.scope!r}; choose unet, te or both")
+        if self.gated and (self.windowed or self.blocks or self.scope == "te"):
+            raise StudioError(f"adapter {self.target}: a gated adapter takes a weight and a scope unet/both; its "
+                              f"gates decide where and when it acts (no window, no block weights)")
         if self.scope == "te" and self.windowed:
             raise StudioError(f"adapter {self.target}: a window applies to the denoiser; the text encoders (scope te) "
                               f"run once before the first step")
@@ -122,7 +126,7 @@ class AdapterSpec:
         return 1.0
 
     def __str__(self) -> str:
-        text = f"{self.target}:{self.weight:g}"
+        text = ("gated:" if self.gated else "") + f"{self.target}:{self.weight:g}"
         if self.windowed:
             text += f"@{self.start:g}-{self.end:g}"
         if self.scope != "both":
@@ -134,8 +138,10 @@ def parse_spec(text: str) -> AdapterSpec:
     """``NAME_OR_PATH[:WEIGHT][@START-END][:unet|:te][:BLOCK=WEIGHT...]`` -> an :class:`AdapterSpec`.
 
     Options are read from the right, so a path may contain ``:`` as long as its last part is not
-    an option.
+    an option. A ``gated:`` prefix fuses the adapter with AutoLoRA's learned gates.
     """
+    if text.strip().startswith("gated:"):
+        return dataclasses.replace(parse_spec(text.strip()[len("gated:"):]), gated=True)
     tokens = [t.strip() for t in text.strip().split(":")]
     scope = "both"
     blocks: dict[str, float] = {}
@@ -717,12 +723,15 @@ class Mixer:
 
     def __init__(self, pipe: Any, adapters: Sequence[str | AdapterSpec], *, fuse: bool | None = None,
                  schedule: Callable[[float], Sequence[float]] | None = None,
-                 home: str | os.PathLike | None = None) -> None:
+                 home: str | os.PathLike | None = None, gates: str | os.PathLike | None = None) -> None:
         self.pipe = pipe
+        self.gates_file = gates  # AutoLoRA gate file of ``gated:`` adapters (default: the bundled one)
+        self.gated: Any = None  # the studio.autolora.gates.GatedFusion while applied
         self.specs = [as_spec(a) for a in adapters]
         self.adapters = [resolve(pipe, s, home) for s in self.specs]
         self.schedule = schedule
-        dynamic = schedule is not None or any(s.windowed and s.scope != "te" and s.weight != 0 for s in self.specs)
+        dynamic = schedule is not None or any((s.windowed or s.gated) and s.scope != "te" and s.weight != 0
+                                              for s in self.specs)
         if fuse and dynamic:
             raise StudioError("this mix has windows or a schedule, so it cannot be fused; leave fuse unset")
         self.fused = (not dynamic) if fuse is None else bool(fuse)  # everything fused
@@ -754,6 +763,8 @@ class Mixer:
             for f in _read_factors(self.pipe, a.file):
                 if a.spec.scope != "both" and (f.component == "unet") != (a.spec.scope == "unet"):
                     continue  # out of scope
+                if a.spec.gated and f.component == "unet":
+                    continue  # the gated fusion below runs it
                 if f.component != "unet" and a.spec.windowed and not warned:
                     log.warning("adapter %s: its text-encoder part applies to the whole run (the prompt is encoded "
                                 "once); the window @%g-%g applies to the denoiser", a.spec.target, a.spec.start,
@@ -770,6 +781,7 @@ class Mixer:
                 lm = _LayerMix(layers[(comp, path)], f"{comp}.{path}", entries)
                 (self._hooked_layers if hooked else self._fused_layers).append(lm)
             self._install_triggers()
+            self._apply_gated()
             weights = self._weights(0.0, with_gates=False)
             for lm in self._fused_layers:
                 lm.set_scales(weights)
@@ -844,7 +856,19 @@ class Mixer:
             trig.weight = float(a.spec.weight)
             self._triggers.append(trig.install(self.pipe))
 
+    def _apply_gated(self) -> None:
+        gated = [a for a in self.adapters if a.spec.gated and a.spec.weight != 0]
+        if not gated:
+            return
+        from studio.autolora.gates import DEFAULT_GATES, GatedFusion, load_gates
+
+        gates = load_gates(self.gates_file or DEFAULT_GATES, self.pipe)
+        self.gated = GatedFusion(self.pipe, [a.file for a in gated], gates, [a.spec.weight for a in gated]).apply()
+
     def _undo(self) -> None:
+        if self.gated is not None:
+            self.gated.remove()
+            self.gated = None
         for trig in self._triggers:
             trig.remove()
         self._triggers = []

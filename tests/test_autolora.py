@@ -132,3 +132,103 @@ def test_recall_does_not_reward_ties():
     ranked = torch.tensor([[0.1, 0.2, 0.3, 0.4], [0.1, 0.9, 0.3, 0.4]])  # row 0's truth ranks last, row 1's first
     assert AF.recall_at(ranked, torch.tensor([0, 1]), 3) == 0.5
     assert AF.recall_at(ranked, torch.tensor([0, 1]), 4) == 1.0
+
+
+# ----------------------------------------------------------------------------- gated fusion
+
+
+def _lora_files(pipe, folder, n, rank=4):
+    from studio.adapters import AdapterSettings, add_adapter, remove_adapter, save_adapter
+
+    out = []
+    for i in range(n):
+        params = add_adapter(pipe, "lora", AdapterSettings(rank=rank + i, targets="attention"), f"g{i}")
+        g = torch.Generator().manual_seed(100 + i)
+        with torch.no_grad():
+            for p in params:
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+        out.append(save_adapter(pipe, folder / f"g{i}", f"g{i}", metadata={"base_family": "sd1"}))
+        remove_adapter(pipe, f"g{i}")
+    return out
+
+
+def _unet_out(pipe):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 16, 16, generator=g)
+    ctx = torch.randn(2, 8, 64, generator=g)
+    with torch.no_grad():
+        return pipe.unet(x, torch.tensor([500, 500]), encoder_hidden_states=ctx).sample
+
+
+def test_open_gates_reduce_to_the_plain_sum(micro, tmp_path):
+    from studio.autolora.gates import GatedFusion, GateSet
+    from studio.mixing import Mixer
+
+    files = _lora_files(micro, tmp_path, 3)
+    base = _unet_out(micro)
+    with Mixer(micro, [str(f) for f in files], fuse=False):
+        plain = _unet_out(micro)
+    gates = GateSet.for_pipeline(micro)
+    with torch.no_grad():
+        for gate in gates.gates.values():
+            gate.b.fill_(60.0)  # sigmoid(60) == 1 in float32: g = 1; w_out stays 1
+    with GatedFusion(micro, files, gates) as fusion:
+        gated = _unet_out(micro)
+    assert fusion.mean_gates() == pytest.approx([1.0, 1.0, 1.0])
+    assert not torch.allclose(plain, base, atol=1e-3)  # the adapters do something
+    assert torch.allclose(gated, plain, atol=1e-5, rtol=1e-4)
+    assert torch.equal(_unet_out(micro), base)  # removed: the base model exactly
+    # a closed gate (g = 0) is the base model
+    with torch.no_grad():
+        for gate in gates.gates.values():
+            gate.b.fill_(-60.0)
+    with GatedFusion(micro, files, gates):
+        closed = _unet_out(micro)
+    assert torch.allclose(closed, base, atol=1e-6)
+
+
+def test_gates_save_load_exact_and_base_check(micro, tmp_path):
+    from studio.autolora.gates import GatedFusion, GateSet, load_gates, save_gates
+    from studio.generation import model_hash
+
+    files = _lora_files(micro, tmp_path, 2)
+    gates = GateSet.for_pipeline(micro)
+    with torch.no_grad():
+        for i, p in enumerate(gates.parameters()):
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(i)))
+    path = save_gates(gates, tmp_path / "gates.safetensors", base_hash=model_hash(micro))
+    back = load_gates(path, micro)
+    sa, sb = gates.state_dict(), back.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    with GatedFusion(micro, files, gates):
+        a = _unet_out(micro)
+    with GatedFusion(micro, files, back):
+        b = _unet_out(micro)
+    assert torch.equal(a, b)
+    other = save_gates(gates, tmp_path / "other.safetensors", base_hash="0123456789")
+    with pytest.raises(StudioError, match="another base model"):
+        load_gates(other, micro)
+
+
+def test_gated_spec_in_the_mixer(micro, tmp_path):
+    from studio.autolora.gates import GatedFusion, GateSet, save_gates
+    from studio.generation import model_hash
+    from studio.mixing import Mixer, parse_spec
+
+    spec = parse_spec("gated:/some/heart:0.8")
+    assert spec.gated and spec.target == "/some/heart" and spec.weight == 0.8 and str(spec) == "gated:/some/heart:0.8"
+    assert not parse_spec("heart:0.8").gated
+    with pytest.raises(StudioError, match="gated adapter"):
+        parse_spec("gated:heart:0.8@0.5-1")
+    files = _lora_files(micro, tmp_path, 2)
+    gates = GateSet.for_pipeline(micro)
+    with torch.no_grad():
+        for i, p in enumerate(gates.parameters()):
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(i)) * 0.5)
+    path = save_gates(gates, tmp_path / "gates.safetensors", base_hash=model_hash(micro))
+    with GatedFusion(micro, files, gates, [0.8, 1.0]):
+        direct = _unet_out(micro)
+    with Mixer(micro, [f"gated:{files[0]}:0.8", f"gated:{files[1]}"], gates=path) as mix:
+        assert mix.gated is not None and not mix.fused
+        mixed = _unet_out(micro)
+    assert torch.equal(mixed, direct)

@@ -186,6 +186,9 @@ def _register(cfg, result) -> None:
     if entry.name.lower() != wanted.lower():
         log.warning("the library already has an adapter named %s; added this one as %s", wanted, entry.name)
     log.info("added to the library as %s", entry.name)
+    from studio.autolora.retrieval import embed_on_add
+
+    embed_on_add([entry.name])  # AutoLoRA's retrieval vector (docs/autolora.md)
 
 
 def run_batch(args: argparse.Namespace) -> int:

@@ -188,3 +188,169 @@ def rank(pipe: Any, prompt: str, names: Sequence[str], vectors: torch.Tensor, pa
     scores = cosine_scores(q, vectors)[0]
     order = sorted(range(len(names)), key=lambda i: (-float(scores[i]), names[i]))  # ties: by name, deterministic
     return [Hit(names[i], float(scores[i]), paths[i]) for i in order[:k]]
+
+
+def train_on_zoo(zoo: str | os.PathLike, config: EncoderConfig = EncoderConfig(),
+                 settings: TrainSettings = TrainSettings()) -> tuple[WeightEncoder, dict[str, Any], Any]:
+    """Train the encoder on a zoo's training adapters (the held-out ones stay unseen): (encoder, report, pipe)."""
+    from studio.autolora.zoo import load_zoo
+    from studio.loading import load_pipeline
+
+    index = load_zoo(zoo)
+    pipe = load_pipeline(index.get("base", "micro"))
+    train = [e for e in index["adapters"] if not e["heldout"]]
+    factors = [adapter_factors(pipe, e["file"], config.lowrank) for e in train]
+    enc, report = train_encoder(pipe, factors, [e["captions"] + [e["prompt"]] for e in train], config, settings,
+                                names=[e["name"] for e in train])
+    report.update(base=index.get("base", "micro"), zoo=str(zoo), heldout=[e["name"] for e in index["adapters"]
+                                                                          if e["heldout"]])
+    return enc, report, pipe
+
+
+def open_encoder(path: str | os.PathLike | None = None) -> tuple[WeightEncoder, Any, dict[str, Any]]:
+    """The encoder (default: the bundled one), its base pipeline, and its header; refuses a base mismatch."""
+    from studio.autolora.encoder import load_encoder
+    from studio.generation import model_hash
+    from studio.loading import load_pipeline
+
+    enc, header = load_encoder(path or DEFAULT_ENCODER)
+    base = header["extra"].get("base", "micro")
+    pipe = load_pipeline(base)
+    if header["base_hash"] and header["base_hash"] != model_hash(pipe):
+        raise StudioError(f"{path or DEFAULT_ENCODER}: the encoder was trained for another base model (hash "
+                          f"{header['base_hash']}, {base} is {model_hash(pipe)}); retrain it with "
+                          f"`studio autolora train`")
+    return enc, pipe, header
+
+
+def _adapter_vector(enc: WeightEncoder, pipe: Any, file: str | os.PathLike, name: str) -> torch.Tensor:
+    from studio.adapters.core import read_metadata
+    from studio.generation import model_hash
+
+    meta = read_metadata(file)
+    have = meta.get("studio.base_hash")
+    if have and have != model_hash(pipe):
+        raise StudioError(f"adapter {name}: trained on another base model (hash {have}); the encoder reads "
+                          f"adapters of its own base")
+    return enc.encode([adapter_factors(pipe, file, enc.config.lowrank)], [name])[0]
+
+
+def embed_library(*, encoder: str | os.PathLike | None = None, force: bool = False, names: Sequence[str] | None = None,
+                  opened: tuple | None = None) -> tuple[int, list[tuple[str, str]]]:
+    """Store the retrieval vector of library adapters that lack one (all with ``force``).
+
+    Adapters of another base family, or whose layers the encoder does not know, are skipped with
+    the reason (returned and logged). Returns (number embedded, [(name, reason)]).
+    """
+    from studio.adapters.core import adapter_file
+    from studio.library import Library
+
+    lib = Library()
+    records = [r for r in lib.list() if names is None or r.name in names]
+    todo = [r for r in records if force or lib.embedding(r.name) is None]
+    if not todo:
+        return 0, []
+    enc, pipe, _ = opened or open_encoder(encoder)
+    family = getattr(getattr(pipe, "studio_source", None), "family", None)
+    done, skipped = 0, []
+    for r in todo:
+        if r.family and family and r.family != family:
+            skipped.append((r.name, f"made for {r.family}, the encoder's base is {family}"))
+            continue
+        try:
+            vec = _adapter_vector(enc, pipe, adapter_file(lib.adapters_dir / r.name), r.name)
+        except StudioError as exc:
+            skipped.append((r.name, str(exc)))
+            continue
+        lib.set_embedding(r.name, vec.numpy())
+        done += 1
+    for name, why in skipped:
+        log.warning("AutoLoRA: %s has no retrieval vector: %s", name, why)
+    return done, skipped
+
+
+def retrieve(prompt: str, k: int = 3, *, library: bool = False, zoo: str | os.PathLike | None = None,
+             encoder: str | os.PathLike | None = None) -> tuple[list[Hit], str, Any]:
+    """Top-``k`` adapters for ``prompt``: (hits, where they came from, the base pipeline).
+
+    From the library (vectors computed for adapters that lack one), or from ``zoo``; an empty
+    library falls back to the bundled zoo with a note unless ``library`` insists.
+    """
+    import numpy as np
+
+    from studio.library import Library
+
+    if not prompt.strip():
+        raise StudioError("--prompt is empty; describe what the adapters should draw")
+    if k < 1:
+        raise StudioError(f"-k {k}: must be at least 1")
+    opened = open_encoder(encoder)
+    enc, pipe, _ = opened
+    if zoo is None:
+        lib = Library()
+        if lib.names():
+            embed_library(opened=opened)
+            names, vecs, paths = [], [], []
+            for r in lib.list():
+                v = lib.embedding(r.name)
+                if v is not None and v.shape == (enc.text_dim,):
+                    names.append(r.name)
+                    vecs.append(torch.from_numpy(np.asarray(v, dtype=np.float32)))
+                    paths.append(str(lib.adapters_dir / r.name))
+            if not names:
+                raise StudioError(f"the library at {lib.home} has no adapter the AutoLoRA encoder can read "
+                                  f"(see the notes above); add adapters of its base model")
+            return rank(pipe, prompt, names, torch.stack(vecs), paths, k), f"library {lib.home}", pipe
+        if library:
+            raise StudioError(f"the library at {lib.home} is empty; add adapters (`studio library add`, "
+                              f"`studio train`) or search a zoo with --zoo DIR")
+        log.warning("the library is empty: searching the bundled adapter zoo %s (--library to insist)", DEFAULT_ZOO)
+        zoo = DEFAULT_ZOO
+    from studio.autolora.zoo import load_zoo
+
+    index = load_zoo(zoo)
+    entries = index["adapters"]
+    if not entries:
+        raise StudioError(f"{zoo}: the zoo has no adapters")
+    vecs = enc.encode([adapter_factors(pipe, e["file"], enc.config.lowrank) for e in entries],
+                      [e["name"] for e in entries])
+    return rank(pipe, prompt, [e["name"] for e in entries], vecs, [e["file"] for e in entries], k), f"zoo {zoo}", pipe
+
+
+def embed_on_add(names: Sequence[str]) -> None:
+    """Give newly added library adapters their retrieval vector, when the bundled encoder reads them.
+
+    Cheap for adapters of other bases: only adapters whose header names the encoder's base model
+    (its hash) load the encoder; others get theirs at the first search (or are skipped there with a
+    note). Never fails the add: a problem is a warning.
+    """
+    from safetensors import safe_open
+
+    from studio.adapters.core import adapter_file, read_metadata
+    from studio.library import Library
+
+    if not DEFAULT_ENCODER.is_file():
+        return
+    try:
+        with safe_open(str(DEFAULT_ENCODER), framework="pt") as fh:
+            base_hash = (fh.metadata() or {}).get("studio.base_hash", "")
+        lib = Library()
+        ours = [n for n in names if read_metadata(adapter_file(lib.adapters_dir / n)).get("studio.base_hash")
+                == base_hash and base_hash]
+        if ours:
+            done, skipped = embed_library(names=ours, force=True)
+            log.info("AutoLoRA: %d retrieval vector(s) stored", done)
+    except (StudioError, OSError) as exc:
+        log.warning("AutoLoRA: no retrieval vector stored on add (%s); `studio autolora embed` retries", exc)
+
+
+def auto_adapters(prompt: str, k: int) -> list[str]:
+    """``studio generate --auto K``: adapter specs retrieved for the prompt (only those that match)."""
+    hits, source, _ = retrieve(prompt, k)
+    keep = [h for h in hits if h.score >= MATCH_THRESHOLD]
+    for h in hits:
+        log.warning("--auto: %s %s (score %.3f, %s)", "using" if h in keep else "not using (no match)", h.name,
+                    h.score, source)
+    if not keep:
+        log.warning("--auto: no adapter matches %r well; generating without adapters", prompt)
+    return [h.name if source.startswith("library") else h.path for h in keep]

@@ -60,6 +60,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     mix.add_argument("--adapter", action="append", default=[], metavar="SPEC",
                      help="NAME_OR_PATH[:WEIGHT][@START-END][:unet|:te][:BLOCK=WEIGHT...], e.g. heart:0.9 or "
                           "checkered:0.7@0.4-1 (a library name or a path; repeatable)")
+    mix.add_argument("--auto", type=int, default=0, metavar="K",
+                     help="AutoLoRA: retrieve the K adapters whose weights best match the prompt and apply those that "
+                          "match (docs/autolora.md); says which on stderr")
     mix.add_argument("--sweep", default=None, metavar="SPEC=W1,W2,...",
                      help="compare one adapter at several weights, e.g. heart=0,0.5,1: an XY grid of seeds x weights")
     mix.add_argument("--seeds", default=None, metavar="S1,S2,...", help="explicit seeds, one image each (the grid's rows)")
@@ -121,6 +124,12 @@ def run(args: argparse.Namespace) -> int:
     if args.grid and not args.sweep:
         raise StudioError("--grid: a grid compares the weights of --sweep; add --sweep NAME=W1,W2,...")
     sweep = parse_sweep(args.sweep) if args.sweep else None
+    if args.auto < 0:
+        raise StudioError(f"--auto {args.auto}: the number of adapters to retrieve must be 1 or more")
+    if args.auto:
+        from studio.autolora.retrieval import auto_adapters
+
+        args.adapter = list(args.adapter) + auto_adapters(args.prompt, args.auto)
     params = GenerationParams(prompt=args.prompt, negative=args.negative, steps=args.steps, guidance=args.guidance,
                               seed=args.seed, num=args.num, width=width, height=height, sampler=args.sampler,
                               batch_size=args.batch_size, adapters=list(args.adapter), seeds=seeds,

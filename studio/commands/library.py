@@ -125,6 +125,9 @@ def run_add(args: argparse.Namespace) -> int:
 
     record = Library().add(args.path, name=args.name, description=args.description, replace=args.replace,
                            kind=args.kind)
+    from studio.autolora.retrieval import embed_on_add
+
+    embed_on_add([record.name])  # AutoLoRA's retrieval vector (docs/autolora.md)
     print(record.name)
     return 0
 
@@ -146,6 +149,10 @@ def run_remove(args: argparse.Namespace) -> int:
 def run_import(args: argparse.Namespace) -> int:
     from studio.library import Library
 
-    for record in Library().import_dir(args.folder):
+    records = Library().import_dir(args.folder)
+    from studio.autolora.retrieval import embed_on_add
+
+    embed_on_add([r.name for r in records])  # AutoLoRA's retrieval vectors (docs/autolora.md)
+    for record in records:
         print(record.name)
     return 0

@@ -103,6 +103,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     add_compose(esub)
 
+    from studio.autolora.cli import add_eval_parser as add_retrieval
+
+    add_retrieval(esub)
+
 
 def _adapter_args(p: argparse.ArgumentParser) -> None:
     from studio.evals.suites import DEFAULT_N

@@ -1,0 +1,163 @@
+"""`studio autolora zoo|train|retrieve|embed` and `studio eval retrieval`.
+
+Retrieval searches the adapter library (every adapter of the encoder's base gets its vector,
+stored in the library's ``embedding`` column, when added or at the first search); with an
+empty library it searches the bundled zoo (``assets/autolora/zoo``) and says so; ``--library``
+insists on the library. Scores are cosines between the prompt's pooled text vector and the
+adapters' weight vectors; below the match threshold the answer says that nothing matches well.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from studio.errors import StudioError
+
+log = logging.getLogger(__name__)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from studio.autolora.zoo import CONCEPTS
+    from studio.cli import add_group
+
+    asub = add_group(sub, "autolora", "action", "ACTION",
+                     help="AutoLoRA: find adapters for a prompt from their weights (docs/autolora.md)",
+                     description="AutoLoRA: a weight encoder maps each adapter into the text encoder's space, "
+                                 "so adapters can be retrieved for a prompt even without names or descriptions.")
+    z = asub.add_parser("zoo", help="train a zoo of small adapters of micro-world concepts (through studio batch)")
+    z.add_argument("--n", type=int, default=30, help=f"number of adapters, 1-{len(CONCEPTS)} (default 30; every "
+                                                     f"5th is held out of encoder training)")
+    z.add_argument("--out", required=True, metavar="DIR", help="the zoo folder (re-running continues it)")
+    z.add_argument("--steps", type=int, default=100, help="training steps per adapter (default 100)")
+    z.add_argument("--rank", type=int, default=4, help="adapter rank (default 4)")
+    z.add_argument("--full-precision", action="store_true", help="keep fp32 files (default: fp16, the zoo is small)")
+    z.add_argument("--cluster", default=None, metavar="ADDRESS", help="run the jobs on a Ray cluster (studio batch "
+                                                                     "--cluster)")
+    z.set_defaults(func=run_zoo)
+
+    t = asub.add_parser("train", help="train the weight encoder on a zoo's training adapters")
+    t.add_argument("--zoo", default=None, metavar="DIR", help="zoo folder (default: the bundled assets/autolora/zoo)")
+    t.add_argument("--out", default=None, metavar="FILE", help="encoder file (default: assets/autolora/encoder"
+                                                               ".safetensors)")
+    _train_args(t)
+    t.set_defaults(func=run_train)
+
+    r = asub.add_parser("retrieve", help="the adapters whose weights best match a prompt, with scores")
+    r.add_argument("--prompt", required=True, help="what the adapters should draw")
+    r.add_argument("-k", type=int, default=3, help="how many (default 3)")
+    r.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    where = r.add_mutually_exclusive_group()
+    where.add_argument("--library", action="store_true", help="search the library only (an empty one is an error)")
+    where.add_argument("--zoo", default=None, metavar="DIR", help="search a zoo folder instead of the library")
+    r.add_argument("--encoder", default=None, metavar="FILE", help="encoder file (default: the bundled one)")
+    r.set_defaults(func=run_retrieve)
+
+    e = asub.add_parser("embed", help="(re)compute the retrieval vector of every library adapter")
+    e.add_argument("--encoder", default=None, metavar="FILE", help="encoder file (default: the bundled one)")
+    e.set_defaults(func=run_embed)
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    from studio.autolora.retrieval import TrainSettings
+
+    d = TrainSettings()
+    p.add_argument("--steps", type=int, default=d.steps, help=f"encoder training steps (default {d.steps})")
+    p.add_argument("--seed", type=int, default=d.seed, help=f"training seed (default {d.seed})")
+    p.add_argument("--fixed-temperature", action="store_true",
+                   help="keep the InfoNCE temperature at the reference's fixed 1/0.07 instead of learning it")
+    p.add_argument("--probes", type=int, default=None, help="probe vectors per layer (default 1, the paper's)")
+
+
+def _config(args: argparse.Namespace):
+    import dataclasses
+
+    from studio.autolora.encoder import EncoderConfig
+    from studio.autolora.retrieval import TrainSettings
+
+    cfg = EncoderConfig()
+    if args.fixed_temperature:
+        cfg = dataclasses.replace(cfg, learn_temperature=False)
+    if args.probes:
+        cfg = dataclasses.replace(cfg, probes=args.probes)
+    return cfg, TrainSettings(steps=args.steps, seed=args.seed)
+
+
+def add_eval_parser(esub: argparse._SubParsersAction) -> None:
+    """``studio eval retrieval`` (registered by :mod:`studio.evals.cli`)."""
+    p = esub.add_parser("retrieval", help="AutoLoRA: recall@1/3 of held-out zoo adapters from their weights, beside "
+                                          "the metadata baseline",
+                        description="Trains the weight encoder on the zoo's training adapters (seeded, about a "
+                                    "minute) and retrieves each held-out adapter for a prompt of its concept.")
+    p.add_argument("--json", action="store_true", help="print one JSON object (the last line of stdout)")
+    p.add_argument("--zoo", default=None, metavar="DIR", help="zoo folder (default: the bundled assets/autolora/zoo)")
+    p.add_argument("--encoder", default=None, metavar="FILE",
+                   help="evaluate a saved encoder instead of training one (it must not have seen the held-out ones)")
+    _train_args(p)
+    p.set_defaults(func=run_eval)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from studio.autolora.retrieval import retrieval_suite
+    from studio.evals.cli import _emit
+
+    cfg, settings = _config(args)
+    return _emit(retrieval_suite(args.zoo, encoder=args.encoder, config=cfg, settings=settings), args.json)
+
+
+def run_zoo(args: argparse.Namespace) -> int:
+    from studio.autolora.zoo import ZooSettings, build_zoo
+
+    index = build_zoo(args.out, args.n, ZooSettings(steps=args.steps, rank=args.rank),
+                      half=not args.full_precision, cluster=args.cluster)
+    held = sum(e["heldout"] for e in index["adapters"])
+    print(f"{args.out}: {len(index['adapters'])} adapters ({held} held out of encoder training)")
+    return 0 if len(index["adapters"]) == args.n else 1
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from studio.autolora.encoder import save_encoder
+    from studio.autolora.retrieval import DEFAULT_ENCODER, DEFAULT_ZOO, train_on_zoo
+
+    cfg, settings = _config(args)
+    enc, report, pipe = train_on_zoo(args.zoo or DEFAULT_ZOO, cfg, settings)
+    from studio.generation import model_hash
+
+    out = save_encoder(enc, args.out or DEFAULT_ENCODER, base_hash=model_hash(pipe), extra=report)
+    print(f"{out}: encoder trained on {report['adapters']} adapters ({report['seconds']} s, loss "
+          f"{report['final_loss']})")
+    return 0
+
+
+def run_retrieve(args: argparse.Namespace) -> int:
+    from studio.autolora.retrieval import MATCH_THRESHOLD, retrieve
+
+    hits, source, pipe = retrieve(args.prompt, args.k, library=args.library, zoo=args.zoo, encoder=args.encoder)
+    match = bool(hits) and hits[0].score >= MATCH_THRESHOLD
+    note = None if match else (f"no adapter matches this prompt well (best score {hits[0].score:.3f} < "
+                               f"{MATCH_THRESHOLD}); the list is the nearest, not a match")
+    if args.json:
+        sys.stdout.write(json.dumps({"prompt": args.prompt, "source": source, "k": args.k, "match": match,
+                                     "threshold": MATCH_THRESHOLD, "note": note,
+                                     "adapters": [h.to_dict() for h in hits]}) + "\n")
+    else:
+        print(f"top {len(hits)} for {args.prompt!r} from {source}:")
+        for h in hits:
+            print(f"  {h.score:7.3f}  {h.name}")
+        if note:
+            print(note)
+    return 0
+
+
+def run_embed(args: argparse.Namespace) -> int:
+    from studio.autolora.retrieval import embed_library
+
+    done, skipped = embed_library(encoder=args.encoder, force=True)
+    print(f"{done} adapter(s) embedded, {len(skipped)} skipped")
+    for name, why in skipped:
+        print(f"  skipped {name}: {why}")
+    return 0

@@ -1,0 +1,267 @@
+"""AutoLoRA's gated fusion: per-layer, per-token, per-channel gates over several adapters, run batched.
+
+At every adapted Linear layer, with ``y0 = W x`` and ``y_i = x A_i^T B_i^T`` (adapter i's output)::
+
+    g_i = sigmoid(w_base * LN(y0) + w_lora * LN(y_i) + w_cross * LN(y0) * LN(y_i) + b)
+    y   = y0 + sum_i w_out * g_i * y_i
+
+The gate parameters (``w_base``, ``w_lora``, ``w_cross``, ``b``: one per channel; ``w_out``: one per
+layer) belong to the layer, not to an adapter, so one gate file serves any set of adapters of its
+base model; an optional ``w_t`` adds the denoising fraction (through the studio's one timestep hook).
+All adapters of a layer run in one batched pair of einsums (``K`` adapters: 2 ops, not ``2K``).
+Layers the gate file does not know (or convolutions) add their adapters as a plain sum.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from studio.autolora.functional import effective_lowrank, gate_values, gated_sum
+from studio.errors import StudioError
+
+log = logging.getLogger(__name__)
+
+GATES_KIND = "autolora-gates"
+DEFAULT_GATES = Path(__file__).resolve().parents[2] / "assets" / "autolora" / "gates.safetensors"
+
+
+@dataclasses.dataclass(frozen=True)
+class GateConfig:
+    """How the gates are built."""
+
+    init_bias: float = 3.0  # sigmoid(3) = 0.95: an untrained gate file is close to the plain sum
+    timestep: bool = False  # add w_t * (fraction - 0.5) inside the sigmoid
+
+
+class LayerGate(nn.Module):
+    """The gate parameters of one layer of ``channels`` outputs."""
+
+    def __init__(self, channels: int, config: GateConfig = GateConfig()) -> None:
+        super().__init__()
+        self.w_base = nn.Parameter(torch.zeros(channels))
+        self.w_lora = nn.Parameter(torch.zeros(channels))
+        self.w_cross = nn.Parameter(torch.zeros(channels))
+        self.b = nn.Parameter(torch.full((channels,), float(config.init_bias)))
+        self.w_out = nn.Parameter(torch.ones(()))
+        self.w_t = nn.Parameter(torch.zeros(channels)) if config.timestep else None
+
+    def forward(self, y0: torch.Tensor, ys: torch.Tensor, fraction: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gated output, gates) for base output ``y0 (..., C)`` and adapter outputs ``ys (K, ..., C)``."""
+        c = y0.shape[-1]
+        y0n = F.layer_norm(y0, (c,))
+        yin = F.layer_norm(ys, (c,))
+        k = ys.shape[0]
+        b = self.b
+        if self.w_t is not None and fraction is not None:
+            b = b + self.w_t * (float(fraction) - 0.5)
+        g = gate_values(y0n, yin, *(p.expand(k, c) for p in (self.w_base, self.w_lora, self.w_cross, b)))
+        return gated_sum(y0, ys, g, self.w_out.expand(k)), g
+
+
+def _key(path: str) -> str:
+    return path.replace(".", "__")  # ModuleDict keys cannot hold dots
+
+
+class GateSet(nn.Module):
+    """Gates of every Linear layer of a denoiser that an adapter may adapt."""
+
+    def __init__(self, layers: dict[str, int], config: GateConfig = GateConfig()) -> None:
+        super().__init__()
+        self.config = config
+        self.layers = dict(sorted(layers.items()))
+        self.gates = nn.ModuleDict({_key(p): LayerGate(c, config) for p, c in self.layers.items()})
+
+    def get(self, path: str) -> LayerGate | None:
+        """The gate of a denoiser module path, or None when the file does not know the layer."""
+        k = _key(path)
+        return self.gates[k] if k in self.gates else None
+
+    @classmethod
+    def for_pipeline(cls, pipe: Any, config: GateConfig = GateConfig()) -> GateSet:
+        """Gates for every adaptable Linear layer of the pipeline's denoiser."""
+        from studio.autolora.encoder import slots_of
+
+        layers = {s.key.split(".", 1)[1]: s.d_out for s in slots_of(pipe) if s.key.startswith("unet.")}
+        from studio.adapters.core import denoiser
+
+        unet = denoiser(pipe)
+        layers = {p: c for p, c in layers.items() if isinstance(_base(unet.get_submodule(p)), nn.Linear)}
+        return cls(layers, config)
+
+
+def _base(m: nn.Module) -> nn.Module:
+    return m.get_base_layer() if hasattr(m, "get_base_layer") else m
+
+
+def save_gates(gates: GateSet, path: str | os.PathLike, *, base_hash: str, extra: dict | None = None) -> Path:
+    """Write a gate file (fp32, config and layer list in the header) atomically."""
+    from safetensors.torch import save_file
+
+    p = Path(path)
+    header = {"studio.kind": GATES_KIND, "studio.base_hash": base_hash,
+              "config": json.dumps(dataclasses.asdict(gates.config)), "layers": json.dumps(gates.layers),
+              "extra": json.dumps(extra or {})}
+    tensors = {k: v.detach().float().contiguous().clone() for k, v in gates.state_dict().items()}
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(p.name + f".tmp{os.getpid()}")
+    save_file(tensors, str(tmp), metadata=header)
+    os.replace(tmp, p)
+    return p
+
+
+def load_gates(path: str | os.PathLike, pipe: Any = None) -> GateSet:
+    """A gate file; with ``pipe``, refuses one trained for another base model."""
+    from safetensors import safe_open
+
+    p = Path(path)
+    if not p.is_file():
+        raise StudioError(f"{p}: no gate file; train one with `studio autolora gates`")
+    try:
+        with safe_open(str(p), framework="pt") as fh:
+            meta = dict(fh.metadata() or {})
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    except Exception as exc:  # noqa: BLE001 - safetensors raises several kinds on a bad file
+        raise StudioError(f"{p}: not a valid .safetensors file ({exc})") from exc
+    if meta.get("studio.kind") != GATES_KIND:
+        raise StudioError(f"{p}: not an AutoLoRA gate file (kind {meta.get('studio.kind')!r})")
+    if pipe is not None:
+        from studio.generation import model_hash
+
+        have = model_hash(pipe)
+        if meta.get("studio.base_hash") and meta["studio.base_hash"] != have:
+            raise StudioError(f"{p}: gates trained for another base model (hash {meta['studio.base_hash']}, this one "
+                              f"is {have}); train gates for it with `studio autolora gates`")
+    gates = GateSet({k: int(v) for k, v in json.loads(meta["layers"]).items()}, GateConfig(**json.loads(meta["config"])))
+    gates.load_state_dict(tensors, strict=True)
+    return gates
+
+
+# ----------------------------------------------------------------------------- the fusion (forward hooks)
+
+
+class _GatedLayer:
+    """All adapters of one layer stacked: ``down (K, r, d_in)``, ``up (K, d_out, r)`` (zero-padded ranks)."""
+
+    def __init__(self, layer: nn.Linear, path: str, parts: list[tuple[int, torch.Tensor, torch.Tensor]], k: int,
+                 gate: LayerGate | None, owner: GatedFusion) -> None:
+        r = max(d.shape[0] for _, d, _ in parts)
+        w = layer.weight
+        self.down = torch.zeros(k, r, w.shape[1], dtype=w.dtype, device=w.device)
+        self.up = torch.zeros(k, w.shape[0], r, dtype=w.dtype, device=w.device)
+        for i, d, u in parts:
+            self.down[i, : d.shape[0]] = d.to(w)
+            self.up[i, :, : d.shape[0]] = u.to(w)
+        self.path, self.gate, self.owner = path, gate, owner
+        self.handle = layer.register_forward_hook(self)
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
+        x = args[0]
+        h = torch.einsum("...i,kri->k...r", x, self.down)  # every adapter's down projection at once
+        ys = torch.einsum("k...r,kor->k...o", h, self.up) * self.owner.scales.to(x).view(-1, *([1] * (h.dim() - 1)))
+        if self.gate is None:
+            return output + ys.sum(0)
+        out, g = self.gate(output, ys, self.owner.fraction if self.gate.w_t is not None else None)
+        if self.owner.record:
+            self.owner.gate_sums += g.detach().flatten(1).mean(1).double().cpu()
+            self.owner.gate_counts += 1
+        return out
+
+
+class GatedFusion:
+    """Several adapters fused with gates in a pipeline's denoiser (a context manager).
+
+    ``files``: adapter files (any layout/method the mixer reads); ``weights``: per-adapter
+    multipliers of ``y_i``. Text-encoder parts of the adapters are not handled here (the mixer
+    fuses them). ``mean_gates()`` reports each adapter's mean gate over the run (the UI shows it).
+    """
+
+    def __init__(self, pipe: Any, files: Sequence[str | os.PathLike], gates: GateSet | None,
+                 weights: Sequence[float] | None = None, *, record: bool = True) -> None:
+        self.pipe = pipe
+        self.files = [Path(f) for f in files]
+        self.gates = gates
+        self.scales = torch.tensor(list(weights) if weights is not None else [1.0] * len(files), dtype=torch.float32)
+        self.record = record
+        self.fraction = 0.0
+        self.layers: list[_GatedLayer] = []
+        self.gate_sums = torch.zeros(len(files), dtype=torch.float64)
+        self.gate_counts = 0
+        self._listening = False
+
+    def _tick(self, fraction: float) -> None:
+        self.fraction = fraction
+
+    def apply(self) -> GatedFusion:
+        from studio.adapters.core import adapted_models
+        from studio.mixing import _find_layer, _read_factors, listen
+
+        unet = adapted_models(self.pipe)["unet"]
+        per: dict[str, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
+        skipped = 0
+        for i, f in enumerate(self.files):
+            for fac in _read_factors(self.pipe, f):
+                if fac.component != "unet":
+                    skipped += 1
+                    continue
+                found = _find_layer(unet, "unet", fac.path)
+                if found is None or not isinstance(found[1], nn.Linear):
+                    raise StudioError(f"{f}: gated fusion runs on Linear layers; {fac.path} is not one (use a plain "
+                                      f"mix for convolution adapters)")
+                if fac.down is not None:
+                    d, u = fac.down.float().flatten(1), fac.up.float().flatten(1) * float(fac.scale)
+                else:  # exact for any delta: a full-rank SVD form
+                    w = found[1].weight
+                    d, u = effective_lowrank(fac.delta.float().reshape(w.shape) * float(fac.scale), min(w.shape))
+                per.setdefault(fac.path, []).append((i, d, u))
+        if skipped:
+            log.warning("gated fusion: %d text-encoder layers of these adapters are left out (the denoiser is gated)",
+                        skipped)
+        unknown = 0
+        try:
+            for path in sorted(per):
+                layer = _find_layer(unet, "unet", path)[1]
+                gate = self.gates.get(path) if self.gates is not None else None
+                unknown += gate is None and self.gates is not None
+                self.layers.append(_GatedLayer(layer, path, per[path], len(self.files), gate, self))
+            if self.gates is not None and any(g.w_t is not None for g in self.gates.gates.values()):
+                listen(self.pipe, self._tick)
+                self._listening = True
+        except BaseException:
+            self.remove()
+            raise
+        if unknown:
+            log.warning("gated fusion: %d adapted layers have no gate in the gate file; they add their adapters plainly",
+                        unknown)
+        return self
+
+    def remove(self) -> None:
+        from studio.mixing import unlisten
+
+        for gl in self.layers:
+            gl.handle.remove()
+        self.layers = []
+        if self._listening:
+            unlisten(self.pipe, self._tick)
+            self._listening = False
+
+    def mean_gates(self) -> list[float]:
+        """Each adapter's gate averaged over layers, tokens, channels and calls so far."""
+        if not self.gate_counts:
+            return [float("nan")] * len(self.files)
+        return [float(v) for v in self.gate_sums / self.gate_counts]
+
+    def __enter__(self) -> GatedFusion:
+        return self.apply()
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
