@@ -138,6 +138,25 @@ def test_toml_unknown_key_lists_valid_ones(tmp_path):
         TrainConfig.from_toml(job)
 
 
+def test_every_job_field_is_a_flag_and_flags_map_onto_fields():
+    """`studio train --help` is the reference of the job fields: a TOML-only field would be a hidden setting."""
+    import argparse
+    import dataclasses
+
+    from studio.trainers.cli import _add_job_flags, config_from_args
+
+    p = argparse.ArgumentParser()
+    p.add_argument("job", nargs="?")
+    _add_job_flags(p)
+    dests = {a.dest for a in p._actions}
+    assert [f.name for f in dataclasses.fields(TrainConfig) if f.name not in dests] == []
+    args = p.parse_args(["--images", "x", "--kind", "style", "--scheduler", "cosine", "--warmup", "10", "--flip", "0",
+                         "--sample-prompt", "a b", "--sample-prompt", "c d", "--text-encoder-lr", "1e-4"])
+    cfg = config_from_args(args)
+    assert (cfg.scheduler, cfg.warmup, cfg.flip, cfg.sample_prompts, cfg.text_encoder_lr) == (
+        "cosine", 10, 0.0, ["a b", "c d"], 1e-4)
+
+
 @pytest.mark.parametrize("field,value,match", [
     ("steps", 0, "--steps"), ("rank", -1, "--rank"), ("kind", "portrait", "--kind"), ("lr", 5, "--lr"),
     ("batch", 0, "--batch"), ("token", "two words", "--token"), ("prior_weight", -1, "--prior-weight"),
