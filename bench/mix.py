@@ -10,6 +10,7 @@ the issue sets targets for:
 * 4 LoRAs with windows / base (target <= 1.3)
 * studio unfused / diffusers set_adapters unfused, same 4 LoRAs, no windows (target <= 0.8)
 * switching the pipeline to a new set of 4 adapters (target < 0.5 s; cold: files never read)
+* with ``--gated``: 3 LoRAs with AutoLoRA's gated fusion / the same 3 fused statically (target <= 1.5)
 
 The LoRAs are random (speed does not depend on what they learned), rank ``--rank`` on the
 attention layers as `studio train` makes them, written as studio adapter folders.
@@ -67,6 +68,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--gated", action="store_true", help="add AutoLoRA's gated fusion of 3 LoRAs against the same 3 "
+                                                         "fused statically (gates as in a gate file for this base)")
     args = ap.parse_args()
     setup_logging(quiet=True)
     from diffusers.utils import logging as diffusers_logging
@@ -102,6 +105,13 @@ def main() -> None:
         "4 LoRAs unfused (studio)": (pipe, hooked),
         "4 LoRAs unfused (diffusers)": (ref, None),
     }
+    if args.gated:  # speed does not depend on what the gates learned: a fresh gate file of this base
+        from studio.autolora.gates import GateSet, save_gates
+        from studio.generation import model_hash
+
+        gates = save_gates(GateSet.for_pipeline(pipe), root / "gates.safetensors", base_hash=model_hash(pipe))
+        variants["3 LoRAs fused"] = (pipe, Mixer(pipe, static[:3]))
+        variants["3 LoRAs gated"] = (pipe, Mixer(pipe, [f"gated:{s}" for s in static[:3]], gates=gates))
     # the two unfused paths compute the same thing: check before timing them
     with hooked:
         ours = pipe([PROMPT], num_inference_steps=4, generator=[torch.Generator().manual_seed(0)], output_type="np")
@@ -134,6 +144,9 @@ def main() -> None:
               f"{best['4 LoRAs unfused (studio)'] / best['4 LoRAs unfused (diffusers)']:6.3f}x   (target <= 0.8)")
         print(f"    windowed / diffusers          "
               f"{best['4 LoRAs windowed'] / best['4 LoRAs unfused (diffusers)']:6.3f}x")
+        if args.gated:
+            print(f"    3 gated / 3 fused             {best['3 LoRAs gated'] / best['3 LoRAs fused']:6.3f}x   "
+                  f"(target <= 1.5)")
 
     # switching: A applied -> B applied (B never read: cold), then B -> C cold, then A again (warm)
     mix = Mixer(pipe, [f"{p}:{w}" for p, w in zip(set_a, weights)]).apply()

@@ -87,6 +87,28 @@ def test_non_lora_delta_becomes_an_exact_low_rank_form():
     assert torch.equal(again[0], down) and torch.equal(again[1], up)
 
 
+def test_tokens_match_their_dense_definitions():
+    g = torch.Generator().manual_seed(1)
+    down, up = torch.randn(3, 4, 20, generator=g), torch.randn(3, 12, 4, generator=g)
+    x, y = torch.randn(2, 20, generator=g), torch.randn(2, 12, generator=g)
+    dw = up @ down  # (3, 12, 20): only the test builds the dense delta
+    assert torch.allclose(AF.probe_tokens(x, down, up), torch.einsum("pi,noi->npo", x, dw), atol=1e-4)
+    assert torch.allclose(AF.gram_tokens(y, down, up), torch.einsum("po,nok,nqk->npq", y, dw, dw), atol=1e-3)
+    # the gram tokens see dW only: another factorization of the same delta gives the same tokens
+    q, _ = torch.linalg.qr(torch.randn(4, 4, generator=g))
+    assert torch.allclose(AF.gram_tokens(y, q.t() @ down, up @ q), AF.gram_tokens(y, down, up), atol=1e-3)
+
+
+@pytest.mark.parametrize("tokens", ["probe", "gram", "both"])
+def test_every_token_kind_encodes_and_is_order_free(micro, tokens):
+    slots = slots_of(micro)
+    enc = WeightEncoder(slots, 64, EncoderConfig(tokens=tokens))
+    fac = _random_adapter(slots, 7)
+    rev = dict(reversed(list(fac.items())))
+    a, b = enc.encode([fac]), enc.encode([rev])
+    assert torch.equal(a, b) and torch.isfinite(a).all()
+
+
 def test_adapter_without_known_layers_is_refused(micro):
     enc = WeightEncoder(slots_of(micro), 64)
     with pytest.raises(StudioError, match="none of its 1 layers"):

@@ -57,6 +57,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--encoder", default=None, metavar="FILE", help="encoder file (default: the bundled one)")
     r.set_defaults(func=run_retrieve)
 
+    g = asub.add_parser("gates", help="train the gated-fusion gates of a base model on pairs of zoo adapters")
+    g.add_argument("--zoo", default=None, metavar="DIR", help="zoo folder (default: the bundled one); its held-out "
+                                                               "adapters are left out")
+    g.add_argument("--out", default=None, metavar="FILE", help="gate file (default: assets/autolora/gates"
+                                                               ".safetensors)")
+    g.add_argument("--steps", type=int, default=200, help="training steps (default 200)")
+    g.add_argument("--hinge-weight", type=float, default=0.1, help="weight of the hinge term (0: denoising only)")
+    g.add_argument("--timestep", action="store_true", help="gates also read the denoising fraction")
+    g.add_argument("--seed", type=int, default=0)
+    g.set_defaults(func=run_gates)
+
     e = asub.add_parser("embed", help="(re)compute the retrieval vector of every library adapter")
     e.add_argument("--encoder", default=None, metavar="FILE", help="encoder file (default: the bundled one)")
     e.set_defaults(func=run_embed)
@@ -134,15 +145,16 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_retrieve(args: argparse.Namespace) -> int:
-    from studio.autolora.retrieval import MATCH_THRESHOLD, retrieve
+    from studio.autolora.retrieval import retrieve
 
     hits, source, pipe = retrieve(args.prompt, args.k, library=args.library, zoo=args.zoo, encoder=args.encoder)
-    match = bool(hits) and hits[0].score >= MATCH_THRESHOLD
+    threshold = pipe.studio_match_threshold
+    match = bool(hits) and hits[0].score >= threshold
     note = None if match else (f"no adapter matches this prompt well (best score {hits[0].score:.3f} < "
-                               f"{MATCH_THRESHOLD}); the list is the nearest, not a match")
+                               f"{threshold:.3f}); the list is the nearest, not a match")
     if args.json:
         sys.stdout.write(json.dumps({"prompt": args.prompt, "source": source, "k": args.k, "match": match,
-                                     "threshold": MATCH_THRESHOLD, "note": note,
+                                     "threshold": round(threshold, 4), "note": note,
                                      "adapters": [h.to_dict() for h in hits]}) + "\n")
     else:
         print(f"top {len(hits)} for {args.prompt!r} from {source}:")
@@ -160,4 +172,22 @@ def run_embed(args: argparse.Namespace) -> int:
     print(f"{done} adapter(s) embedded, {len(skipped)} skipped")
     for name, why in skipped:
         print(f"  skipped {name}: {why}")
+    return 0
+
+
+def run_gates(args: argparse.Namespace) -> int:
+    from studio.autolora.gates import DEFAULT_GATES, GateConfig, GateTrainSettings, save_gates, train_gates
+    from studio.autolora.retrieval import DEFAULT_ZOO
+    from studio.autolora.zoo import load_zoo
+    from studio.generation import model_hash
+    from studio.loading import load_pipeline
+
+    index = load_zoo(args.zoo or DEFAULT_ZOO)
+    pipe = load_pipeline(index.get("base", "micro"))
+    entries = [e for e in index["adapters"] if not e["heldout"]]
+    gates, report = train_gates(pipe, entries, GateConfig(timestep=args.timestep),
+                                GateTrainSettings(steps=args.steps, hinge_weight=args.hinge_weight, seed=args.seed))
+    out = save_gates(gates, args.out or DEFAULT_GATES, base_hash=model_hash(pipe), extra=report)
+    print(f"{out}: gates trained in {report['seconds']} s (denoising loss {report['denoise_first20']} -> "
+          f"{report['denoise_last20']})")
     return 0

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from studio.autolora.functional import effective_lowrank, probe_tokens, rms_normalize
+from studio.autolora.functional import effective_lowrank, gram_tokens, probe_tokens, rms_normalize
 from studio.errors import StudioError
 
 log = logging.getLogger(__name__)
@@ -59,12 +59,18 @@ class EncoderConfig:
     lowrank: int = 8  # rank of the effective low-rank form of non-LoRA adapters
     learn_temperature: bool = True  # False: the reference's fixed scale
     token_dropout: float = 0.1  # fraction of tokens hidden per training step (robustness to missing layers)
+    # probe: the paper's tokens x A^T B^T; gram: B (A A^T) B^T y for learned output-side probes y, i.e. the
+    # output Gram dW dW^T applied to a probe, which does not depend on the LoRA's random A init in
+    # expectation (docs/autolora.md measures both); both: the two kinds side by side
+    tokens: str = "probe"
 
     def __post_init__(self) -> None:
         if self.width % self.heads:
             raise StudioError(f"autolora encoder: width {self.width} must be a multiple of heads {self.heads}")
         if min(self.width, self.heads, self.layers, self.ff, self.probes, self.lowrank) < 1:
             raise StudioError("autolora encoder: sizes must be positive")
+        if self.tokens not in ("probe", "gram", "both"):
+            raise StudioError(f"autolora encoder: tokens {self.tokens!r}; choose probe, gram or both")
         if not 0.0 <= self.token_dropout < 1.0:
             raise StudioError(f"autolora encoder: token_dropout {self.token_dropout} must be in [0, 1)")
 
@@ -213,6 +219,10 @@ class WeightEncoder(nn.Module):
         self.proj = nn.ModuleList([nn.Linear(dims[t], c.width) for t in self.types])
         self.slot_type = [self.types.index(s.type) for s in self.slots]
         self.pos = nn.Parameter(torch.randn(len(self.slots), c.probes, c.width, generator=gen) * 0.02)
+        if c.tokens != "probe":
+            self.probes_out = nn.ParameterList(
+                [nn.Parameter(torch.randn(c.probes, s.d_out, generator=gen) / math.sqrt(s.d_out)) for s in self.slots])
+            self.pos_gram = nn.Parameter(torch.randn(len(self.slots), c.probes, c.width, generator=gen) * 0.02)
         self.blocks = nn.ModuleList([
             nn.TransformerEncoderLayer(c.width, c.heads, c.ff, dropout=0.0, batch_first=True, norm_first=True)
             for _ in range(c.layers)])
@@ -233,11 +243,17 @@ class WeightEncoder(nn.Module):
     def tokens(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """``(N, T, width)`` tokens of the slots present in the batch, and their ``(N, T)`` mask."""
         toks, masks = [], []
+        kind = self.config.tokens
         for i, (down, up, present) in batch.per_slot.items():
-            t = rms_normalize(probe_tokens(self.probes[i], down, up))
-            t = self.proj[self.slot_type[i]](t) + self.pos[i]
-            toks.append(t)
-            masks.append(present[:, None].expand(-1, t.shape[1]))
+            proj = self.proj[self.slot_type[i]]
+            if kind in ("probe", "both"):
+                t = proj(rms_normalize(probe_tokens(self.probes[i], down, up))) + self.pos[i]
+                toks.append(t)
+                masks.append(present[:, None].expand(-1, t.shape[1]))
+            if kind in ("gram", "both"):
+                t = proj(rms_normalize(gram_tokens(self.probes_out[i], down, up))) + self.pos_gram[i]
+                toks.append(t)
+                masks.append(present[:, None].expand(-1, t.shape[1]))
         if not toks:
             raise StudioError("AutoLoRA encoder: the batch has no layer the encoder knows")
         return torch.cat(toks, 1), torch.cat(masks, 1)

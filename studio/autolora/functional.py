@@ -22,6 +22,18 @@ def probe_tokens(probes: torch.Tensor, down: torch.Tensor, up: torch.Tensor) -> 
     return torch.einsum("npr,nor->npo", h, up)
 
 
+def gram_tokens(probes: torch.Tensor, down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """Tokens ``B (A A^T) B^T y`` = ``dW dW^T y`` for output-side probes ``y (P, d_out)``: ``(N, P, d_out)``.
+
+    A LoRA trained briefly from a random ``A`` has ``dW ~ M A^T A`` (the gradient seen through a random
+    rank-r projection), so ``dW`` itself carries that projection's noise while ``dW dW^T ~ M M^T`` does
+    not, in expectation. Built from the factors: r x r and thin products, never the dense ``dW``.
+    """
+    gram = torch.einsum("nri,nsi->nrs", down, down)  # A A^T (N, r, r)
+    h = torch.einsum("po,nor->npr", probes, up)  # y B (N, P, r)
+    return torch.einsum("npr,nrs,nos->npo", h, gram, up)
+
+
 def rms_normalize(tokens: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     """Each token over its root-mean-square: adapters trained with other learning rates, steps or alphas
     differ in scale by orders of magnitude; what a layer does is its direction."""

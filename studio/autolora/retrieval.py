@@ -30,8 +30,14 @@ log = logging.getLogger(__name__)
 ASSETS = Path(__file__).resolve().parents[2] / "assets" / "autolora"
 DEFAULT_ZOO = ASSETS / "zoo"
 DEFAULT_ENCODER = ASSETS / "encoder.safetensors"
-# below this cosine the best adapter is reported as no match (calibrated on the zoo: docs/autolora.md)
+# below this cosine the best adapter is reported as no match, unless the encoder file carries its own
+# calibrated threshold (``studio autolora train`` stores one: docs/autolora.md)
 MATCH_THRESHOLD = 0.5
+
+
+def match_threshold(header: dict[str, Any] | None) -> float:
+    """The encoder's calibrated match threshold (its header), else the module default."""
+    return float(((header or {}).get("extra") or {}).get("match_threshold", MATCH_THRESHOLD))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,6 +210,10 @@ def train_on_zoo(zoo: str | os.PathLike, config: EncoderConfig = EncoderConfig()
                                 names=[e["name"] for e in train])
     report.update(base=index.get("base", "micro"), zoo=str(zoo), heldout=[e["name"] for e in index["adapters"]
                                                                           if e["heldout"]])
+    # what "matches" means for this encoder: half the mean cosine of a training adapter with its own concept
+    # prompt (the scores are cosines in the text space; their scale depends on the training)
+    pos = cosine_scores(encode_texts(pipe, [e["prompt"] for e in train]), enc.encode(factors)).diagonal()
+    report["match_threshold"] = round(0.5 * float(pos.mean()), 4)
     return enc, report, pipe
 
 
@@ -285,7 +295,8 @@ def retrieve(prompt: str, k: int = 3, *, library: bool = False, zoo: str | os.Pa
     if k < 1:
         raise StudioError(f"-k {k}: must be at least 1")
     opened = open_encoder(encoder)
-    enc, pipe, _ = opened
+    enc, pipe, header = opened
+    pipe.studio_match_threshold = match_threshold(header)  # the caller reports matches with it
     if zoo is None:
         lib = Library()
         if lib.names():
@@ -297,14 +308,15 @@ def retrieve(prompt: str, k: int = 3, *, library: bool = False, zoo: str | os.Pa
                     names.append(r.name)
                     vecs.append(torch.from_numpy(np.asarray(v, dtype=np.float32)))
                     paths.append(str(lib.adapters_dir / r.name))
-            if not names:
-                raise StudioError(f"the library at {lib.home} has no adapter the AutoLoRA encoder can read "
-                                  f"(see the notes above); add adapters of its base model")
-            return rank(pipe, prompt, names, torch.stack(vecs), paths, k), f"library {lib.home}", pipe
+            if names:
+                return rank(pipe, prompt, names, torch.stack(vecs), paths, k), f"library {lib.home}", pipe
+            why = f"the library at {lib.home} has no adapter the AutoLoRA encoder can read (see the notes above)"
+        else:
+            why = f"the library at {lib.home} is empty"
         if library:
-            raise StudioError(f"the library at {lib.home} is empty; add adapters (`studio library add`, "
-                              f"`studio train`) or search a zoo with --zoo DIR")
-        log.warning("the library is empty: searching the bundled adapter zoo %s (--library to insist)", DEFAULT_ZOO)
+            raise StudioError(f"{why}; add adapters of the encoder's base model (`studio library add`, `studio train`) "
+                              f"or search a zoo with --zoo DIR")
+        log.warning("%s: searching the bundled adapter zoo %s (--library to insist)", why, DEFAULT_ZOO)
         zoo = DEFAULT_ZOO
     from studio.autolora.zoo import load_zoo
 
@@ -346,8 +358,8 @@ def embed_on_add(names: Sequence[str]) -> None:
 
 def auto_adapters(prompt: str, k: int) -> list[str]:
     """``studio generate --auto K``: adapter specs retrieved for the prompt (only those that match)."""
-    hits, source, _ = retrieve(prompt, k)
-    keep = [h for h in hits if h.score >= MATCH_THRESHOLD]
+    hits, source, pipe = retrieve(prompt, k)
+    keep = [h for h in hits if h.score >= pipe.studio_match_threshold]
     for h in hits:
         log.warning("--auto: %s %s (score %.3f, %s)", "using" if h in keep else "not using (no match)", h.name,
                     h.score, source)
