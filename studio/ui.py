@@ -269,6 +269,12 @@ def train_config(*, source: str, sample_set: str, uploads: Sequence[str] | None,
             continue
         if k == "sample_prompts":
             v = [line.strip() for line in str(v).splitlines() if line.strip()]
+        elif v in ("on", "off"):
+            v = v == "on"
+        elif isinstance(v, str):
+            v = v.strip()
+            if not v:
+                continue
         fields[k] = int(v) if k in _INT_FIELDS else v
     return TrainConfig.from_dict(fields, source="train form"), warnings
 
@@ -333,6 +339,23 @@ def _train_panel(ctx: UIContext) -> None:
                     prior = gr.Checkbox(True, label="Prior preservation (subjects)", elem_id="train-prior")
                     class_images = gr.Number(50, label="Class images", precision=0, minimum=1)
                     scheduler = gr.Dropdown(["constant", "cosine", "linear"], value="constant", label="LR schedule")
+                with gr.Row():
+                    prior_weight = gr.Number(None, label="Prior weight (empty: recipe default)", minimum=0,
+                                             elem_id="train-prior-weight")
+                    prior_target = gr.Dropdown(["recipe default", "base", "noise"], value="recipe default",
+                                               label="Prior target", elem_id="train-prior-target",
+                                               info="base: the base model's own prediction; noise: DreamBooth's")
+                    class_prompt = gr.Textbox(label="Class prompt", placeholder="default: a CLASS-WORD; varied on micro")
+                with gr.Row():
+                    train_trigger = gr.Dropdown(["recipe default", "on", "off"], value="recipe default",
+                                                label="Learn the trigger's embedding", elem_id="train-trigger")
+                    trigger_lr = gr.Number(None, label="Trigger learning rate (empty: default)", minimum=0)
+                    snr_gamma = gr.Number(None, label="Min-SNR gamma (empty: 5; 0: off)", minimum=0)
+                with gr.Row():
+                    subject_word = gr.Textbox(label="Subject word in captions", elem_id="train-subject-word",
+                                              placeholder="e.g. rex; replaced by TRIGGER CLASS (found on micro)")
+                    caption_dropout = gr.Number(None, label="Caption dropout (empty: recipe default)", minimum=0,
+                                                maximum=1, elem_id="train-caption-dropout")
                 with gr.Row():
                     sample_every = gr.Number(0, label="Samples every N steps (0: at the end)", precision=0, minimum=0)
                     checkpoint_every = gr.Number(50, label="Checkpoint every N steps", precision=0, minimum=0)
@@ -402,7 +425,10 @@ def _train_panel(ctx: UIContext) -> None:
             "base": base}
     advanced = {"targets": targets, "text_encoder": text_encoder, "batch": batch, "resolution": resolution,
                 "seed": seed, "prior": prior, "class_images": class_images, "scheduler": scheduler,
-                "sample_every": sample_every, "checkpoint_every": checkpoint_every, "sample_prompts": sample_prompts}
+                "sample_every": sample_every, "checkpoint_every": checkpoint_every, "sample_prompts": sample_prompts,
+                "prior_weight": prior_weight, "prior_target": prior_target, "class_prompt": class_prompt,
+                "train_trigger": train_trigger, "trigger_lr": trigger_lr, "snr_gamma": snr_gamma,
+                "subject_word": subject_word, "caption_dropout": caption_dropout}
 
     def on_start(values: dict):
         v = {k: values[c] for k, c in form.items()}
