@@ -160,7 +160,7 @@ def test_every_job_field_is_a_flag_and_flags_map_onto_fields():
 @pytest.mark.parametrize("field,value,match", [
     ("steps", 0, "--steps"), ("rank", -1, "--rank"), ("kind", "portrait", "--kind"), ("lr", 5, "--lr"),
     ("batch", 0, "--batch"), ("token", "two words", "--token"), ("prior_weight", -1, "--prior-weight"),
-    ("caption_dropout", 1.5, "--caption-dropout"), ("subject_word", "two words", "--subject-word"),
+    ("caption_dropout", 1.5, "--caption-dropout"), ("prior_uncond", -0.1, "--prior-uncond"), ("subject_word", "two words", "--subject-word"),
 ])
 def test_bad_fields(field, value, match, tmp_path):
     with pytest.raises(StudioError, match=match):
@@ -252,6 +252,22 @@ def test_caption_dropout_picks_the_plain_prompt_at_its_rate():
     state = g.get_state()
     assert _pick("only", 0.3, g) == "only" and torch.equal(g.get_state(), state)  # no draw without a choice
     assert {_pick(("c", "p"), 0.0, g) for _ in range(50)} == {"c"} and {_pick(("c", "p"), 1.0, g) for _ in range(50)} == {"p"}
+
+
+@pytest.mark.parametrize("uncond", [0.0, 1.0])
+def test_prior_uncond_trains_class_images_on_the_empty_prompt(images, tiny_dirs, tmp_path, monkeypatch, uncond):
+    """--prior-uncond: the class half's prompts become "" (the prompt guidance subtracts) at that rate."""
+    from studio.trainers import loop
+
+    seen: list[list[str]] = []
+    real = loop.TextCache.embed
+    monkeypatch.setattr(loop.TextCache, "embed", lambda self, prompts: seen.append(list(prompts)) or real(self, prompts))
+    train(_cfg(images, tiny_dirs["sd1"], tmp_path / "a", steps=3, prior_uncond=uncond, class_prompt="a shape",
+               sample_prompts=["a sks shape"]))
+    # per step: the instance prompts, then the class prompts (batch 2 each)
+    class_batches = [b for b in seen if len(b) == 2 and all(p in ("a shape", "") for p in b)]
+    assert len(class_batches) == 3
+    assert {p for b in class_batches for p in b} == ({""} if uncond else {"a shape"})
 
 
 def test_adapters_off_is_the_base_model_and_keeps_the_adapter_trainable(tiny_dirs):

@@ -85,6 +85,7 @@ def _add_job_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--class-prompt", dest="class_prompt", help=helps["class_prompt"])
     p.add_argument("--prior-weight", dest="prior_weight", type=float, help=helps["prior_weight"])
     p.add_argument("--prior-target", dest="prior_target", choices=["base", "noise"], help=helps["prior_target"])
+    p.add_argument("--prior-uncond", dest="prior_uncond", type=float, metavar="P", help=helps["prior_uncond"])
     p.add_argument("--snr-gamma", dest="snr_gamma", type=float, help=helps["snr_gamma"])
     p.add_argument("--caption", choices=["auto", "captions", "trigger"], help=helps["caption"])
     p.add_argument("--decor", help=helps["decor"])

@@ -61,6 +61,8 @@ class TrainConfig:
     prior_weight: float | None = _f(None, "weight of the prior-preservation loss (default: 3 on micro, else 1)")
     prior_target: str = _f("base", "what the class images are trained towards: base (the base model's own "
                                    "prediction, an output-preservation distillation) or noise (DreamBooth's loss)")
+    prior_uncond: float | None = _f(None, "fraction of class images trained on the empty prompt, which keeps the "
+                                          "unconditional prediction that guidance subtracts (default: the recipe's)")
     snr_gamma: float = _f(5.0, "min-SNR loss weighting gamma (0: plain MSE); 5 is the paper's and diffusers' value")
     class_images: int = _f(50, "number of class images for prior preservation (generated once, cached)")
     class_prompt: str | None = _f(None, "prompt of the class images (default: 'a CLASS-WORD'; on micro, varied "
@@ -173,6 +175,8 @@ class TrainConfig:
             raise bad("snr_gamma", f"{self.snr_gamma}: must be >= 0 (0 turns the weighting off)")
         if not 0 <= self.flip <= 1:
             raise bad("flip", f"{self.flip}: a probability in [0, 1]")
+        if self.prior_uncond is not None and not 0 <= self.prior_uncond <= 1:
+            raise bad("prior_uncond", f"{self.prior_uncond}: a probability in [0, 1]")
         if self.caption_dropout is not None and not 0 <= self.caption_dropout <= 1:
             raise bad("caption_dropout", f"{self.caption_dropout}: a probability in [0, 1]")
         if self.subject_word and (not self.subject_word.strip() or " " in self.subject_word.strip()):

@@ -199,7 +199,10 @@ def _train(cfg: TrainConfig, out: Path, on_event: EventHandler | None, cancel: t
             if class_latents is not None:
                 cidx = torch.randint(0, len(class_latents), (plan.batch,), generator=gen)
                 lat = torch.cat([lat, class_latents[cidx]])
-                emb = torch.cat([emb, text_cache.embed([plan.class_prompts[i] for i in cidx.tolist()])])
+                # prior_uncond 0 draws nothing: earlier runs keep their random streams
+                emb = torch.cat([emb, text_cache.embed([
+                    _pick((plan.class_prompts[i], ""), plan.prior_uncond, gen) if plan.prior_uncond
+                    else plan.class_prompts[i] for i in cidx.tolist()])])
             lat = lat * vae.config.scaling_factor
             noise = torch.randn(lat.shape, generator=gen)
             t = torch.randint(0, noise_sched.config.num_train_timesteps, (lat.shape[0],), generator=gen)

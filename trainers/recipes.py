@@ -43,6 +43,7 @@ class Plan:
     size_cond: tuple[int, int] | None = None  # SDXL added conditions: (height, width)
     micro: bool = False
     caption_dropout: float = 0.0  # chance that an image with a caption trains on its plain prompt instead
+    prior_uncond: float = 0.0  # chance that a class image trains on the empty prompt instead of its own
 
     def unet_kwargs(self, n: int) -> dict[str, Any]:
         """Extra denoiser inputs (SDXL's size/crop conditions)."""
@@ -95,6 +96,7 @@ class Recipe:
             sample_steps=model_defaults(pipe)["steps"], guidance=model_defaults(pipe)["guidance"], family=src.family,
             micro=micro,
             caption_dropout=self.default_caption_dropout if cfg.caption_dropout is None else cfg.caption_dropout,
+            prior_uncond=d.get("prior_uncond", 0.0) if cfg.prior_uncond is None else cfg.prior_uncond,
         )
 
     def default_prior(self) -> bool:
