@@ -345,6 +345,8 @@ def _train_panel(ctx: UIContext) -> None:
                     prior_target = gr.Dropdown(["recipe default", "base", "noise"], value="recipe default",
                                                label="Prior target", elem_id="train-prior-target",
                                                info="base: the base model's own prediction; noise: DreamBooth's")
+                    prior_uncond = gr.Number(None, label="Prior on the empty prompt (empty: recipe default)",
+                                             minimum=0, maximum=1, elem_id="train-prior-uncond")
                     class_prompt = gr.Textbox(label="Class prompt", placeholder="default: a CLASS-WORD; varied on micro")
                 with gr.Row():
                     train_trigger = gr.Dropdown(["recipe default", "on", "off"], value="recipe default",
@@ -426,7 +428,8 @@ def _train_panel(ctx: UIContext) -> None:
     advanced = {"targets": targets, "text_encoder": text_encoder, "batch": batch, "resolution": resolution,
                 "seed": seed, "prior": prior, "class_images": class_images, "scheduler": scheduler,
                 "sample_every": sample_every, "checkpoint_every": checkpoint_every, "sample_prompts": sample_prompts,
-                "prior_weight": prior_weight, "prior_target": prior_target, "class_prompt": class_prompt,
+                "prior_weight": prior_weight, "prior_target": prior_target, "prior_uncond": prior_uncond,
+                "class_prompt": class_prompt,
                 "train_trigger": train_trigger, "trigger_lr": trigger_lr, "snr_gamma": snr_gamma,
                 "subject_word": subject_word, "caption_dropout": caption_dropout}
 

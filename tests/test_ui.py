@@ -46,9 +46,11 @@ def test_train_form_advanced_recipe_fields():
     """The recipe's knobs from the Advanced panel: empty means the recipe's default, 0 is a real value."""
     c, _ = ui.train_config(**_form(), advanced={
         "prior_weight": 0, "caption_dropout": 0, "train_trigger": "off", "prior_target": "noise",
-        "subject_word": "  heart ", "class_prompt": "", "trigger_lr": None, "snr_gamma": 0, "scheduler": "cosine"})
+        "subject_word": "  heart ", "class_prompt": "", "trigger_lr": None, "snr_gamma": 0, "scheduler": "cosine",
+        "prior_uncond": 0.2})
     assert (c.prior_weight, c.caption_dropout, c.train_trigger, c.prior_target) == (0, 0, False, "noise")
     assert (c.subject_word, c.class_prompt, c.trigger_lr, c.snr_gamma, c.scheduler) == ("heart", None, None, 0, "cosine")
+    assert c.prior_uncond == 0.2
     d, _ = ui.train_config(**_form(), advanced={"train_trigger": "recipe default", "prior_target": "recipe default",
                                                 "caption_dropout": None, "prior_weight": None})
     assert (d.train_trigger, d.prior_target, d.caption_dropout, d.prior_weight) == (None, "base", None, None)
