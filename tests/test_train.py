@@ -160,7 +160,7 @@ def test_every_job_field_is_a_flag_and_flags_map_onto_fields():
 @pytest.mark.parametrize("field,value,match", [
     ("steps", 0, "--steps"), ("rank", -1, "--rank"), ("kind", "portrait", "--kind"), ("lr", 5, "--lr"),
     ("batch", 0, "--batch"), ("token", "two words", "--token"), ("prior_weight", -1, "--prior-weight"),
-    ("caption_dropout", 1.5, "--caption-dropout"), ("prior_uncond", -0.1, "--prior-uncond"), ("subject_word", "two words", "--subject-word"),
+    ("caption_dropout", 1.5, "--caption-dropout"), ("prior_uncond", -0.1, "--prior-uncond"), ("tag_dropout", 2, "--tag-dropout"), ("subject_word", "two words", "--subject-word"),
 ])
 def test_bad_fields(field, value, match, tmp_path):
     with pytest.raises(StudioError, match=match):
@@ -252,6 +252,28 @@ def test_caption_dropout_picks_the_plain_prompt_at_its_rate():
     state = g.get_state()
     assert _pick("only", 0.3, g) == "only" and torch.equal(g.get_state(), state)  # no draw without a choice
     assert {_pick(("c", "p"), 0.0, g) for _ in range(50)} == {"c"} and {_pick(("c", "p"), 1.0, g) for _ in range(50)} == {"p"}
+
+
+def test_tag_dropout_leaves_out_tags_but_never_the_triggers():
+    from collections import Counter
+
+    from studio.trainers.loop import _pick
+
+    g = torch.Generator().manual_seed(0)
+    cap = ("solid red sks shape, white background, photo", "a sks shape")
+    picks = Counter(_pick(cap, 0.0, g, 0.5, "sks") for _ in range(4000))
+    assert set(picks) == {"solid red sks shape, white background, photo", "solid red sks shape, white background",
+                          "solid red sks shape, photo", "solid red sks shape"}
+    assert all(abs(n / 4000 - 0.25) < 0.03 for n in picks.values())  # two independent tags at 0.5
+    assert _pick(("no tags here", "p"), 0.0, g, 0.5, "sks") == "no tags here"  # one tag: nothing to leave out
+    assert _pick(cap, 0.0, g, 0.0, "sks") == cap[0]
+    g2 = torch.Generator().manual_seed(1)
+    _pick(cap, 0.0, g2)
+    after_one = g2.get_state()
+    g3 = torch.Generator().manual_seed(1)
+    _pick(cap, 0.0, g3, 0.0, "sks")
+    assert torch.equal(g3.get_state(), after_one)  # tag dropout 0 draws nothing more
+    assert _pick(("a, b", "plain"), 0.0, torch.Generator().manual_seed(0), 1.0, "sks") == "plain"  # all gone: plain
 
 
 @pytest.mark.parametrize("uncond", [0.0, 1.0])

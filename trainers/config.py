@@ -74,6 +74,8 @@ class TrainConfig:
                                "the captions)")
     caption_dropout: float | None = _f(None, "fraction of steps an image trains on the bare trigger prompt instead "
                                              "of its caption (default: 0.5 for subjects, 0 for styles)")
+    tag_dropout: float | None = _f(None, "captions with comma-separated tags: the chance that each tag without the "
+                                         "trigger is left out of a step's prompt (default: the recipe's)")
     decor: str = _f("", "DECOR: words projected out of the training prompts' embeddings, comma-separated (e.g. "
                         "the content words of a style set: \"circle, red\")")
     decor_alpha: float = _f(1.0, "DECOR strength in [0, 1]")
@@ -175,6 +177,8 @@ class TrainConfig:
             raise bad("snr_gamma", f"{self.snr_gamma}: must be >= 0 (0 turns the weighting off)")
         if not 0 <= self.flip <= 1:
             raise bad("flip", f"{self.flip}: a probability in [0, 1]")
+        if self.tag_dropout is not None and not 0 <= self.tag_dropout <= 1:
+            raise bad("tag_dropout", f"{self.tag_dropout}: a probability in [0, 1]")
         if self.prior_uncond is not None and not 0 <= self.prior_uncond <= 1:
             raise bad("prior_uncond", f"{self.prior_uncond}: a probability in [0, 1]")
         if self.caption_dropout is not None and not 0 <= self.caption_dropout <= 1:

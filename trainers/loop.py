@@ -195,7 +195,8 @@ def _train(cfg: TrainConfig, out: Path, on_event: EventHandler | None, cancel: t
             idx = torch.randint(0, len(data), (plan.batch,), generator=gen)
             flips = torch.rand(plan.batch, generator=gen) < cfg.flip
             lat = torch.where(flips[:, None, None, None], latents_flip[idx], latents[idx])
-            emb = text_cache.embed([_pick(prompts[i], plan.caption_dropout, gen) for i in idx.tolist()])
+            emb = text_cache.embed([_pick(prompts[i], plan.caption_dropout, gen, plan.tag_dropout, cfg.token)
+                                    for i in idx.tolist()])
             if class_latents is not None:
                 cidx = torch.randint(0, len(class_latents), (plan.batch,), generator=gen)
                 lat = torch.cat([lat, class_latents[cidx]])
@@ -282,11 +283,23 @@ def _adapters_off(pipe: Any, params: list[torch.nn.Parameter]) -> Iterator[None]
             p.requires_grad_(g)
 
 
-def _pick(prompt: str | tuple[str, str], dropout: float, gen: torch.Generator) -> str:
-    """An image's prompt: its caption prompt, or with probability ``dropout`` its plain one."""
+def _pick(prompt: str | tuple[str, str], dropout: float, gen: torch.Generator, tag_dropout: float = 0.0,
+          keep: str = "") -> str:
+    """An image's prompt: its caption prompt, or with probability ``dropout`` its plain one.
+
+    ``tag_dropout``: each comma-separated tag of the caption prompt is left out with that
+    probability, except tags that contain the word ``keep`` (the trigger): kohya's tag dropout,
+    so the trigger is seen beside every subset of what the caption names.
+    """
     if isinstance(prompt, str):
         return prompt  # draws nothing, so runs without captions keep their random streams
-    return prompt[1] if float(torch.rand(1, generator=gen)) < dropout else prompt[0]
+    if float(torch.rand(1, generator=gen)) < dropout:
+        return prompt[1]
+    tags = prompt[0].split(",")
+    if not tag_dropout or len(tags) < 2:
+        return prompt[0]  # draws nothing more: runs without tag dropout keep their random streams
+    kept = [t for t in tags if (keep and keep in t.split()) or float(torch.rand(1, generator=gen)) >= tag_dropout]
+    return ",".join(kept).strip() or prompt[1]
 
 
 def default_name(cfg: TrainConfig) -> str:

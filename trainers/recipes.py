@@ -44,6 +44,7 @@ class Plan:
     micro: bool = False
     caption_dropout: float = 0.0  # chance that an image with a caption trains on its plain prompt instead
     prior_uncond: float = 0.0  # chance that a class image trains on the empty prompt instead of its own
+    tag_dropout: float = 0.0  # chance that a caption's comma-separated tag (not the trigger's) is left out
 
     def unet_kwargs(self, n: int) -> dict[str, Any]:
         """Extra denoiser inputs (SDXL's size/crop conditions)."""
@@ -97,6 +98,7 @@ class Recipe:
             micro=micro,
             caption_dropout=self.default_caption_dropout if cfg.caption_dropout is None else cfg.caption_dropout,
             prior_uncond=d.get("prior_uncond", 0.0) if cfg.prior_uncond is None else cfg.prior_uncond,
+            tag_dropout=d.get("tag_dropout", 0.0) if cfg.tag_dropout is None else cfg.tag_dropout,
         )
 
     def default_prior(self) -> bool:
