@@ -140,7 +140,7 @@ def test_training_and_retrieval_are_deterministic(micro):
     for _ in range(2):
         enc, report = train_encoder(micro, fac, caps, settings=TrainSettings(steps=30))
         vec = enc.encode(fac)
-        runs.append((vec, rank(micro, "a red heart", ["a", "b", "c", "d"], vec, ["", "", "", ""], 4)))
+        runs.append((vec, rank(micro, "a red heart", ["a", "b", "c", "d"], vec, ["", "", "", ""], 4, enc)))
     assert torch.equal(runs[0][0], runs[1][0])
     assert [h.to_dict() for h in runs[0][1]] == [h.to_dict() for h in runs[1][1]]
     assert report["final_loss"] < 1.0  # four separable pairs: the contrastive loss (log 4 = 1.39 at chance) falls

@@ -82,6 +82,8 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fixed-temperature", action="store_true",
                    help="keep the InfoNCE temperature at the reference's fixed 1/0.07 instead of learning it")
     p.add_argument("--probes", type=int, default=None, help="probe vectors per layer (default 1, the paper's)")
+    p.add_argument("--tokens", default=None, choices=["probe", "gram", "both"],
+                   help="token kind: probe (the paper's x A^T B^T), gram (B A A^T B^T y), both (default: gram)")
 
 
 def _config(args: argparse.Namespace):
@@ -95,6 +97,8 @@ def _config(args: argparse.Namespace):
         cfg = dataclasses.replace(cfg, learn_temperature=False)
     if args.probes:
         cfg = dataclasses.replace(cfg, probes=args.probes)
+    if args.tokens:
+        cfg = dataclasses.replace(cfg, tokens=args.tokens)
     return cfg, TrainSettings(steps=args.steps, seed=args.seed)
 
 

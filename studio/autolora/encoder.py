@@ -62,7 +62,10 @@ class EncoderConfig:
     # probe: the paper's tokens x A^T B^T; gram: B (A A^T) B^T y for learned output-side probes y, i.e. the
     # output Gram dW dW^T applied to a probe, which does not depend on the LoRA's random A init in
     # expectation (docs/autolora.md measures both); both: the two kinds side by side
-    tokens: str = "probe"
+    tokens: str = "gram"
+    # compare texts after removing the training captions' mean pooled vector (measured: no clear gain on the
+    # micro zoo, within the seed spread; docs/autolora.md)
+    center_text: bool = False
 
     def __post_init__(self) -> None:
         if self.width % self.heads:
@@ -229,6 +232,10 @@ class WeightEncoder(nn.Module):
         self.norm = nn.LayerNorm(c.width)
         self.out = nn.Linear(c.width, self.text_dim)
         self.logit_scale = nn.Parameter(torch.tensor(CLIP_LOGIT_SCALE), requires_grad=c.learn_temperature)
+        # the mean pooled text vector of the training captions: texts are compared after subtracting it. The
+        # micro text encoder's pooled outputs share a large common part, which squeezes every cosine into a
+        # narrow band and lets a few adapters (the styles) sit near every prompt
+        self.register_buffer("text_center", torch.zeros(self.text_dim))
         with torch.no_grad():  # deterministic init of every module (torch's default init draws from the global RNG)
             for m in list(self.proj) + [self.out]:
                 m.weight.copy_(torch.randn(m.weight.shape, generator=gen) / math.sqrt(m.weight.shape[1]))
@@ -271,6 +278,10 @@ class WeightEncoder(nn.Module):
         m = mask.unsqueeze(-1).to(x.dtype)
         pooled = (x * m).sum(1) / m.sum(1).clamp_min(1.0)
         return self.out(pooled)
+
+    def center(self, text: torch.Tensor) -> torch.Tensor:
+        """Text vectors as the encoder compares them (the training captions' mean removed)."""
+        return text - self.text_center
 
     def encode(self, adapters: Sequence[Factors], names: Sequence[str] | None = None) -> torch.Tensor:
         """Vectors of adapters (eval mode, no gradient): ``(N, text_dim)``."""

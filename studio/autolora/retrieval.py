@@ -79,6 +79,10 @@ def train_encoder(pipe: Any, factors: Sequence[Factors], captions: Sequence[Sequ
     batch = stack(enc.slots, factors, name=names)
     flat = sorted({c for cs in captions for c in cs})
     text = encode_texts(pipe, flat)
+    if config.center_text:
+        with torch.no_grad():
+            enc.text_center.copy_(text.mean(0))
+    text = enc.center(text)
     pick = [torch.tensor([flat.index(c) for c in cs]) for cs in captions]
     opt = torch.optim.AdamW([p for p in enc.parameters() if p.requires_grad], lr=settings.lr,
                             weight_decay=settings.weight_decay)
@@ -148,18 +152,27 @@ def retrieval_suite(zoo: str | os.PathLike | None = None, *, encoder: str | os.P
                                     [e["captions"] + [e["prompt"]] for e in (entries[i] for i in train)],
                                     config, settings, names=[entries[i]["name"] for i in train])
     vec = enc.encode(factors, [e["name"] for e in entries])
-    queries = encode_texts(pipe, [entries[i]["prompt"] for i in test])
+    raw_queries = encode_texts(pipe, [entries[i]["prompt"] for i in test])
+    queries = enc.center(raw_queries)
     truth_test = torch.arange(len(test))
     truth_full = torch.tensor(test)
     result: dict[str, Any] = {"suite": "retrieval", "n": len(test), "gallery": "held-out adapters"}
     s_test = cosine_scores(queries, vec[test])
     result.update(_recalls(s_test, truth_test))
+    # each held-out adapter's rank among the held-out ones (0 = first): where the misses are
+    true = s_test.gather(1, truth_test[:, None])
+    result["rank_by_adapter"] = {entries[i]["name"]: int((s_test[q] > true[q]).sum()) for q, i in enumerate(test)}
     s_full = cosine_scores(queries, vec)
     result["full_zoo"] = {**_recalls(s_full, truth_full), "gallery": len(entries)}
     for label, key in (("metadata_real_names", "name"), ("metadata_random_names", "random_name")):
         meta = encode_texts(pipe, [metadata_text(e[key], e.get("trigger", "")) for e in entries])
-        result[label] = {**_recalls(cosine_scores(queries, meta[test]), truth_test),
-                         "full_zoo": _recalls(cosine_scores(queries, meta), truth_full)}
+        result[label] = {**_recalls(cosine_scores(raw_queries, meta[test]), truth_test),
+                         "full_zoo": _recalls(cosine_scores(raw_queries, meta), truth_full)}
+    # longer queries: three renderer captions of each held-out adapter (backgrounds and all)
+    cap_q = [(t, c) for t, i in enumerate(test) for c in entries[i]["captions"][:3]]
+    if cap_q:
+        s_cap = cosine_scores(enc.center(encode_texts(pipe, [c for _, c in cap_q])), vec[test])
+        result["captions"] = {**_recalls(s_cap, torch.tensor([t for t, _ in cap_q])), "queries": len(cap_q)}
     pos = s_full.gather(1, truth_full[:, None]).squeeze(1)
     result["true_match_cosine_mean"] = round(float(pos.mean()), 4)
     result["train_adapters"] = len(train)
@@ -184,13 +197,15 @@ class Hit:
 
 
 def rank(pipe: Any, prompt: str, names: Sequence[str], vectors: torch.Tensor, paths: Sequence[str],
-         k: int) -> list[Hit]:
+         k: int, enc: WeightEncoder | None = None) -> list[Hit]:
     """The top-``k`` adapters for ``prompt`` by cosine between its pooled text vector and their vectors."""
     if not prompt.strip():
         raise StudioError("--prompt is empty; describe what the adapters should draw")
     if k < 1:
         raise StudioError(f"-k {k}: must be at least 1")
     q = encode_texts(pipe, [prompt])
+    if enc is not None:
+        q = enc.center(q)
     scores = cosine_scores(q, vectors)[0]
     order = sorted(range(len(names)), key=lambda i: (-float(scores[i]), names[i]))  # ties: by name, deterministic
     return [Hit(names[i], float(scores[i]), paths[i]) for i in order[:k]]
@@ -212,7 +227,7 @@ def train_on_zoo(zoo: str | os.PathLike, config: EncoderConfig = EncoderConfig()
                                                                           if e["heldout"]])
     # what "matches" means for this encoder: half the mean cosine of a training adapter with its own concept
     # prompt (the scores are cosines in the text space; their scale depends on the training)
-    pos = cosine_scores(encode_texts(pipe, [e["prompt"] for e in train]), enc.encode(factors)).diagonal()
+    pos = cosine_scores(enc.center(encode_texts(pipe, [e["prompt"] for e in train])), enc.encode(factors)).diagonal()
     report["match_threshold"] = round(0.5 * float(pos.mean()), 4)
     return enc, report, pipe
 
@@ -309,7 +324,7 @@ def retrieve(prompt: str, k: int = 3, *, library: bool = False, zoo: str | os.Pa
                     vecs.append(torch.from_numpy(np.asarray(v, dtype=np.float32)))
                     paths.append(str(lib.adapters_dir / r.name))
             if names:
-                return rank(pipe, prompt, names, torch.stack(vecs), paths, k), f"library {lib.home}", pipe
+                return rank(pipe, prompt, names, torch.stack(vecs), paths, k, enc), f"library {lib.home}", pipe
             why = f"the library at {lib.home} has no adapter the AutoLoRA encoder can read (see the notes above)"
         else:
             why = f"the library at {lib.home} is empty"
@@ -326,7 +341,8 @@ def retrieve(prompt: str, k: int = 3, *, library: bool = False, zoo: str | os.Pa
         raise StudioError(f"{zoo}: the zoo has no adapters")
     vecs = enc.encode([adapter_factors(pipe, e["file"], enc.config.lowrank) for e in entries],
                       [e["name"] for e in entries])
-    return rank(pipe, prompt, [e["name"] for e in entries], vecs, [e["file"] for e in entries], k), f"zoo {zoo}", pipe
+    return (rank(pipe, prompt, [e["name"] for e in entries], vecs, [e["file"] for e in entries], k, enc),
+            f"zoo {zoo}", pipe)
 
 
 def embed_on_add(names: Sequence[str]) -> None:
