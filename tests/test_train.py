@@ -337,11 +337,14 @@ def _plan(kind: str, source: str = "micro", **fields):
 
 def test_micro_subject_defaults_and_overrides():
     plan = _plan("subject")
-    assert (plan.lr, plan.trigger_lr, plan.prior_weight, plan.caption_dropout) == (2e-3, 2e-3, 3.0, 0.5)
-    plan = _plan("subject", lr=1e-4, trigger_lr=1e-3, prior_weight=0.5, caption_dropout=0.1)
-    assert (plan.lr, plan.trigger_lr, plan.prior_weight, plan.caption_dropout) == (1e-4, 1e-3, 0.5, 0.1)
-    plan = _plan("subject", source="folder")
-    assert (plan.lr, plan.prior_weight, plan.micro) == (1e-3, 1.0, False)
+    assert (plan.lr, plan.trigger_lr, plan.prior_weight, plan.caption_dropout) == (2e-3, 1e-3, 3.0, 0.25)
+    assert (plan.prior_uncond, plan.tag_dropout) == (0.2, 0.5)
+    plan = _plan("subject", lr=1e-4, trigger_lr=2e-3, prior_weight=0.5, caption_dropout=0.1, prior_uncond=0,
+                 tag_dropout=0)
+    assert (plan.lr, plan.trigger_lr, plan.prior_weight, plan.caption_dropout) == (1e-4, 2e-3, 0.5, 0.1)
+    assert (plan.prior_uncond, plan.tag_dropout) == (0, 0)
+    plan = _plan("subject", source="folder")  # real-size bases: measured here only on micro, so off
+    assert (plan.lr, plan.prior_weight, plan.micro, plan.caption_dropout, plan.prior_uncond) == (1e-3, 1.0, False, 0.5, 0)
 
 
 def test_micro_style_defaults_train_the_trigger_with_output_preservation():

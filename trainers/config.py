@@ -48,8 +48,8 @@ class TrainConfig:
     lr: float | None = _f(None, "learning rate (default: the method's; twice that on micro)")
     train_trigger: bool | None = _f(None, "also learn the trigger word's input embedding (pivotal tuning; default: "
                                               "on for subjects, and for styles on micro)")
-    trigger_lr: float | None = _f(None, "learning rate of the trigger embedding (default: 2e-3 on micro, "
-                                        "else 5e-3)")
+    trigger_lr: float | None = _f(None, "learning rate of the trigger embedding (default: 1e-3 for micro "
+                                        "subjects, 2e-3 micro styles, else 5e-3)")
     text_encoder_lr: float | None = _f(None, "learning rate of the text-encoder adapter (default: lr / 2)")
     batch: int | None = _f(None, "images per step (per process)")
     grad_accum: int = _f(1, "gradient accumulation steps")
@@ -62,7 +62,8 @@ class TrainConfig:
     prior_target: str = _f("base", "what the class images are trained towards: base (the base model's own "
                                    "prediction, an output-preservation distillation) or noise (DreamBooth's loss)")
     prior_uncond: float | None = _f(None, "fraction of class images trained on the empty prompt, which keeps the "
-                                          "unconditional prediction that guidance subtracts (default: the recipe's)")
+                                          "unconditional prediction that guidance subtracts (default: 0.2 for micro subjects, "
+                                          "else 0)")
     snr_gamma: float = _f(5.0, "min-SNR loss weighting gamma (0: plain MSE); 5 is the paper's and diffusers' value")
     class_images: int = _f(50, "number of class images for prior preservation (generated once, cached)")
     class_prompt: str | None = _f(None, "prompt of the class images (default: 'a CLASS-WORD'; on micro, varied "
@@ -73,9 +74,9 @@ class TrainConfig:
                                "each caption is trained with it replaced by 'TOKEN CLASS' (micro: found from "
                                "the captions)")
     caption_dropout: float | None = _f(None, "fraction of steps an image trains on the bare trigger prompt instead "
-                                             "of its caption (default: 0.5 for subjects, 0 for styles)")
+                                             "of its caption (default: 0.5 for subjects, 0.25 on micro; 0 for styles)")
     tag_dropout: float | None = _f(None, "captions with comma-separated tags: the chance that each tag without the "
-                                         "trigger is left out of a step's prompt (default: the recipe's)")
+                                         "trigger is left out of a step's prompt (default: 0.5 for micro subjects, else 0)")
     decor: str = _f("", "DECOR: words projected out of the training prompts' embeddings, comma-separated (e.g. "
                         "the content words of a style set: \"circle, red\")")
     decor_alpha: float = _f(1.0, "DECOR strength in [0, 1]")
