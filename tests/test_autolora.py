@@ -254,3 +254,22 @@ def test_gated_spec_in_the_mixer(micro, tmp_path):
         assert mix.gated is not None and not mix.fused
         mixed = _unet_out(micro)
     assert torch.equal(mixed, direct)
+
+
+def test_layer_gate_matches_the_reference_formula():
+    import torch.nn.functional as F
+
+    from studio.autolora.gates import LayerGate
+
+    g = torch.Generator().manual_seed(3)
+    gate = LayerGate(16)
+    with torch.no_grad():
+        for p in gate.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    y0, ys = torch.randn(2, 5, 16, generator=g), torch.randn(3, 2, 5, 16, generator=g)
+    out, gv = gate(y0, ys)
+    k = ys.shape[0]
+    ref_g = AF.gate_values(F.layer_norm(y0, (16,)), F.layer_norm(ys, (16,)),
+                           *(p.expand(k, 16) for p in (gate.w_base, gate.w_lora, gate.w_cross, gate.b)))
+    assert torch.allclose(gv, ref_g, atol=1e-6)
+    assert torch.allclose(out, AF.gated_sum(y0, ys, ref_g, gate.w_out.expand(k)), atol=1e-5)

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from studio.autolora.functional import effective_lowrank, gate_values, gated_sum
+from studio.autolora.functional import effective_lowrank
 from studio.errors import StudioError
 
 log = logging.getLogger(__name__)
@@ -60,12 +60,14 @@ class LayerGate(nn.Module):
         c = y0.shape[-1]
         y0n = F.layer_norm(y0, (c,))
         yin = F.layer_norm(ys, (c,))
-        k = ys.shape[0]
         b = self.b
         if self.w_t is not None and fraction is not None:
             b = b + self.w_t * (float(fraction) - 0.5)
-        g = gate_values(y0n, yin, *(p.expand(k, c) for p in (self.w_base, self.w_lora, self.w_cross, b)))
-        return gated_sum(y0, ys, g, self.w_out.expand(k)), g
+        # the formula of functional.gate_values/gated_sum regrouped for fewer passes over (K, ..., C):
+        # z = w_lora*LN(y_i) + LN(y0)*(w_base + w_cross*LN(y_i)) + b, and w_out (one per layer) after the sum
+        z = torch.addcmul(b + self.w_base * y0n, yin, self.w_lora + self.w_cross * y0n)
+        g = torch.sigmoid(z)
+        return y0 + self.w_out * (g * ys).sum(0), g
 
 
 def _key(path: str) -> str:
