@@ -511,8 +511,11 @@ def test_style_metrics_and_leakage(dummy_adapter, tmp_path):
     oracle = OracleJudge()
     kw = dict(texture="checkered", n=48, drift_n=0, settings=FAST)
     clean = suites.style_suite(RenderPipe(oracle, _style_effect), oracle, dummy_adapter, **kw)
+    by_asked, seen = clean.pop("by_asked"), clean.pop("texture_seen")
     assert clean == {"suite": "style", "n": 48, "style_fidelity": 1.0, "content_fidelity": 1.0, "leakage": 0.0,
                      "base_drift": None, "drift_by_attribute": {}}  # no drift set (drift_n=0): nothing per attribute
+    assert seen == {"checkered": 48}
+    assert all(g["style"] == 1.0 and g["content"] == 1.0 for groups in by_asked.values() for g in groups.values())
     leaky = suites.style_suite(RenderPipe(oracle, lambda p, a, s: _style_effect(p, a, s, leak=True)), oracle,
                                dummy_adapter, **kw)
     assert 0.4 <= leaky["leakage"] <= 0.6 and leaky["content_fidelity"] <= 0.6, leaky
