@@ -110,6 +110,32 @@ def test_gradient_routing_keeps_the_halves_apart():
     assert any(r.abs().sum() > 0 for r in routed_down) and any(r.abs().sum() > 0 for r in routed_up)
 
 
+def test_partner_dropout_rows_see_the_half_as_zero():
+    """A row with the up half off gives what the adapter gives with B = 0; the other rows are untouched."""
+    pipe = tiny_pipeline("sd1")
+    add_adapter(pipe, "b4m", AdapterSettings(rank=4, targets="attention"), "a")
+    unet = pipe.unet
+    for p in b4m.learnable(unet, "a", "up") + b4m.learnable(unet, "a", "down"):
+        torch.nn.init.normal_(p, std=0.3)
+    g = torch.Generator().manual_seed(1)
+    x, t = torch.randn(2, 4, 16, 16, generator=g), torch.tensor([200, 700])
+    cond = torch.randn(2, 77, pipe.text_encoder.config.hidden_size, generator=g)
+    off = torch.tensor([True, False])
+    with torch.no_grad():
+        full = unet(x, t, cond).sample
+        with b4m.route_gradients(unet, "a", {}, {"up": off}):
+            dropped = unet(x, t, cond).sample
+        saved = [p.detach().clone() for p in b4m.learnable(unet, "a", "up")]
+        for p in b4m.learnable(unet, "a", "up"):
+            p.zero_()
+        no_b = unet(x, t, cond).sample
+        for p, v in zip(b4m.learnable(unet, "a", "up"), saved):
+            p.copy_(v)
+    torch.testing.assert_close(dropped[0], no_b[0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(dropped[1], full[1], atol=1e-6, rtol=0)
+    assert not torch.allclose(no_b[0], full[0])
+
+
 def test_frozen_halves_are_buffers_that_adamw_cannot_move():
     pipe = tiny_pipeline("sd1")
     params = add_adapter(pipe, "b4m", AdapterSettings(rank=4, targets="attention+resnet"), "a")
@@ -122,6 +148,42 @@ def test_frozen_halves_are_buffers_that_adamw_cannot_move():
         opt.step()
     after = b4m.frozen_state(pipe.unet, "a")
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_disjoint_halves_have_no_cross_term_after_training():
+    """By default D uses only the rank components A reads and B only those C feeds: B D == 0 exactly,
+    also after AdamW steps with dense gradients (the masked entries never move), and in the saved file."""
+    pipe = tiny_pipeline("sd1")
+    params = add_adapter(pipe, "b4m", AdapterSettings(rank=4, targets="attention+resnet"), "a")
+    opt = torch.optim.AdamW(params, lr=0.1, weight_decay=0.5)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g)
+        opt.step()
+    layers = list(b4m.plp_layers(pipe.unet, "a"))
+    assert layers
+    for name, layer in layers:
+        s = b4m.layer_split(layer, "a")
+        up, down = layer.lora_B["a"].weight, layer.lora_A["a"].weight
+        bl = bf.blocks(up.reshape(up.shape[0], -1), down.reshape(down.shape[0], -1), s.h_out, s.h_in * s.taps)
+        assert torch.equal(bl["BD"], torch.zeros_like(bl["BD"])), name
+        assert bl["AD"].abs().sum() > 0 and bl["BC"].abs().sum() > 0, name  # the live parts did learn
+    sd = pipe.unet.state_dict()
+    name, layer = layers[0]
+    s = b4m.layer_split(layer, "a")
+    down = sd[f"{name}.lora_A.a.weight"]
+    assert torch.equal(down[s.k:, s.h_in:], torch.zeros_like(down[s.k:, s.h_in:]))
+    # the other layout (the reference's full learnable halves) is an option, and does have a cross term
+    pipe2 = tiny_pipeline("sd1")
+    add_adapter(pipe2, "b4m", AdapterSettings(rank=4, targets="attention", options={"disjoint": "false"}), "b")
+    for p in b4m.learnable(pipe2.unet, "b", "up") + b4m.learnable(pipe2.unet, "b", "down"):
+        torch.nn.init.normal_(p, std=0.1)
+    name, layer = next(iter(b4m.plp_layers(pipe2.unet, "b")))
+    s = b4m.layer_split(layer, "b")
+    assert bf.blocks(layer.lora_B["b"].weight, layer.lora_A["b"].weight, s.h_out, s.h_in)["BD"].abs().sum() > 0
+    with pytest.raises(StudioError, match="disjoint"):
+        add_adapter(tiny_pipeline("sd1"), "b4m", AdapterSettings(rank=4, targets="attention", options={"disjoint": "x"}), "c")
 
 
 # ----------------------------------------------------------------------------- the trainer
@@ -190,6 +252,31 @@ def test_trainer_make_step_is_exact_and_the_stages_learned(runs):
     assert any(content[n][1].abs().sum() > 0 for n in split_of)  # B learned from the auxiliary styles
     tuned = _halves(root / "make2", split_of)
     assert any(not torch.equal(tuned[n][3], made[n][3]) for n in split_of)  # the joint fine-tune moved them
+    for halves in (content, style, made, tuned):  # disjoint rank components: no cross term B D in any file
+        for n, (_, b, _, d) in halves.items():
+            b2, d2 = b.reshape(b.shape[0], -1), d.reshape(d.shape[0], -1)
+            assert torch.equal(b2 @ d2, torch.zeros(b2.shape[0], d2.shape[1])), n
+
+
+def _trigger_rows(folder: Path) -> dict[str, torch.Tensor]:
+    import json
+
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "pytorch_lora_weights.safetensors"), "pt") as fh:
+        info = json.loads(fh.metadata()["studio.trigger_tokens"])["text_encoder"]
+        rows = fh.get_tensor("lora_trigger_embedding.text_encoder")
+    return dict(zip(info["tokens"], rows))
+
+
+def test_trainer_trigger_rows_are_the_stages_own(runs):
+    """Each stage file carries only its user's word (the auxiliary sets' words learned too, and are dropped);
+    the make step takes the subject row from the content stage and the style row from the style stage."""
+    root = runs[0]
+    content, style, made = (_trigger_rows(root / f) for f in ("make0/content", "make0/style", "make0"))
+    assert list(content) == ["sks</w>"] and list(style) == ["zwx</w>"]
+    assert list(made) == ["sks</w>", "zwx</w>"]
+    assert torch.equal(made["sks</w>"], content["sks</w>"]) and torch.equal(made["zwx</w>"], style["zwx</w>"])
 
 
 def test_headers_name_roles_for_the_compose_suite(runs):

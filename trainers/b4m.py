@@ -42,13 +42,20 @@ from studio.trainers.loop import Event, EventHandler, TrainResult
 log = logging.getLogger(__name__)
 
 STAGES = ("content", "style", "make")
-AUX_TOKENS = ("xyz", "ohwx")  # rare words of the micro tokenizer; their embeddings are not learned
+AUX_TOKENS = ("xyz", "ohwx")  # rare words of the micro tokenizer for the auxiliary sets' prompts
 
 # micro defaults (docs/b4m.md); real bases take the usual LoRA settings
+# disjoint: the learnable halves use disjoint rank components, so B D = 0 (functional.live_components);
+# partner_drop: chance that a stage's own row sees the partner half as zero (run_stage);
+# prior_half: which half the prior rows train in each stage ("both": the kept half and the partner,
+# which keeps the partner from painting its set on every prompt while the kept half learns)
+BOTH_HALVES = {"content": "both", "style": "both"}
 MICRO = dict(rank=16, targets="all", lr=2e-3, batch=4, aux_batch=2, steps_content=400, steps_style=400,
-             steps_make=100, aux_lr_scale=0.5, make_lr_scale=0.5, aux_images=8, prior_weight=3.0, trigger_lr=2e-3)
+             steps_make=100, aux_lr_scale=0.5, make_lr_scale=0.5, aux_images=8, prior_weight=3.0, trigger_lr=2e-3,
+             disjoint=True, prior_half=BOTH_HALVES, aux_trigger=True, partner_drop=0.0)
 REAL = dict(rank=16, targets="attention", lr=1e-4, batch=1, aux_batch=1, steps_content=500, steps_style=500,
-            steps_make=100, aux_lr_scale=0.5, make_lr_scale=0.5, aux_images=8, prior_weight=1.0, trigger_lr=5e-3)
+            steps_make=100, aux_lr_scale=0.5, make_lr_scale=0.5, aux_images=8, prior_weight=1.0, trigger_lr=5e-3,
+            disjoint=True, prior_half=BOTH_HALVES, aux_trigger=True, partner_drop=0.0)
 
 
 @dataclasses.dataclass
@@ -62,6 +69,7 @@ class Stream:
     batch: int
     half: str  # "down" (content-like: trains D) or "up" (style-like: trains B)
     weight: float = 1.0
+    word: str = ""  # the trigger word its prompts carry (an auxiliary set's)
 
 
 def train_b4m(cfg: TrainConfig, on_event: EventHandler | None = None,
@@ -287,12 +295,12 @@ def _train(cfg: TrainConfig, out: Path, emit: EventHandler, cancel: threading.Ev
         if not micro:
             log.warning("b4m: the auxiliary sets are micro-world renders; on a real base they teach little "
                         "(--aux-sets 0 turns multi-correspondence off)")
-        for name, imgs, prompts in aux_sets("style", n_aux, d["aux_images"], cfg.seed, seen["shape"], seen["texture"],
-                                            seen["style_shapes"]):
-            aux_style.append(Stream(name, *encode(imgs), prompts, aux_batch, "up", aux_w))
-        for name, imgs, prompts in aux_sets("content", n_aux, d["aux_images"], cfg.seed, seen["shape"],
-                                            seen["texture"], seen["style_shapes"]):
-            aux_content.append(Stream(name, *encode(imgs), prompts, aux_batch, "down", aux_w))
+        for word, (name, imgs, prompts) in zip(AUX_TOKENS, aux_sets("style", n_aux, d["aux_images"], cfg.seed,
+                                                                    seen["shape"], seen["texture"], seen["style_shapes"])):
+            aux_style.append(Stream(name, *encode(imgs), prompts, aux_batch, "up", aux_w, word))
+        for word, (name, imgs, prompts) in zip(AUX_TOKENS, aux_sets("content", n_aux, d["aux_images"], cfg.seed,
+                                                                    seen["shape"], seen["texture"], seen["style_shapes"])):
+            aux_content.append(Stream(name, *encode(imgs), prompts, aux_batch, "down", aux_w, word))
     s_content = Stream("content", lc, lcf, c_prompts, batch, "down")
     s_style = Stream("style", ls, lsf, s_prompts, batch, "up")
     class_latents = None
@@ -309,7 +317,7 @@ def _train(cfg: TrainConfig, out: Path, emit: EventHandler, cancel: threading.Ev
     snr_w = loop.min_snr_weights(noise_sched, cfg.snr_gamma)
     gen = torch.Generator().manual_seed(cfg.seed * 1000)
     settings = adapters.AdapterSettings(rank=rank, alpha=cfg.alpha, targets=cfg.targets or d["targets"],
-                                        options={"basis_seed": cfg.seed})
+                                        options={"basis_seed": cfg.seed, "disjoint": d["disjoint"]})
     total = sum(steps.values())
     done_before = 0
     t_loop = time.time()
@@ -324,8 +332,17 @@ def _train(cfg: TrainConfig, out: Path, emit: EventHandler, cancel: threading.Ev
     if style_caps:
         common_meta["style_captions"] = json.dumps(style_caps[:50])
 
-    def run_stage(stage: str, streams: list[Stream], lrs: dict[str, float], trigger: list[torch.Tensor]) -> float:
-        """The loop's step, with rows routed to their half; returns the mean of the last losses."""
+    def run_stage(stage: str, streams: list[Stream], lrs: dict[str, float], trigger: list[torch.Tensor],
+                  prior_half: str, partner_drop: float = 0.0) -> float:
+        """The loop's step, with rows routed to their half; returns the mean of the last losses.
+
+        ``prior_half``: the half the prior rows train ("down", "up" or "both"): the half this stage
+        keeps. The partner half of a stage is thrown away at the make step, so a prior that also
+        trained it would teach it to cancel the kept half's drift, and that cancelling goes with it.
+        ``partner_drop``: the chance that a row of the stage's own set (``streams[0]``) sees the partner
+        half as zero, so the kept half learns its set beside the auxiliary partner and without it, not
+        only against the one partner it is thrown away from at the make step.
+        """
         nonlocal done_before
         unet = pipe.unet
         groups = [{"params": b4m.learnable(unet, "default", half), "lr": lrs[half]} for half in ("down", "up")
@@ -360,7 +377,7 @@ def _train(cfg: TrainConfig, out: Path, emit: EventHandler, cancel: threading.Ev
                 cidx = torch.randint(0, len(class_latents), (batch,), generator=gen)
                 lats.append(class_latents[cidx])
                 prompts += [plan.class_prompts[i] for i in cidx.tolist()]
-                halves += ["both"] * batch
+                halves += [prior_half] * batch
             lat = torch.cat(lats) * vae.config.scaling_factor
             emb = text.embed(prompts) if not trigger else torch.cat([text_live(p) for p in prompts])
             noise = torch.randn(lat.shape, generator=gen)
@@ -373,7 +390,13 @@ def _train(cfg: TrainConfig, out: Path, emit: EventHandler, cancel: threading.Ev
                 target = torch.cat([target[:n_own].to(device), base_pred.float()])
             rows = {"down": torch.tensor([h in ("down", "both") for h in halves]),
                     "up": torch.tensor([h in ("up", "both") for h in halves])}
-            with b4m.route_gradients(unet, "default", rows):
+            off = None
+            if partner_drop > 0:
+                partner = "up" if streams[0].half == "down" else "down"
+                drop = torch.zeros(len(halves), dtype=torch.bool)
+                drop[: streams[0].batch] = torch.rand(streams[0].batch, generator=gen) < partner_drop
+                off = {partner: drop}
+            with b4m.route_gradients(unet, "default", rows, off):
                 pred = unet(noisy.to(device), t.to(device), emb.to(device)).sample
             per = F.mse_loss(pred.float(), target.to(device), reduction="none").mean(dim=(1, 2, 3))
             if snr_w is not None:
@@ -424,12 +447,12 @@ def _train(cfg: TrainConfig, out: Path, emit: EventHandler, cancel: threading.Ev
         (folder / "train_config.json").write_text(cfg.to_json())
         return path
 
-    def load_stage(folder: Path, stage: str) -> dict[str, torch.Tensor]:
-        _stage_file_checks(folder, rank, src.family, base_hash, stage)
+    def load_stage(folder: Path, stage: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        meta = _stage_file_checks(folder, rank, src.family, base_hash, stage)
         tensors = load_file(str(adapters.core.adapter_file(folder)))
-        return tensors
+        return tensors, meta
 
-    def put_state(tensors: dict[str, torch.Tensor]) -> None:
+    def put_state(tensors: dict[str, torch.Tensor], meta: dict[str, str] | None = None) -> None:
         from peft.utils import set_peft_model_state_dict
 
         sd = {k[len("unet."):]: v for k, v in tensors.items() if k.startswith("unet.")}
@@ -438,50 +461,83 @@ def _train(cfg: TrainConfig, out: Path, emit: EventHandler, cancel: threading.Ev
         except RuntimeError as exc:
             raise StudioError(f"b4m: a stage's adapter does not fit this run ({str(exc).splitlines()[-1][:200]}); "
                               f"was it trained with another --rank, --targets or --seed?") from exc
-        trig = pipe._studio_adapters["default"].get("trigger")
-        if trig is not None:
-            with torch.no_grad():
-                for comp, rows in trig.vectors.items():
-                    key = KEY_PREFIX + comp
-                    if key in tensors and tensors[key].shape == rows.shape:
-                        rows.copy_(tensors[key])
+        if any(k.startswith(KEY_PREFIX) for k in tensors):
+            kept = TriggerEmbeddings.from_file_parts(tensors, meta or {})
+            if kept is not None:
+                copy_rows(kept.token_ids, kept.vectors)
+
+    def trigger_rows() -> tuple[dict[str, list[int]], dict[str, torch.Tensor]]:
+        """The current adapter's learned trigger rows: (token ids, rows) per text encoder."""
+        entry = pipe._studio_adapters["default"].get("trigger")
+        if entry is None:
+            return {}, {}
+        return dict(entry.token_ids), {k: v.detach().clone() for k, v in entry.vectors.items()}
+
+    def copy_rows(ids: dict[str, list[int]], vecs: dict[str, torch.Tensor]) -> None:
+        """Write learned rows into the current adapter's trigger rows, token by token (ids absent stay)."""
+        entry = pipe._studio_adapters["default"].get("trigger")
+        if entry is None:
+            return
+        with torch.no_grad():
+            for comp, rows in entry.vectors.items():
+                src = dict(zip(ids.get(comp, []), vecs.get(comp, [])))
+                for i, tid in enumerate(entry.token_ids[comp]):
+                    if tid in src:
+                        rows[i].copy_(src[tid])
+
+    def keep_only(word: str) -> None:
+        """Drop the auxiliary sets' trigger rows before a stage is saved: its file carries the user's word only."""
+        entry = pipe._studio_adapters["default"].get("trigger")
+        if entry is None or not live_words or live_words == [word]:
+            return
+        ids, vecs = trigger_rows()
+        adapters.add_trigger_embedding(pipe, word, "default")
+        copy_rows(ids, vecs)
 
     (out / "content").mkdir(exist_ok=True)
     (out / "style").mkdir(exist_ok=True)
     timings: dict[str, float] = {}
     # ---- stage 1: content ------------------------------------------------------------------------
     t0 = time.time()
-    trig = fresh_adapter([cfg.token])
+    # the auxiliary sets' words learn their rows too: a partner half keyed on its own word paints only
+    # its own rows, not the stage's images (with fixed rows it painted its texture on every prompt)
+    aux_words = {k: [s.word for s in streams] if d["aux_trigger"] else []
+                 for k, streams in (("content", aux_style), ("style", aux_content))}
+    trig = fresh_adapter([cfg.token] + aux_words["content"])
     if cfg.resume and (out / "content" / adapters.core.LORA_FILE).exists():
-        put_state(load_stage(out / "content", "content"))
+        put_state(*load_stage(out / "content", "content"))
         done_before += steps["content"]
         emit(Event("prepare", step=done_before, total=total, message="stage content: kept from the earlier run"))
     else:
         losses["content"] = run_stage("content", [s_content] + aux_style,
-                                      {"down": lr, "up": lr * d["aux_lr_scale"] if aux_style else 0.0}, trig)
+                                      {"down": lr, "up": lr * d["aux_lr_scale"] if aux_style else 0.0}, trig,
+                                      d["prior_half"]["content"], d["partner_drop"] if aux_style else 0.0)
+        keep_only(cfg.token)
         save(out / "content", "content", {"trigger": cfg.token, "content_trigger": cfg.token,
                                           "b4m_stage": "content", "steps": str(steps["content"])})
     timings["content"] = time.time() - t0
     content_sd = adapters.adapter_state_dict(pipe, "default")["unet"]
-    content_trig = {k: v.detach().clone() for k, v in pipe._studio_adapters["default"]["trigger"].vectors.items()} \
-        if pipe._studio_adapters["default"].get("trigger") is not None else {}
+    keep_only(cfg.token)
+    content_trig = trigger_rows()
     frozen_content = b4m.frozen_state(pipe.unet, "default")
     # ---- stage 2: style --------------------------------------------------------------------------
     t0 = time.time()
-    trig = fresh_adapter([cfg.style_token])
+    trig = fresh_adapter([cfg.style_token] + aux_words["style"])
     if cfg.resume and (out / "style" / adapters.core.LORA_FILE).exists():
-        put_state(load_stage(out / "style", "style"))
+        put_state(*load_stage(out / "style", "style"))
         done_before += steps["style"]
         emit(Event("prepare", step=done_before, total=total, message="stage style: kept from the earlier run"))
     else:
         losses["style"] = run_stage("style", [s_style] + aux_content,
-                                    {"up": lr, "down": lr * d["aux_lr_scale"] if aux_content else 0.0}, trig)
+                                    {"up": lr, "down": lr * d["aux_lr_scale"] if aux_content else 0.0}, trig,
+                                    d["prior_half"]["style"], d["partner_drop"] if aux_content else 0.0)
+        keep_only(cfg.style_token)
         save(out / "style", "style", {"trigger": cfg.style_token, "style_trigger": cfg.style_token,
                                       "b4m_stage": "style", "steps": str(steps["style"])})
     timings["style"] = time.time() - t0
     style_sd = adapters.adapter_state_dict(pipe, "default")["unet"]
-    style_trig = {k: v.detach().clone() for k, v in pipe._studio_adapters["default"]["trigger"].vectors.items()} \
-        if pipe._studio_adapters["default"].get("trigger") is not None else {}
+    keep_only(cfg.style_token)
+    style_trig = trigger_rows()
     frozen_style = b4m.frozen_state(pipe.unet, "default")
     if frozen_style.keys() != frozen_content.keys() or not all(
             torch.equal(frozen_style[k], frozen_content[k]) for k in frozen_style):
@@ -497,18 +553,12 @@ def _train(cfg: TrainConfig, out: Path, emit: EventHandler, cancel: threading.Ev
                            s.h_in, where=name)
         made[key_b], made[key_a] = up, down
     put_state({f"unet.{k}": v for k, v in made.items()})
-    if trig:  # the combined trigger rows: the content stage's for the subject word, the style stage's for the style
-        entry = pipe._studio_adapters["default"]["trigger"]
-        with torch.no_grad():
-            for comp, rows in entry.vectors.items():
-                n_c = len(content_trig.get(comp, []))
-                if n_c:
-                    rows[:n_c].copy_(content_trig[comp])
-                if comp in style_trig:
-                    rows[n_c:].copy_(style_trig[comp])
+    # the combined trigger rows: the content stage's for the subject word, the style stage's for the style
+    copy_rows(*content_trig)
+    copy_rows(*style_trig)
     if steps["make"]:
         ms = d["make_lr_scale"]
-        losses["make"] = run_stage("make", [s_content, s_style], {"down": lr * ms, "up": lr * ms}, trig)
+        losses["make"] = run_stage("make", [s_content, s_style], {"down": lr * ms, "up": lr * ms}, trig, "both")
     timings["make"] = time.time() - t0
     meta = {"trigger": cfg.token, "content_trigger": cfg.token, "subject_trigger": cfg.token,
             "style_trigger": cfg.style_token, "b4m_stage": "combined", "steps": str(total),

@@ -26,7 +26,7 @@ from studio.errors import StudioError
 log = logging.getLogger(__name__)
 
 DEFAULT_BASIS_SEED = 0
-OPTIONS = ("basis_seed",)
+OPTIONS = ("basis_seed", "disjoint")
 
 
 def layer_split(layer: Any, adapter_name: str) -> bf.Split:
@@ -52,12 +52,15 @@ def plp_layers(model: nn.Module, adapter_name: str) -> Iterator[tuple[str, Any]]
             yield name, layer
 
 
-def apply_plp(model: nn.Module, adapter_name: str, basis_seed: int = DEFAULT_BASIS_SEED, component: str = "unet") -> int:
+def apply_plp(model: nn.Module, adapter_name: str, basis_seed: int = DEFAULT_BASIS_SEED, component: str = "unet",
+              disjoint: bool = True) -> int:
     """Turn the freshly injected LoRA ``adapter_name`` of ``model`` into partly learnable projections.
 
     Every layer gets frozen halves from :func:`functional.frozen_halves` (seeded by ``basis_seed``,
     ``component.layer-name`` and the split) and zero learnable halves, so the adapter starts as the
-    identity. Returns the number of layers converted.
+    identity. ``disjoint``: the learnable halves use only the rank components their frozen partner
+    pairs with, so ``B D = 0`` (:func:`functional.live_components`). Returns the number of layers
+    converted.
     """
     n = 0
     for name, layer in plp_layers(model, adapter_name):
@@ -76,8 +79,10 @@ def apply_plp(model: nn.Module, adapter_name: str, basis_seed: int = DEFAULT_BAS
             conv_b = {"stride": up_mod.stride, "padding": up_mod.padding, "dilation": up_mod.dilation}
         d = torch.zeros((s.rank, s.d_in - s.h_in, *c.shape[2:]), dtype=dt, device=dev)
         b = torch.zeros((s.d_out - s.h_out, *a.shape[1:]), dtype=dt, device=dev)
-        layer.lora_A[adapter_name] = SplitWeight(c.to(dev, dt), d, dim=1, role="down", conv=conv_a)
-        layer.lora_B[adapter_name] = SplitWeight(a.to(dev, dt), b, dim=0, role="up", conv=conv_b)
+        live_d, live_b = ((bf.live_components(s, "down"), bf.live_components(s, "up")) if disjoint
+                          else (None, None))
+        layer.lora_A[adapter_name] = SplitWeight(c.to(dev, dt), d, dim=1, role="down", conv=conv_a, live=live_d)
+        layer.lora_B[adapter_name] = SplitWeight(a.to(dev, dt), b, dim=0, role="up", conv=conv_b, live=live_b)
         n += 1
     if not n:
         raise StudioError(f"b4m: adapter {adapter_name!r} has no LoRA layer to split")
@@ -103,17 +108,22 @@ def frozen_state(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]
 
 
 @contextlib.contextmanager
-def route_gradients(model: nn.Module, adapter_name: str, rows: dict[str, torch.Tensor | None]) -> Iterator[None]:
+def route_gradients(model: nn.Module, adapter_name: str, rows: dict[str, torch.Tensor | None],
+                    off: dict[str, torch.Tensor | None] | None = None) -> Iterator[None]:
     """Within the block, the up half learns only from the batch rows ``rows["up"]`` and the down half
-    from ``rows["down"]`` (bool masks over the batch; None: every row)."""
+    from ``rows["down"]`` (bool masks over the batch; None: every row). ``off["up"]`` / ``off["down"]``:
+    rows that see that half as zero (partner dropout; None: no row)."""
     mods = list(split_modules(model, adapter_name))
+    off = off or {}
     try:
         for _, m in mods:
             m.grad_rows = rows.get(m.role)
+            m.off_rows = off.get(m.role)
         yield
     finally:
         for _, m in mods:
             m.grad_rows = None
+            m.off_rows = None
 
 
 def make_config(settings: Any, targets: Sequence[str]) -> Any:
@@ -134,7 +144,20 @@ def make_config(settings: Any, targets: Sequence[str]) -> Any:
 
 def after_inject(model: nn.Module, adapter_name: str, settings: Any, component: str) -> None:
     """Registry hook: split the injected LoRA into frozen and learnable halves."""
-    apply_plp(model, adapter_name, int(settings.options.get("basis_seed", DEFAULT_BASIS_SEED)), component)
+    apply_plp(model, adapter_name, int(settings.options.get("basis_seed", DEFAULT_BASIS_SEED)), component,
+              disjoint=_flag(settings.options.get("disjoint", True), "disjoint"))
+
+
+def _flag(value: Any, name: str) -> bool:
+    """A boolean option given as a bool or as text (job files and the CLI's KEY=VALUE options)."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise StudioError(f"b4m: option {name}={value!r}: use true or false")
 
 
 def _register() -> None:

@@ -22,6 +22,19 @@ exactly and a fresh adapter (B = D = 0) is the base model bit for bit. The refer
 A and C span the whole rank space, so its ``A C`` is small but not zero: a fresh adapter already
 moves the model, and the AC block is a fixed perturbation nobody trains.
 
+**Disjoint rank components (no cross term; a deviation).** With ``A C = 0`` as above, A reads
+only rank components ``:k`` of D and C feeds only components ``k:`` of B. The product of the
+other two, ``B D = B[:, :k] D[:k] + B[:, k:] D[k:]``, is the cross term that the make step
+creates between a content D and a style B that never trained together. By default the learnable
+halves use only the components their frozen partner pairs with: D's rows ``:k`` and B's columns
+``k:`` (:func:`live_components`); the rest stay exact zeros, so ``B D = 0`` and a layer's update
+is ``[[0, A D], [B C, 0]]``: the content's block plus the style's block, whatever the partner.
+Measured on micro (docs/b4m.md): without it the content stage's D grew components ``k:``, read
+by its auxiliary B alone, larger than the ones A reads, and the style B of the make step turns
+them into an update neither stage trained. The halves still meet
+across layers (one layer's B C feeds the next layer's D), which is what multi-correspondence
+and the make step's joint fine-tune are for.
+
 **d_in != d_out** (cross-attention k/v read the text width, out projections, ResNet shortcuts):
 the output and input splits are independent, each at its own half, so every target layer takes
 PLP whatever its shape. The reference applies PLP only where d_in == d_out (its shared basis is
@@ -100,6 +113,22 @@ def frozen_halves(seed: int, name: str, s: Split) -> tuple[torch.Tensor, torch.T
     a[:, : s.k] = _orthonormal_columns(basis[: s.h_out, : s.k])
     c[s.k :, :] = _orthonormal_columns(basis[s.h_out :, s.k :]).T
     return a.float(), c.float()
+
+
+def live_components(s: Split, role: str) -> torch.Tensor:
+    """Bool per rank component: which the learnable half of ``role`` uses when the cross term is off.
+
+    ``"down"`` (D): components ``:k``, the ones A reads; ``"up"`` (B): components ``k:``, the ones C
+    feeds. Then ``B @ D == 0`` exactly for any learned B and D.
+    """
+    live = torch.zeros(s.rank, dtype=torch.bool)
+    if role == "down":
+        live[: s.k] = True
+    elif role == "up":
+        live[s.k :] = True
+    else:
+        raise ValueError(f"role must be 'up' or 'down', not {role!r}")
+    return live
 
 
 def join_up(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
