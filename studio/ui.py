@@ -223,6 +223,7 @@ def form_defaults(base: str, kind: str, method: str) -> dict[str, Any]:
     return {"steps": recipe["steps"], "rank": recipe.get("rank", m.default_rank), "lr": m.default_lr}
 
 
+_FLOAT_FIELDS = ("prior_weight", "prior_uncond", "trigger_lr", "snr_gamma", "caption_dropout", "tag_dropout")
 _INT_FIELDS = ("batch", "resolution", "class_images", "sample_every", "checkpoint_every", "seed", "warmup")
 
 
@@ -275,6 +276,11 @@ def train_config(*, source: str, sample_set: str, uploads: Sequence[str] | None,
             v = v.strip()
             if not v:
                 continue
+            if k in _FLOAT_FIELDS:
+                try:
+                    v = float(v)
+                except ValueError:
+                    raise StudioError(f"{k.replace('_', ' ')}: {v!r} is not a number") from None
         fields[k] = int(v) if k in _INT_FIELDS else v
     return TrainConfig.from_dict(fields, source="train form"), warnings
 
@@ -340,24 +346,25 @@ def _train_panel(ctx: UIContext) -> None:
                     class_images = gr.Number(50, label="Class images", precision=0, minimum=1)
                     scheduler = gr.Dropdown(["constant", "cosine", "linear"], value="constant", label="LR schedule")
                 with gr.Row():
-                    prior_weight = gr.Number(None, label="Prior weight (empty: recipe default)", minimum=0,
-                                             elem_id="train-prior-weight")
+                    # numbers where 0 is a real setting are text fields: an empty gr.Number arrives as 0
+                    prior_weight = gr.Textbox(label="Prior weight", placeholder="recipe default",
+                                              elem_id="train-prior-weight")
                     prior_target = gr.Dropdown(["recipe default", "base", "noise"], value="recipe default",
                                                label="Prior target", elem_id="train-prior-target",
                                                info="base: the base model's own prediction; noise: DreamBooth's")
-                    prior_uncond = gr.Number(None, label="Prior on the empty prompt (empty: recipe default)",
-                                             minimum=0, maximum=1, elem_id="train-prior-uncond")
+                    prior_uncond = gr.Textbox(label="Prior on the empty prompt (0-1)", placeholder="recipe default",
+                                              elem_id="train-prior-uncond")
                     class_prompt = gr.Textbox(label="Class prompt", placeholder="default: a CLASS-WORD; varied on micro")
                 with gr.Row():
                     train_trigger = gr.Dropdown(["recipe default", "on", "off"], value="recipe default",
                                                 label="Learn the trigger's embedding", elem_id="train-trigger")
-                    trigger_lr = gr.Number(None, label="Trigger learning rate (empty: default)", minimum=0)
-                    snr_gamma = gr.Number(None, label="Min-SNR gamma (empty: 5; 0: off)", minimum=0)
+                    trigger_lr = gr.Textbox(label="Trigger learning rate", placeholder="recipe default")
+                    snr_gamma = gr.Textbox(label="Min-SNR gamma (0: off)", placeholder="5")
                 with gr.Row():
                     subject_word = gr.Textbox(label="Subject word in captions", elem_id="train-subject-word",
                                               placeholder="e.g. rex; replaced by TRIGGER CLASS (found on micro)")
-                    caption_dropout = gr.Number(None, label="Caption dropout (empty: recipe default)", minimum=0,
-                                                maximum=1, elem_id="train-caption-dropout")
+                    caption_dropout = gr.Textbox(label="Caption dropout (0-1)", placeholder="recipe default",
+                                                 elem_id="train-caption-dropout")
                 with gr.Row():
                     sample_every = gr.Number(0, label="Samples every N steps (0: at the end)", precision=0, minimum=0)
                     checkpoint_every = gr.Number(50, label="Checkpoint every N steps", precision=0, minimum=0)

@@ -220,7 +220,7 @@ def test_bad_inputs_leave_nothing_behind(made, tmp_path):
     for name in ("has space", "a/b", "x:1", "<lora>", "-lead", "é", "x" * 81):
         with pytest.raises(StudioError, match="letters, digits"):
             lib.add(made.subj, name=name)
-    with pytest.raises(StudioError, match="choose one of subject, style, content, other"):
+    with pytest.raises(StudioError, match="choose one of subject, style, content, combined, other"):
         lib.add(made.subj, kind="person")
     assert lib.list() == []
     assert not (_home() / "adapters").exists() or not list((_home() / "adapters").iterdir())

@@ -45,17 +45,19 @@ def test_train_form_to_config():
 def test_train_form_advanced_recipe_fields():
     """The recipe's knobs from the Advanced panel: empty means the recipe's default, 0 is a real value."""
     c, _ = ui.train_config(**_form(), advanced={
-        "prior_weight": 0, "caption_dropout": 0, "train_trigger": "off", "prior_target": "noise",
-        "subject_word": "  heart ", "class_prompt": "", "trigger_lr": None, "snr_gamma": 0, "scheduler": "cosine",
-        "prior_uncond": 0.2})
+        "prior_weight": "0", "caption_dropout": " 0 ", "train_trigger": "off", "prior_target": "noise",
+        "subject_word": "  heart ", "class_prompt": "", "trigger_lr": "", "snr_gamma": "0", "scheduler": "cosine",
+        "prior_uncond": "0.2"})
     assert (c.prior_weight, c.caption_dropout, c.train_trigger, c.prior_target) == (0, 0, False, "noise")
     assert (c.subject_word, c.class_prompt, c.trigger_lr, c.snr_gamma, c.scheduler) == ("heart", None, None, 0, "cosine")
     assert c.prior_uncond == 0.2
     d, _ = ui.train_config(**_form(), advanced={"train_trigger": "recipe default", "prior_target": "recipe default",
-                                                "caption_dropout": None, "prior_weight": None})
+                                                "caption_dropout": "", "prior_weight": "  "})
     assert (d.train_trigger, d.prior_target, d.caption_dropout, d.prior_weight) == (None, "base", None, None)
     with pytest.raises(StudioError, match="--caption-dropout"):
-        ui.train_config(**_form(), advanced={"caption_dropout": 2})
+        ui.train_config(**_form(), advanced={"caption_dropout": "2"})
+    with pytest.raises(StudioError, match="prior weight: 'lots' is not a number"):
+        ui.train_config(**_form(), advanced={"prior_weight": "lots"})
 
 
 def test_train_form_with_uploads(tmp_path):
