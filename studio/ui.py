@@ -365,6 +365,8 @@ def _train_panel(ctx: UIContext) -> None:
                                               placeholder="e.g. rex; replaced by TRIGGER CLASS (found on micro)")
                     caption_dropout = gr.Textbox(label="Caption dropout (0-1)", placeholder="recipe default",
                                                  elem_id="train-caption-dropout")
+                    tag_dropout = gr.Textbox(label="Tag dropout (0-1, comma-separated captions)",
+                                             placeholder="recipe default", elem_id="train-tag-dropout")
                 with gr.Row():
                     sample_every = gr.Number(0, label="Samples every N steps (0: at the end)", precision=0, minimum=0)
                     checkpoint_every = gr.Number(50, label="Checkpoint every N steps", precision=0, minimum=0)
@@ -438,7 +440,7 @@ def _train_panel(ctx: UIContext) -> None:
                 "prior_weight": prior_weight, "prior_target": prior_target, "prior_uncond": prior_uncond,
                 "class_prompt": class_prompt,
                 "train_trigger": train_trigger, "trigger_lr": trigger_lr, "snr_gamma": snr_gamma,
-                "subject_word": subject_word, "caption_dropout": caption_dropout}
+                "subject_word": subject_word, "caption_dropout": caption_dropout, "tag_dropout": tag_dropout}
 
     def on_start(values: dict):
         v = {k: values[c] for k, c in form.items()}

@@ -47,10 +47,10 @@ def test_train_form_advanced_recipe_fields():
     c, _ = ui.train_config(**_form(), advanced={
         "prior_weight": "0", "caption_dropout": " 0 ", "train_trigger": "off", "prior_target": "noise",
         "subject_word": "  heart ", "class_prompt": "", "trigger_lr": "", "snr_gamma": "0", "scheduler": "cosine",
-        "prior_uncond": "0.2"})
+        "prior_uncond": "0.2", "tag_dropout": "0.5"})
     assert (c.prior_weight, c.caption_dropout, c.train_trigger, c.prior_target) == (0, 0, False, "noise")
     assert (c.subject_word, c.class_prompt, c.trigger_lr, c.snr_gamma, c.scheduler) == ("heart", None, None, 0, "cosine")
-    assert c.prior_uncond == 0.2
+    assert (c.prior_uncond, c.tag_dropout) == (0.2, 0.5)
     d, _ = ui.train_config(**_form(), advanced={"train_trigger": "recipe default", "prior_target": "recipe default",
                                                 "caption_dropout": "", "prior_weight": "  "})
     assert (d.train_trigger, d.prior_target, d.caption_dropout, d.prior_weight) == (None, "base", None, None)
