@@ -13,10 +13,7 @@ import argparse
 import json
 import logging
 import sys
-from pathlib import Path
-from typing import Any
 
-from studio.errors import StudioError
 
 log = logging.getLogger(__name__)
 

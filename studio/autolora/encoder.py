@@ -301,19 +301,12 @@ def _is_norm_weight(block: nn.Module, p: torch.Tensor) -> bool:
 # ----------------------------------------------------------------------------- save / load
 
 
-def save_encoder(enc: WeightEncoder, path: str | os.PathLike, *, base_hash: str = "",
-                 extra: Mapping[str, Any] | None = None) -> Path:
-    """Write the encoder (fp32 weights, config and slots in the header) atomically."""
+def write_module_file(module: nn.Module, path: str | os.PathLike, header: dict[str, str]) -> Path:
+    """A module's weights (fp32) with ``header`` as a .safetensors file, written atomically."""
     from safetensors.torch import save_file
 
     p = Path(path)
-    header = {
-        "studio.kind": ENCODER_KIND, "studio.base_hash": base_hash, "text_dim": str(enc.text_dim),
-        "config": json.dumps(dataclasses.asdict(enc.config)),
-        "slots": json.dumps([dataclasses.astuple(s) for s in enc.slots]),
-        "extra": json.dumps(dict(extra or {})),
-    }
-    tensors = {k: v.detach().to(torch.float32).contiguous().clone() for k, v in enc.state_dict().items()}
+    tensors = {k: v.detach().to(torch.float32).contiguous().clone() for k, v in module.state_dict().items()}
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_name(p.name + f".tmp{os.getpid()}")
     save_file(tensors, str(tmp), metadata=header)
@@ -321,21 +314,42 @@ def save_encoder(enc: WeightEncoder, path: str | os.PathLike, *, base_hash: str 
     return p
 
 
-def load_encoder(path: str | os.PathLike) -> tuple[WeightEncoder, dict[str, Any]]:
-    """The encoder of ``path`` and its header (``base_hash``, ``extra``); strict: leftover keys raise."""
+def read_module_file(path: str | os.PathLike, kind: str, name: str,
+                     missing: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and header of an AutoLoRA file of ``kind``: "{path}: {missing}" when absent, and a clear
+    error for a damaged file or one of another kind (``name``: "encoder file", "gate file")."""
     from safetensors import safe_open
 
     p = Path(path)
     if not p.is_file():
-        raise StudioError(f"{p}: no AutoLoRA encoder file; train one with `studio autolora train`")
+        raise StudioError(f"{p}: {missing}")
     try:
         with safe_open(str(p), framework="pt") as fh:
             meta = dict(fh.metadata() or {})
             tensors = {k: fh.get_tensor(k) for k in fh.keys()}
     except Exception as exc:  # noqa: BLE001 - safetensors raises several kinds on a bad file
         raise StudioError(f"{p}: not a valid .safetensors file ({exc})") from exc
-    if meta.get("studio.kind") != ENCODER_KIND:
-        raise StudioError(f"{p}: not an AutoLoRA encoder file (kind {meta.get('studio.kind')!r})")
+    if meta.get("studio.kind") != kind:
+        raise StudioError(f"{p}: not an AutoLoRA {name} (kind {meta.get('studio.kind')!r})")
+    return tensors, meta
+
+
+def save_encoder(enc: WeightEncoder, path: str | os.PathLike, *, base_hash: str = "",
+                 extra: Mapping[str, Any] | None = None) -> Path:
+    """Write the encoder (fp32 weights, config and slots in the header) atomically."""
+    header = {
+        "studio.kind": ENCODER_KIND, "studio.base_hash": base_hash, "text_dim": str(enc.text_dim),
+        "config": json.dumps(dataclasses.asdict(enc.config)),
+        "slots": json.dumps([dataclasses.astuple(s) for s in enc.slots]),
+        "extra": json.dumps(dict(extra or {})),
+    }
+    return write_module_file(enc, path, header)
+
+
+def load_encoder(path: str | os.PathLike) -> tuple[WeightEncoder, dict[str, Any]]:
+    """The encoder of ``path`` and its header (``base_hash``, ``extra``); strict: leftover keys raise."""
+    tensors, meta = read_module_file(path, ENCODER_KIND, "encoder file",
+                                     "no AutoLoRA encoder file; train one with `studio autolora train`")
     config = EncoderConfig(**json.loads(meta["config"]))
     slots = [Slot(*s) for s in json.loads(meta["slots"])]
     enc = WeightEncoder(slots, int(meta["text_dim"]), config)

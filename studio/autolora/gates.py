@@ -107,35 +107,21 @@ def _base(m: nn.Module) -> nn.Module:
 
 def save_gates(gates: GateSet, path: str | os.PathLike, *, base_hash: str, extra: dict | None = None) -> Path:
     """Write a gate file (fp32, config and layer list in the header) atomically."""
-    from safetensors.torch import save_file
+    from studio.autolora.encoder import write_module_file
 
-    p = Path(path)
     header = {"studio.kind": GATES_KIND, "studio.base_hash": base_hash,
               "config": json.dumps(dataclasses.asdict(gates.config)), "layers": json.dumps(gates.layers),
               "extra": json.dumps(extra or {})}
-    tensors = {k: v.detach().float().contiguous().clone() for k, v in gates.state_dict().items()}
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + f".tmp{os.getpid()}")
-    save_file(tensors, str(tmp), metadata=header)
-    os.replace(tmp, p)
-    return p
+    return write_module_file(gates, path, header)
 
 
 def load_gates(path: str | os.PathLike, pipe: Any = None) -> GateSet:
     """A gate file; with ``pipe``, refuses one trained for another base model."""
-    from safetensors import safe_open
+    from studio.autolora.encoder import read_module_file
 
     p = Path(path)
-    if not p.is_file():
-        raise StudioError(f"{p}: no gate file; train one with `studio autolora gates`")
-    try:
-        with safe_open(str(p), framework="pt") as fh:
-            meta = dict(fh.metadata() or {})
-            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-    except Exception as exc:  # noqa: BLE001 - safetensors raises several kinds on a bad file
-        raise StudioError(f"{p}: not a valid .safetensors file ({exc})") from exc
-    if meta.get("studio.kind") != GATES_KIND:
-        raise StudioError(f"{p}: not an AutoLoRA gate file (kind {meta.get('studio.kind')!r})")
+    tensors, meta = read_module_file(p, GATES_KIND, "gate file",
+                                     "no gate file; train one with `studio autolora gates`")
     if pipe is not None:
         from studio.generation import model_hash
 
