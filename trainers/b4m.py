@@ -497,48 +497,36 @@ def _train(cfg: TrainConfig, out: Path, emit: EventHandler, cancel: threading.Ev
     (out / "content").mkdir(exist_ok=True)
     (out / "style").mkdir(exist_ok=True)
     timings: dict[str, float] = {}
-    # ---- stage 1: content ------------------------------------------------------------------------
-    t0 = time.time()
     # the auxiliary sets' words learn their rows too: a partner half keyed on its own word paints only
     # its own rows, not the stage's images (with fixed rows it painted its texture on every prompt)
     aux_words = {k: [s.word for s in streams] if d["aux_trigger"] else []
                  for k, streams in (("content", aux_style), ("style", aux_content))}
-    trig = fresh_adapter([cfg.token] + aux_words["content"])
-    if cfg.resume and (out / "content" / adapters.core.LORA_FILE).exists():
-        put_state(*load_stage(out / "content", "content"))
-        done_before += steps["content"]
-        emit(Event("prepare", step=done_before, total=total, message="stage content: kept from the earlier run"))
-    else:
-        losses["content"] = run_stage("content", [s_content] + aux_style,
-                                      {"down": lr, "up": lr * d["aux_lr_scale"] if aux_style else 0.0}, trig,
-                                      d["prior_half"]["content"], d["partner_drop"] if aux_style else 0.0)
-        keep_only(cfg.token)
-        save(out / "content", "content", {"trigger": cfg.token, "content_trigger": cfg.token,
-                                          "b4m_stage": "content", "steps": str(steps["content"])})
-    timings["content"] = time.time() - t0
-    content_sd = adapters.adapter_state_dict(pipe, "default")["unet"]
-    keep_only(cfg.token)
-    content_trig = trigger_rows()
-    frozen_content = b4m.frozen_state(pipe.unet, "default")
-    # ---- stage 2: style --------------------------------------------------------------------------
-    t0 = time.time()
-    trig = fresh_adapter([cfg.style_token] + aux_words["style"])
-    if cfg.resume and (out / "style" / adapters.core.LORA_FILE).exists():
-        put_state(*load_stage(out / "style", "style"))
-        done_before += steps["style"]
-        emit(Event("prepare", step=done_before, total=total, message="stage style: kept from the earlier run"))
-    else:
-        losses["style"] = run_stage("style", [s_style] + aux_content,
-                                    {"up": lr, "down": lr * d["aux_lr_scale"] if aux_content else 0.0}, trig,
-                                    d["prior_half"]["style"], d["partner_drop"] if aux_content else 0.0)
-        keep_only(cfg.style_token)
-        save(out / "style", "style", {"trigger": cfg.style_token, "style_trigger": cfg.style_token,
-                                      "b4m_stage": "style", "steps": str(steps["style"])})
-    timings["style"] = time.time() - t0
-    style_sd = adapters.adapter_state_dict(pipe, "default")["unet"]
-    keep_only(cfg.style_token)
-    style_trig = trigger_rows()
-    frozen_style = b4m.frozen_state(pipe.unet, "default")
+
+    def stage(name: str, token: str, sets: list[Stream], half: str, partner: str) -> tuple[dict, Any, dict]:
+        """Train one stage's ``half`` on ``sets`` (the user's set first), or keep it from an earlier run;
+        its UNet factors, its trigger rows and its frozen halves."""
+        nonlocal done_before
+        t0 = time.time()
+        trig = fresh_adapter([token] + aux_words[name])
+        if cfg.resume and (out / name / adapters.core.LORA_FILE).exists():
+            put_state(*load_stage(out / name, name))
+            done_before += steps[name]
+            emit(Event("prepare", step=done_before, total=total, message=f"stage {name}: kept from the earlier run"))
+        else:
+            aux = len(sets) > 1
+            losses[name] = run_stage(name, sets, {half: lr, partner: lr * d["aux_lr_scale"] if aux else 0.0}, trig,
+                                     d["prior_half"][name], d["partner_drop"] if aux else 0.0)
+            keep_only(token)
+            save(out / name, name, {"trigger": token, f"{name}_trigger": token, "b4m_stage": name,
+                                    "steps": str(steps[name])})
+        timings[name] = time.time() - t0
+        sd = adapters.adapter_state_dict(pipe, "default")["unet"]
+        keep_only(token)
+        return sd, trigger_rows(), b4m.frozen_state(pipe.unet, "default")
+
+    # ---- stage 1: content (trains the down half), stage 2: style (the up half) ----------------------
+    content_sd, content_trig, frozen_content = stage("content", cfg.token, [s_content] + aux_style, "down", "up")
+    style_sd, style_trig, frozen_style = stage("style", cfg.style_token, [s_style] + aux_content, "up", "down")
     if frozen_style.keys() != frozen_content.keys() or not all(
             torch.equal(frozen_style[k], frozen_content[k]) for k in frozen_style):
         raise StudioError("b4m: the content and style stages' frozen halves differ; this is a bug, please report it")
