@@ -484,6 +484,109 @@ def unique_run_dir(name: str) -> Path:
     return candidate
 
 
+# ---- batches of job files (the Jobs tab) --------------------------------------------------------------
+def job_files(text: str) -> tuple[list[Path], list[str]]:
+    """Job files named one per line (or comma-separated), globs allowed; returns (files, problems)."""
+    import glob
+
+    files: list[Path] = []
+    problems: list[str] = []
+    for item in (w.strip() for w in re.split(r"[\n,]", text or "")):
+        if not item:
+            continue
+        matches = sorted(glob.glob(os.path.expanduser(item))) if any(c in item for c in "*?[") else [item]
+        if not matches:
+            problems.append(f"{item}: no file matches")
+        for m in matches:
+            p = Path(os.path.expanduser(m))
+            if not p.is_file():
+                problems.append(f"{p}: no such job file")
+            elif p not in files:
+                files.append(p)
+    return files, problems
+
+
+def start_batch(manager: JobManager, files: Iterable[str | os.PathLike], cluster: str = "",
+                logs: str | os.PathLike | None = None, resume: bool = False, **options: Any) -> list[str]:
+    """Start a batch of job files as `studio batch` does; returns the ids of the job-view rows.
+
+    Without ``cluster`` each job joins this manager's queue (a job file that does not parse is
+    listed as a failed job). With ``cluster`` (auto, local[:N], ray://HOST:PORT) one row drives the
+    batch on Ray from a background thread, and each Ray job gets its own row as it is submitted
+    (studio.trainers.cluster); cancelling the driver's row cancels the batch, checkpoints kept.
+    ``resume``: jobs continue from their last checkpoints. ``options``: further BatchOptions
+    fields (num_cpus, num_gpus, max_retries, unschedulable_timeout...).
+    """
+    from studio.trainers.config import TrainConfig
+
+    paths = [str(f) for f in files]
+    if not paths:
+        raise StudioError("no job files: name one or more TOML job files (see `studio batch --help`)")
+    if not cluster:
+        ids = []
+        for path in paths:
+            try:
+                cfg = TrainConfig.from_toml(path)
+                cfg.resume = cfg.resume or resume
+                ids.append(manager.submit_train(cfg))
+            except StudioError as exc:
+                row = manager.track("train", label=Path(path).stem, params={"job": path})
+                manager.end(row, "failed", error=str(exc))
+                ids.append(row)
+        return ids
+    from studio.trainers.cluster import BatchOptions, parse_address, require_ray, run_cluster_batch
+
+    parse_address(cluster)  # a malformed address or a missing Ray fails here, at once, not in the thread
+    require_ray()
+    folder = Path(logs) if logs else runs_dir() / f"batch-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    driver = manager.track("batch", label=f"batch of {len(paths)} on Ray {cluster}",
+                           params={"jobs": paths, "cluster": cluster, "logs": str(folder)})
+    opts = BatchOptions(cluster=cluster, logs=folder, manager=manager, view=driver, resume=resume, **options)
+
+    def drive() -> None:
+        import io
+
+        out = io.StringIO()
+        try:
+            rc = run_cluster_batch(paths, opts, stream=_RecordStream(manager, driver), out=out)
+        except StudioError as exc:
+            manager.end(driver, "failed", error=str(exc))
+            return
+        except Exception as exc:  # the thread's end is the only place left to say it
+            log.exception("cluster batch failed")
+            manager.end(driver, "failed", error=f"{type(exc).__name__}: {exc}")
+            return
+        manager.record(driver, out.getvalue().strip())
+        state = {0: "done", 130: "cancelled"}.get(rc, "failed")
+        manager.end(driver, state, result={"logs": str(folder), "exit_status": rc},
+                    error=None if rc == 0 else ("cancelled; the jobs' last checkpoints are kept (start the batch again "
+                                                 "with resume)" if rc == 130 else f"some jobs failed: see {folder}"))
+
+    threading.Thread(target=drive, name="studio-batch", daemon=True).start()
+    return [driver]
+
+
+class _RecordStream:
+    """A text stream whose complete lines become messages of a job-view row."""
+
+    def __init__(self, manager: JobManager, job_id: str) -> None:
+        self.manager, self.job_id, self._buf = manager, job_id, ""
+
+    def write(self, text: str) -> int:
+        self._buf += text.replace("\r", "\n")
+        *lines, self._buf = self._buf.split("\n")
+        for line in lines:
+            if line.strip():
+                self.manager.record(self.job_id, line.strip())
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return False
+
+
 # ---- the adapter library ----------------------------------------------------------------------------
 def register_training(cfg: Any, result: Any) -> Any:
     """Add a finished training run (``result.out``) to the library, as `studio train` does.

@@ -42,7 +42,7 @@ SWEEP_WEIGHTS = "0, 0.25, 0.5, 0.75, 1"
 
 # modules whose ``@panel`` functions add tabs (each method's issue adds its own); a module that
 # does not exist yet is skipped, as `studio` skips subcommand modules not built yet
-PANEL_MODULES: tuple[str, ...] = ()
+PANEL_MODULES: tuple[str, ...] = ("studio.ui_jobs",)
 
 CSS = """
 .studio-progress { background: #e5e7eb; border-radius: 4px; height: 10px; width: 100%; overflow: hidden; }

@@ -239,23 +239,23 @@ def test_ctrl_c_cancels_keeps_checkpoints_and_resume_continues(images, tiny_dirs
 @needs_ray
 @pytest.mark.slow
 def test_job_view_shows_cluster_jobs_like_local_ones(images, tiny_dirs, tmp_path):  # noqa: F811
-    """The UI's job view (a service.JobManager) lists each Ray job with its step, loss and end."""
-    import io
-
-    from studio.service import JobManager
-    from studio.trainers.cluster import BatchOptions, run_cluster_batch
+    """The UI's Jobs tab path (service.start_batch): the driver's row, and each Ray job listed with its step,
+    loss and end, as a local job is."""
+    from studio.service import JobManager, start_batch
 
     manager = JobManager()
     good = _job(tmp_path, "good", images, tiny_dirs["sd1"], extra="register = false\n")
     bad = _job(tmp_path, "bad", tmp_path / "missing", tiny_dirs["sd1"])
-    rc = run_cluster_batch([good, bad], BatchOptions(cluster="local:1", logs=tmp_path / "logs", manager=manager),
-                           stream=io.StringIO(), out=io.StringIO())
-    assert rc == 1
-    done, failed = manager.jobs()
+    (driver,) = start_batch(manager, [good, bad], "local:1", logs=tmp_path / "logs")
+    end = manager.wait(driver, timeout=600)
+    assert end["state"] == "failed" and "some jobs failed" in end["error"], end
+    assert any("Ray cluster local:1" in m for m in end["messages"])  # the driver's progress lines
+    _, done, failed = manager.jobs()
     assert done["state"] == "done" and (done["step"], done["total"]) == (4, 4) and done["loss"] is not None
     assert any("started on Ray worker pid" in m for m in done["messages"])
     assert done["result"]["adapter_file"].endswith("pytorch_lora_weights.safetensors")
     assert failed["state"] == "failed" and "missing" in failed["error"]
+    assert (tmp_path / "logs" / "summary.json").is_file()
 
 
 @needs_ray

@@ -80,12 +80,12 @@ def test_form_defaults():
     assert ui.form_defaults("./sd15", "style", "loha") == {"steps": 1000, "rank": 8, "lr": 2e-3}
 
 
-def test_build_app_has_the_three_tabs():
+def test_build_app_has_its_tabs():
     m = service.JobManager(train_fn=lambda *a, **k: None)
     demo = ui.build_app("micro", manager=m)
     config = demo.get_config_file()
     tabs = [c["props"].get("label") for c in config["components"] if c.get("type") == "tabitem"]
-    assert tabs == ["Train", "Library", "Generate"]
+    assert tabs == ["Train", "Library", "Generate", "Jobs"]
     labels = {c["props"].get("label") for c in config["components"]}
     assert {"Trigger word", "Class word (subjects)", "Method", "Steps", "Rank", "Learning rate", "Prompt",
             "Negative prompt", "Search", "Weight", "New name", "DECOR: unwanted words",
@@ -97,7 +97,7 @@ def test_build_app_has_the_three_tabs():
 
     selects = [f.fn for f in demo.fns.values()
                if f.fn is not None and "evt" in f.fn.__code__.co_varnames[: f.fn.__code__.co_argcount]]
-    assert len(selects) == 2 and all(get_type_hints(fn).get("evt") is gr.SelectData for fn in selects)
+    assert len(selects) == 3 and all(get_type_hints(fn).get("evt") is gr.SelectData for fn in selects)
     m.shutdown()
 
 
@@ -115,7 +115,7 @@ def test_a_panel_slots_in_by_its_order(monkeypatch):
 
     demo = ui.build_app("micro", manager=service.JobManager())
     tabs = [c["props"].get("label") for c in demo.get_config_file()["components"] if c.get("type") == "tabitem"]
-    assert tabs == ["Train", "Library", "Quantize", "Generate"]
+    assert tabs == ["Train", "Library", "Quantize", "Generate", "Jobs"]
     assert seen["add"] is not None  # wiring runs once the Generate panel exists
     only = ui.build_app("micro", manager=service.JobManager(), panels=["generate"])
     assert [c["props"].get("label") for c in only.get_config_file()["components"]

@@ -445,6 +445,7 @@ class BatchOptions:
     connect_timeout: float = 5.0
     register: Any = None  # register(cfg, result) -> None; default: trainers.cli._register
     manager: Any = None  # a service.JobManager whose job view lists the jobs (the UI's)
+    view: str | None = None  # the manager's row of the whole batch: cancelling it cancels the batch
 
 
 def run_cluster_batch(paths: list[str], opts: BatchOptions, stream: TextIO | None = None,
@@ -550,6 +551,9 @@ def _drive(ray: Any, jobs: list[ClusterJob], hub: Any, logs: dict[int, Any], dis
                     logs[job.index].line(job.error)
             if cancelling_since is not None and now - cancelling_since > CANCEL_GRACE_S:
                 raise KeyboardInterrupt
+            if cancelling_since is None and opts.manager is not None and opts.view \
+                    and opts.manager.cancel_requested(opts.view):
+                raise KeyboardInterrupt  # the job view cancelled the whole batch: as Ctrl-C, checkpoints first
             _settle(jobs, opts)
             display.draw(jobs)
         except KeyboardInterrupt:
