@@ -136,6 +136,18 @@ def test_trigger_embedding_touches_only_prompts_with_the_trigger(pipe, tmp_path)
     torch.testing.assert_close(_te_out(fresh), learned, atol=1e-6, rtol=1e-6)
 
 
+def test_trigger_embedding_can_start_from_another_word(pipe):
+    """--init-word: the trigger starts where the base reads that word (textual inversion's initializer)."""
+    from studio.adapters import add_trigger_embedding, remove_adapter
+
+    add_adapter(pipe, "lora", AdapterSettings(rank=2), "default")
+    add_trigger_embedding(pipe, "sks", "default", init_word="square")
+    got = _te_out(pipe, ("a sks circle",))
+    remove_adapter(pipe, "default")
+    torch.testing.assert_close(got, _te_out(pipe, ("a square circle",)), atol=1e-6, rtol=0)
+    assert not torch.allclose(got, _te_out(pipe, ("a sks circle",)))
+
+
 def test_mixing_applies_the_trigger_embedding_by_weight(pipe, tmp_path):
     from studio.adapters import add_trigger_embedding
     from studio.mixing import mixed

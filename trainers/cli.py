@@ -71,6 +71,7 @@ def _add_job_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train-trigger", dest="train_trigger", action=argparse.BooleanOptionalAction, default=None,
                    help=helps["train_trigger"])
     p.add_argument("--trigger-lr", dest="trigger_lr", type=float, help=helps["trigger_lr"])
+    p.add_argument("--init-word", dest="init_word", metavar="WORD", help=helps["init_word"])
     p.add_argument("--steps", type=int, help=helps["steps"])
     p.add_argument("--lr", type=float, help=helps["lr"])
     p.add_argument("--scheduler", choices=["constant", "cosine", "linear"], help=helps["scheduler"])

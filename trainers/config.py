@@ -50,6 +50,8 @@ class TrainConfig:
                                               "on for subjects, and for styles on micro)")
     trigger_lr: float | None = _f(None, "learning rate of the trigger embedding (default: 1e-3 for micro "
                                         "subjects, 2e-3 micro styles, else 5e-3)")
+    init_word: str = _f("", "start the learned trigger embedding from this word's (textual inversion's "
+                            "initializer token), e.g. painting for a style (default: the trigger's own)")
     text_encoder_lr: float | None = _f(None, "learning rate of the text-encoder adapter (default: lr / 2)")
     batch: int | None = _f(None, "images per step (per process)")
     grad_accum: int = _f(1, "gradient accumulation steps")

@@ -158,7 +158,9 @@ def _train(cfg: TrainConfig, out: Path, on_event: EventHandler | None, cancel: t
         if isinstance(comp, torch.nn.Module):  # (through a learned trigger embedding, say) must not move it
             comp.requires_grad_(False)
     params = adapters.add_adapter(pipe, cfg.method, settings, "default")
-    trigger_params = adapters.add_trigger_embedding(pipe, cfg.token, "default") if plan.train_trigger else []
+    trigger_params = adapters.add_trigger_embedding(pipe, cfg.token, "default", cfg.init_word) if plan.train_trigger else []
+    if cfg.init_word and not plan.train_trigger:
+        log.warning("--init-word %s has no effect: the trigger embedding is not trained (--train-trigger)", cfg.init_word)
     unet = pipe.unet
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()

@@ -312,9 +312,11 @@ def load_adapter(pipe: Any, path: str | os.PathLike, adapter_name: str = "defaul
     return adapter_name
 
 
-def add_trigger_embedding(pipe: Any, trigger: str, adapter_name: str = "default") -> list[torch.nn.Parameter]:
+def add_trigger_embedding(pipe: Any, trigger: str, adapter_name: str = "default",
+                          init_word: str = "") -> list[torch.nn.Parameter]:
     """Learn the trigger word's input embedding with the adapter (see :mod:`studio.adapters.trigger`).
 
+    ``init_word``: start from that word's embedding instead of the trigger's own.
     Returns the trainable rows; :func:`save_adapter` writes them into the adapter file.
     """
     entry = _registry(pipe).get(adapter_name)
@@ -322,7 +324,7 @@ def add_trigger_embedding(pipe: Any, trigger: str, adapter_name: str = "default"
         raise StudioError(f"no adapter named {adapter_name!r} on this pipeline")
     if entry.get("trigger") is not None:
         entry["trigger"].remove()
-    entry["trigger"] = TriggerEmbeddings.from_base(pipe, trigger).install(pipe)
+    entry["trigger"] = TriggerEmbeddings.from_base(pipe, trigger, init_word).install(pipe)
     return entry["trigger"].parameters()
 
 

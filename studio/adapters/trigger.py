@@ -56,12 +56,21 @@ class TriggerEmbeddings:
         self._handles: list[Any] = []
 
     @classmethod
-    def from_base(cls, pipe: Any, trigger: str) -> "TriggerEmbeddings":
-        """Start from the base model's own rows of the trigger's tokens (trainable copies)."""
+    def from_base(cls, pipe: Any, trigger: str, init_word: str = "") -> "TriggerEmbeddings":
+        """Start from the base model's own rows of the trigger's tokens (trainable copies).
+
+        ``init_word``: start every row from the mean embedding of that word's tokens instead
+        (textual inversion's initializer token), so the trigger begins where the base model
+        already reads a related concept.
+        """
         ids, vecs = {}, {}
         for comp, (tok, te) in _encoders(pipe).items():
             ids[comp] = trigger_token_ids(tok, trigger)
-            rows = te.get_input_embeddings().weight[ids[comp]].detach().clone().float()
+            table = te.get_input_embeddings().weight
+            rows = table[ids[comp]].detach().clone().float()
+            if init_word:
+                start = table[trigger_token_ids(tok, init_word)].detach().float().mean(0)
+                rows = start.expand_as(rows).clone()
             vecs[comp] = torch.nn.Parameter(rows)
         return cls(ids, vecs)
 
