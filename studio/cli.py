@@ -20,6 +20,7 @@ from studio.logs import setup_logging
 # modules that contribute subcommands, in the order `studio --help` lists them
 COMMAND_MODULES: tuple[str, ...] = (
     "studio.commands.info",
+    "studio.commands.realsize",
     "studio.commands.generate",
     "studio.trainers.cli",
     "studio.micro.cli",
