@@ -63,7 +63,7 @@ def _jobs_panel(ctx: UIContext) -> None:
                              scale=3)
         cancel = gr.Button("Cancel job", variant="stop", interactive=False, elem_id="jobs-cancel", scale=1)
     detail = gr.Markdown("", elem_id="jobs-detail")
-    bar = gr.HTML(progress_html(None))
+    bar = gr.HTML(progress_html(None), elem_id="jobs-progress")
     log_box = gr.Textbox(label="Log", lines=8, max_lines=16, interactive=False, autoscroll=True,
                          elem_id="jobs-log")
     with gr.Accordion("Run a batch of job files", open=False, elem_id="jobs-batch"):

@@ -233,6 +233,19 @@ def test_train_find_generate(new_page, server, shots):
     grids = list((server[1] / "outputs").rglob("*-grid.png"))
     assert len(grids) == 1 and Image.open(grids[0]).width > 2 * 64  # two 64 px columns and the row labels
 
+    # the Jobs tab lists the page's three jobs (training, generation, sweep), newest first
+    page.get_by_role("tab", name="Jobs").click()
+    expect(page.locator("#jobs-summary")).to_contain_text("3 done")
+    table = page.locator("#jobs-table")
+    expect(table).to_contain_text("heart")
+    expect(table).to_contain_text("generate")
+    page.locator("#jobs-pick input").click()
+    page.get_by_role("option", name=re.compile(r"^train-.* heart")).click()
+    expect(page.locator("#jobs-detail")).to_contain_text("step 3/3")
+    expect(page.locator("#jobs-progress .studio-progress")).to_have_attribute("data-progress", "1.000")
+    page.wait_for_timeout(600)  # the bar's width animates for 0.4 s
+    page.screenshot(path=str(shots / "ui-jobs.png"), full_page=True)
+
 
 def test_two_users_queue_and_a_reload_reattaches(new_page):
     """Two trainings from two pages run one after the other and both finish; a page reloaded in
