@@ -136,6 +136,21 @@ def test_trigger_embedding_touches_only_prompts_with_the_trigger(pipe, tmp_path)
     torch.testing.assert_close(_te_out(fresh), learned, atol=1e-6, rtol=1e-6)
 
 
+def test_switching_adapters_off_and_on_keeps_requires_grad(pipe):
+    """PEFT's switch flips requires_grad; the studio's keeps each parameter's own (a frozen part stays frozen)."""
+    from studio.adapters import remove_adapter
+
+    params = add_adapter(pipe, "lora", AdapterSettings(rank=2), "default")
+    frozen = params[: len(params) // 2]
+    for p in frozen:
+        p.requires_grad_(False)
+    before = [p.requires_grad for p in params]
+    set_enabled(pipe, False)
+    set_enabled(pipe, True)
+    assert [p.requires_grad for p in params] == before and True in before and False in before
+    remove_adapter(pipe, "default")
+
+
 def test_trigger_embedding_can_start_from_another_word(pipe):
     """--init-word: the trigger starts where the base reads that word (textual inversion's initializer)."""
     from studio.adapters import add_trigger_embedding, remove_adapter

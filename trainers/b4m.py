@@ -385,7 +385,7 @@ def _train(cfg: TrainConfig, out: Path, emit: EventHandler, cancel: threading.Ev
             noisy = noise_sched.add_noise(lat, noise, t)
             target = noise if noise_sched.config.prediction_type == "epsilon" else noise_sched.get_velocity(lat, noise, t)
             if class_latents is not None and cfg.prior_target == "base":
-                with torch.no_grad(), loop._adapters_off(pipe, params):
+                with torch.no_grad(), loop._adapters_off(pipe):
                     base_pred = unet(noisy[n_own:].to(device), t[n_own:].to(device), emb[n_own:].to(device)).sample
                 target = torch.cat([target[:n_own].to(device), base_pred.float()])
             rows = {"down": torch.tensor([h in ("down", "both") for h in halves]),

@@ -124,6 +124,13 @@ def _train(cfg: TrainConfig, out: Path, on_event: EventHandler | None, cancel: t
                           f"torchrun --nproc_per_node {wanted} -m studio.cli train ...")
     set_seed(cfg.seed)
     emit(Event("prepare", message=f"loading {cfg.base}"))
+    # before the weights are loaded: a real-size run that cannot fit is refused with what would fit,
+    # instead of being killed by the kernel minutes later (micro and hub ids are not estimated)
+    from studio.trainers.memory import preflight
+
+    preflight(cfg.base, resolution=cfg.resolution, batch=cfg.batch or 1,
+              prior=cfg.prior if cfg.prior is not None else cfg.kind == "subject", checkpointing=True,
+              device="cpu" if accelerator.device.type == "cpu" else accelerator.device.type)
     pipe = load_pipeline(cfg.base, device=accelerator.device if cfg.device != "cpu" else "cpu", dtype="fp32")
     plan = recipe.plan(cfg, pipe)  # resolved defaults: steps, lr, rank, batch, prompts, prior
     # said once per run because multi-GPU/multi-node launches change the first number silently
@@ -162,7 +169,7 @@ def _train(cfg: TrainConfig, out: Path, on_event: EventHandler | None, cancel: t
     if cfg.init_word and not plan.train_trigger:
         log.warning("--init-word %s has no effect: the trigger embedding is not trained (--train-trigger)", cfg.init_word)
     unet = pipe.unet
-    if cfg.gradient_checkpointing:
+    if cfg.gradient_checkpointing or not plan.micro:  # at real size the activations dwarf the LoRA (docs/realsize.md)
         unet.enable_gradient_checkpointing()
     te_params = [p for n, p in _named_trainable(pipe) if not n.startswith("unet.")]
     unet_params = [p for n, p in _named_trainable(pipe) if n.startswith("unet.")]
@@ -216,7 +223,7 @@ def _train(cfg: TrainConfig, out: Path, on_event: EventHandler | None, cancel: t
                 # Output preservation: the class half learns the base model's own prediction, not the
                 # sampled noise. Far less variance than DreamBooth's noise target, so the adapter is held
                 # to the base exactly where the trigger is absent (measured in docs/training.md).
-                with torch.no_grad(), _adapters_off(pipe, params), accelerator.autocast():
+                with torch.no_grad(), _adapters_off(pipe), accelerator.autocast():
                     base_pred = accelerator.unwrap_model(unet)(
                         noisy[plan.batch :].to(dev), t[plan.batch :].to(dev), emb[plan.batch :].to(dev),
                         **plan.unet_kwargs(lat.shape[0] - plan.batch)).sample
@@ -245,7 +252,8 @@ def _train(cfg: TrainConfig, out: Path, on_event: EventHandler | None, cancel: t
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < plan.steps:
             _save_checkpoint(ckpt_dir, pipe, optimizer, lr_sched, gen, step, rank, accelerator)
             emit(Event("checkpoint", step=step, total=plan.steps, message=f"checkpoint at step {step}"))
-        if cfg.sample_every and step % cfg.sample_every == 0 and step < plan.steps and accelerator.is_main_process:
+        if (cfg.samples and cfg.sample_every and step % cfg.sample_every == 0 and step < plan.steps
+                and accelerator.is_main_process):
             samples += _samples(pipe, cfg, plan, out, step, emit)
             unet.train()
 
@@ -258,7 +266,8 @@ def _train(cfg: TrainConfig, out: Path, on_event: EventHandler | None, cancel: t
         meta = recipe.metadata(cfg, plan, pipe, data)
         meta["final_loss"] = f"{_mean_tail(losses):.6f}" if losses else ""
         result_file = adapters.save_adapter(pipe, out, "default", metadata=meta)
-        samples += _samples(pipe, cfg, plan, out, step, emit)
+        if cfg.samples:
+            samples += _samples(pipe, cfg, plan, out, step, emit)
         shutil.rmtree(ckpt_dir, ignore_errors=True)
         (out / "train_config.json").write_text(cfg.to_json())
     accelerator.wait_for_everyone()
@@ -271,18 +280,15 @@ def _train(cfg: TrainConfig, out: Path, on_event: EventHandler | None, cancel: t
 
 
 @contextlib.contextmanager
-def _adapters_off(pipe: Any, params: list[torch.nn.Parameter]) -> Iterator[None]:
-    """The base model for one forward pass (PEFT's switch also flips requires_grad: put it back)."""
+def _adapters_off(pipe: Any) -> Iterator[None]:
+    """The base model for one forward pass."""
     from studio import adapters
 
-    grads = [p.requires_grad for p in params]
     adapters.set_enabled(pipe, False)
     try:
         yield
     finally:
         adapters.set_enabled(pipe, True)
-        for p, g in zip(params, grads):
-            p.requires_grad_(g)
 
 
 def _pick(prompt: str | tuple[str, str], dropout: float, gen: torch.Generator, tag_dropout: float = 0.0,

@@ -354,10 +354,17 @@ def remove_adapter(pipe: Any, adapter_name: str) -> None:
 
 
 def set_enabled(pipe: Any, enabled: bool) -> None:
-    """Switch every adapter of the pipeline on or off (off == the base model)."""
+    """Switch every adapter of the pipeline on or off (off == the base model).
+
+    Every parameter keeps its ``requires_grad``: PEFT's switch also flips it, which would
+    unfreeze a loaded adapter, or freeze a training one, as a side effect.
+    """
     for model in adapted_models(pipe).values():
         for _, layer in tuner_layers(model):
+            grads = [(p, p.requires_grad) for p in layer.parameters()]
             layer.enable_adapters(enabled)
+            for p, g in grads:
+                p.requires_grad_(g)
     for entry in _registry(pipe).values():
         if entry.get("trigger") is not None:
             entry["trigger"].weight = 1.0 if enabled else 0.0
