@@ -250,5 +250,36 @@ def make(name: str, out: str | os.PathLike | None = None, *, seed: int = 0, widt
     return RealsizeFiles(name, root / "diffusers", root / model.file_name, params)
 
 
+SAMPLE_SET = Path(__file__).resolve().parents[1] / "assets" / "samples" / "subject-heart-red"
+
+
+def upscaled_images(size: int, src: str | os.PathLike = SAMPLE_SET, out: str | os.PathLike | None = None,
+                    count: int | None = None) -> Path:
+    """``src``'s images (the first ``count``) resized to ``size`` px, captions copied, for real-size runs.
+
+    The bundled sample sets are 64 px micro-world images; the trainer rightly skips images under
+    256 px, so a real-size run trains on these nearest-neighbour enlargements (sharp edges kept).
+    Every image costs two VAE encodes at full size (it and its mirror are cached): a few minutes
+    each on a CPU, so short runs take ``count`` of them.
+    """
+    from PIL import Image
+
+    src = Path(src)
+    tag = f"-{count}" if count else ""
+    folder = Path(out) if out is not None else cache_dir() / f"images-{src.name}-{size}{tag}"
+    pics = sorted(p for p in src.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))[:count]
+    if not pics:
+        raise StudioError(f"{src}: no images to enlarge")
+    folder.mkdir(parents=True, exist_ok=True)
+    for p in pics:
+        target = folder / f"{p.stem}.png"
+        if not target.is_file():
+            with Image.open(p) as im:
+                im.convert("RGB").resize((size, size), Image.NEAREST).save(target)
+        if p.with_suffix(".txt").is_file():
+            shutil.copyfile(p.with_suffix(".txt"), folder / f"{p.stem}.txt")
+    return folder
+
+
 __all__ = ["MODELS", "RealModel", "RealsizeFiles", "build_pipeline", "cache_dir", "component_configs", "get_model",
-           "key_names", "make", "model_root", "single_file_keys"]
+           "key_names", "make", "model_root", "single_file_keys", "upscaled_images"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -99,3 +100,161 @@ def test_cli_make_prints_the_paths(tmp_path, capsys):
     assert Path(info["single_file"]).name == "sd21-768-v.safetensors"
     assert (Path(info["folder"]) / "model_index.json").is_file()
     assert not (tmp_path / "m" / ".building").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA exports: kohya's key sets, vanilla diffusers loading
+# ---------------------------------------------------------------------------------------------
+
+KOHYA_ATTENTION = re.compile(r"_(attn[12]_to_(q|k|v|out_0)|self_attn_(q|k|v|out)_proj)\.")
+
+
+def kohya_keys(name: str, attention_only: bool = True) -> set[str]:
+    """sd-scripts' key set for a default LoRA on ``name`` (the fixture), restricted to the modules the
+    studio's ``attention`` targets adapt (with a text-encoder adapter: q/k/v/out projections)."""
+    fixture = json.loads((FIXTURES / "kohya_lora_keys.json").read_text())[name]
+    return {k for keys in fixture.values() for k in keys if not attention_only or KOHYA_ATTENTION.search(k)}
+
+
+def export_lora(pipe, name: str, out: Path, seed: int = 0) -> Path:
+    """A rank-4 LoRA on ``pipe`` (attention + text encoders) with random non-zero weights, saved by the
+    studio and converted with `studio convert --to kohya` (SDXL with sd-scripts' LDM UNet names)."""
+    from studio import adapters
+
+    params = adapters.add_adapter(pipe, "lora", adapters.AdapterSettings(rank=4, targets="attention",
+                                                                         text_encoder=True), "default")
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in params:  # lora_B starts at zero: an adapter that changes nothing proves nothing
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    adapters.save_adapter(pipe, out / "studio", "default")
+    args = ["convert", "--to", "kohya", str(out / "studio"), str(out / f"{name}-kohya.safetensors"),
+            "--family", FAMILY[name]] + (["--ldm-names"] if name == "sdxl" else [])
+    assert main(args) == 0
+    return out / f"{name}-kohya.safetensors"
+
+
+def _latents(pipe) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    size = 64
+    return pipe("a photo of a sks object", num_inference_steps=1, height=size, width=size, generator=g,
+                output_type="latent", guidance_scale=1.0).images
+
+
+@pytest.mark.parametrize("name", ["sd15", "sdxl"])
+def test_lora_export_has_kohyas_key_set_and_loads_in_diffusers(name, small, tmp_path):
+    from diffusers import DiffusionPipeline
+
+    files = small(name)
+    load = lambda: DiffusionPipeline.from_pretrained(str(files.folder), torch_dtype=torch.float32)  # noqa: E731
+    pipe = load()
+    pipe.set_progress_bar_config(disable=True)
+    base = _latents(pipe)
+    kohya = export_lora(pipe, name, tmp_path)
+    shapes, _ = read_header(kohya)
+    assert set(shapes) == kohya_keys(name)
+    assert len(kohya_keys(name)) == {"sd15": (128 + 48) * 3, "sdxl": (560 + 48 + 128) * 3}[name]
+    ours = _latents(pipe)
+    fresh = load()  # plain diffusers from here on
+    fresh.set_progress_bar_config(disable=True)
+    fresh.load_lora_weights(str(kohya))
+    theirs = _latents(fresh)
+    assert (ours - base).abs().max() > 1e-3
+    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# the trainer's memory preflight
+# ---------------------------------------------------------------------------------------------
+
+
+def _full_size(name: str):
+    from studio.trainers.memory import ModelSize
+
+    with torch.device("meta"):
+        pipe = realsize.build_pipeline(name, dtype=torch.float32)
+    return ModelSize(FAMILY[name], {c: sum(p.numel() for p in pipe.components[c].parameters())
+                                    for c in realsize.component_configs(name)})
+
+
+def test_preflight_reads_sizes_from_headers(small):
+    from studio.trainers.memory import model_size
+
+    files = small("sdxl")
+    by_file, by_folder = model_size(str(files.single_file)), model_size(str(files.folder))
+    assert by_file.family == by_folder.family == "sdxl"
+    assert by_file.params == by_folder.params == files.parameters
+    assert model_size("micro") is None
+
+
+def test_trainer_refuses_what_cannot_fit_and_says_what_would(small, monkeypatch, capsys, tmp_path):
+    from studio.trainers import memory
+
+    files = small("sd15")
+    monkeypatch.setattr(memory, "model_size", lambda spec: _full_size("sd15"))
+    monkeypatch.setenv("STUDIO_MEMORY_LIMIT", "7G")
+    args = ["train", "--kind", "subject", "--images", str(realsize.upscaled_images(256, out=tmp_path / "img")),
+            "--base", str(files.single_file), "--steps", "2", "--rank", "4", "--out", str(tmp_path / "out"),
+            "--no-register"]
+    assert main(args + ["--resolution", "1024", "--batch", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "GiB of memory" in err and "7.0 GiB are free" in err
+    assert "What would fit:" in err and "--batch 1" in err and "--resolution" in err
+    assert not (tmp_path / "out").exists()  # refused before anything was loaded or written
+    monkeypatch.setenv("STUDIO_MEMORY_LIMIT", "3G")
+    assert main(args) == 2
+    assert "Nothing fits" in capsys.readouterr().err
+
+
+def test_estimates_grow_with_what_the_run_holds():
+    from studio.trainers.memory import estimate_bytes
+
+    sd15, sdxl = _full_size("sd15"), _full_size("sdxl")
+    at = lambda size, **kw: estimate_bytes(size, **{"resolution": 512, "batch": 1, "checkpointing": True, **kw})  # noqa: E731
+    assert at(sd15) < at(sd15, checkpointing=False) < at(sd15, resolution=768, checkpointing=False)
+    assert at(sd15) < at(sd15, batch=2) and at(sd15) < at(sdxl)
+    assert at(sd15) > 4 * sd15.total  # the fp32 weights at least
+
+
+# ---------------------------------------------------------------------------------------------
+# full size (slow): single file -> info -> 2 training steps -> kohya export -> diffusers -> 1 step
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, resolution", [("sd15", 512), ("sd21", 768)])
+def test_real_size_file_trains_exports_and_generates(name, resolution, tmp_path, capsys):
+    from diffusers import DiffusionPipeline
+
+    files = realsize.make(name, SHARED_CACHE / f"{name}-seed0")
+    assert main(["info", str(files.single_file), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert info["family"] == FAMILY[name] and info["scheduler"]["prediction_type"] == PREDICTION[name]
+    # the bundled configs (no embedded ones): the tokenizer is the only thing a --config folder adds
+    tok_only = tmp_path / "tok"
+    tok_only.mkdir()
+    import shutil
+
+    shutil.copytree(files.folder / "tokenizer", tok_only / "tokenizer")
+    from studio.single_file import load_single_file
+
+    bundled = load_single_file(files.single_file, config=tok_only)
+    assert bundled.scheduler.config.prediction_type == PREDICTION[name]  # SD 2.1: from the 768-v file name
+    del bundled
+    images = realsize.upscaled_images(resolution, out=tmp_path / "images", count=2)
+    out = tmp_path / "lora"
+    assert main(["train", "--kind", "subject", "--images", str(images), "--base", str(files.single_file),
+                 "--steps", "2", "--rank", "4", "--resolution", str(resolution), "--no-prior", "--no-samples",
+                 "--checkpoint-every", "0", "--no-register", "--out", str(out)]) == 0
+    kohya = tmp_path / "kohya.safetensors"
+    assert main(["convert", "--to", "kohya", str(out), str(kohya), "--family", FAMILY[name]]) == 0
+    shapes, _ = read_header(kohya)
+    unet_keys = {k for k in shapes if k.startswith("lora_unet_")}
+    if name == "sd15":
+        assert unet_keys == {k for k in kohya_keys("sd15") if k.startswith("lora_unet_")}
+    pipe = DiffusionPipeline.from_pretrained(str(files.folder), torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(str(kohya))
+    image = pipe("a photo of a sks object", num_inference_steps=1, height=resolution, width=resolution,
+                 output_type="pt", generator=torch.Generator().manual_seed(0)).images
+    assert image.shape == (1, 3, resolution, resolution) and torch.isfinite(image).all()

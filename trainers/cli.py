@@ -100,6 +100,8 @@ def _add_job_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gradient-checkpointing", dest="gradient_checkpointing", action="store_true", default=None,
                    help=helps["gradient_checkpointing"])
     p.add_argument("--sample-every", dest="sample_every", type=int, help=helps["sample_every"])
+    p.add_argument("--samples", dest="samples", action=argparse.BooleanOptionalAction, default=None,
+                   help=helps["samples"])
     p.add_argument("--sample-prompt", dest="sample_prompts", action="append", metavar="PROMPT",
                    help=helps["sample_prompts"] + "; repeat the flag for several")
     p.add_argument("--description", help=helps["description"])

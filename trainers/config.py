@@ -88,6 +88,8 @@ class TrainConfig:
     mixed_precision: str = _f("no", "no, fp16 (CUDA) or bf16; fp32 is the CPU default (see docs/BENCHMARKS.md)")
     gradient_checkpointing: bool = _f(False, "trade compute for memory in the denoiser")
     sample_every: int = _f(0, "write sample images every N steps (0: at the end only)")
+    samples: bool = _f(True, "write sample images (at the end, and every --sample-every steps); off saves minutes "
+                             "per image on a real-size model on a CPU")
     sample_prompts: list = _f([], "prompts of the sample images (default: the trigger in a few contexts)")
     checkpoint_every: int = _f(50, "save a resumable checkpoint every N steps (0: never)")
     resume: bool = _f(False, "continue from the last checkpoint in the output folder")
