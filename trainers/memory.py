@@ -7,9 +7,11 @@ the diffusers folder's headers), estimates the peak resident memory of the run a
 when the estimate is above the memory the machine has free.
 
 The estimate is weights in fp32 (the trainer trains on fp32 weights on the CPU) plus the
-denoiser's activations, which grow with batch x latent pixels; the per-pixel costs were measured
-with SD 1.5 at 512 px on a CPU (docs/realsize.md) and are scaled by the UNet's size for the
-other families. It is checked on the CPU only: GPU memory is the device's business (fp16, 8-bit
+denoiser's activations, which grow with batch x latent pixels, scaled by the UNet's size for the
+families. It is coarse: the only calibration so far is SD 1.5 at 512 px, batch 1, with
+checkpointing (estimate 6.0 GiB, measured peak RSS 6.3 GiB with the loading; docs/realsize.md);
+the cost without checkpointing is an unmeasured 5x. Measure before trusting it near the limit.
+It is checked on the CPU only: GPU memory is the device's business (fp16, 8-bit
 optimizers) and a CUDA out-of-memory error already says what happened.
 """
 
@@ -27,9 +29,9 @@ from studio.errors import StudioError
 log = logging.getLogger(__name__)
 
 GIB = 1024**3
-# Denoiser activations kept for the backward pass, in bytes per latent pixel per sample, measured
-# on SD 1.5 (860M-parameter UNet) at 512 px, batch 1, fp32, SDPA (docs/realsize.md); other UNets
-# are scaled by their parameter count.
+# Denoiser activations kept for the backward pass, in bytes per latent pixel per sample of an
+# SD 1.5-sized UNet (860M parameters), fp32, SDPA; other UNets are scaled by their parameter count.
+# "checkpointing" is consistent with the SD 1.5 512 px run (docs/realsize.md); "none" is a guess.
 ACT_BYTES_PER_LATENT_PX = {"checkpointing": 220_000, "none": 1_100_000}
 SD15_UNET_PARAMS = 859_520_964
 # the interpreter, torch, diffusers and the data caches, beside the model

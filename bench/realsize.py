@@ -1,0 +1,172 @@
+"""Real-size training cost: the studio trainer vs a plain diffusers-example loop (issue 15).
+
+    python bench/realsize.py [--model sd15] [--resolution 512] [--steps 3] [--micro]
+
+Builds (or reuses) the seeded full-size model of ``studio realsize make MODEL`` and trains a
+rank-4 LoRA (attention targets, batch 1, no prior preservation, no samples) for ``--steps``
+steps twice, each in its own process so that each peak resident memory is its own:
+
+- **studio**: ``studio.trainers.loop.train`` on the diffusers folder: latents and prompt
+  embeddings cached once, gradient checkpointing on (the trainer's real-size defaults), SDPA.
+- **plain**: what diffusers' ``train_dreambooth_lora.py`` does each step: VAE-encode the image,
+  run the text encoder, UNet forward/backward without checkpointing, AdamW on the LoRA.
+
+s/step is the mean over steps 2..N (the first step carries one-time costs). Peak RSS is the
+process's ``ru_maxrss`` (loading included: both load the same fp16 folder into fp32). With
+``--micro`` the studio trainer also runs on the micro model for the growth table. The last line
+is one JSON object: ``{"model", "memory_ratio", "time_ratio", ...}`` (studio / plain).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+log = logging.getLogger("bench.realsize")
+
+
+def _peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def child_studio(base: str, images: str, steps: int, resolution: int) -> dict:
+    """The studio trainer; step times from its progress events."""
+    from studio.trainers.config import TrainConfig
+    from studio.trainers.loop import train
+
+    stamps: list[float] = []
+
+    def on_event(ev) -> None:
+        if ev.phase == "train":
+            stamps.append(time.perf_counter())
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = TrainConfig(kind="subject", images=images, base=base, out=str(Path(tmp) / "out"), steps=steps, rank=4,
+                          targets="attention", batch=1, resolution=resolution, prior=False, train_trigger=False,
+                          samples=False, checkpoint_every=0, register=False, device="cpu")
+        t0 = time.perf_counter()
+        train(cfg, on_event=on_event)
+    diffs = [b - a for a, b in zip(stamps, stamps[1:])]
+    return {"peak_rss": _peak_rss(), "step_s": diffs, "total_s": time.perf_counter() - t0}
+
+
+def child_plain(base: str, images: str, steps: int, resolution: int) -> dict:
+    """diffusers' train_dreambooth_lora.py, reduced to its step: no caching, no checkpointing."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from peft import LoraConfig
+    from PIL import Image
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    tok = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer", local_files_only=True)
+    te = CLIPTextModel.from_pretrained(base, subfolder="text_encoder", local_files_only=True, dtype=torch.float32)
+    vae = AutoencoderKL.from_pretrained(base, subfolder="vae", local_files_only=True, torch_dtype=torch.float32)
+    unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", local_files_only=True,
+                                                torch_dtype=torch.float32)
+    sched = DDPMScheduler.from_pretrained(base, subfolder="scheduler", local_files_only=True)
+    for m in (te, vae, unet):
+        m.requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
+                                target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+    params = [p for p in unet.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    files = sorted(p for p in Path(images).iterdir() if p.suffix == ".png")
+    unet.train()
+    stamps = []
+    for step in range(steps):
+        img = Image.open(files[step % len(files)]).convert("RGB").resize((resolution, resolution))
+        pixels = torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
+        latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
+        noise = torch.randn_like(latents)
+        t = torch.randint(0, sched.config.num_train_timesteps, (1,))
+        noisy = sched.add_noise(latents, noise, t)
+        ids = tok(["a photo of sks object"], padding="max_length", max_length=tok.model_max_length,
+                  truncation=True, return_tensors="pt").input_ids
+        emb = te(ids)[0]
+        target = noise if sched.config.prediction_type == "epsilon" else sched.get_velocity(latents, noise, t)
+        pred = unet(noisy, t, emb).sample
+        loss = F.mse_loss(pred.float(), target.float())
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        stamps.append(time.perf_counter())
+    return {"peak_rss": _peak_rss(), "step_s": [b - a for a, b in zip(stamps, stamps[1:])],
+            "total_s": time.perf_counter() - t0}
+
+
+def run_child(kind: str, base: str, images: str, steps: int, resolution: int) -> dict:
+    """One measurement in a fresh process (its own peak RSS); the child prints one JSON line."""
+    cmd = [sys.executable, __file__, "--child", kind, "--base", base, "--images", images, "--steps", str(steps),
+           "--resolution", str(resolution)]
+    log.info("running %s", " ".join(cmd))
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="sd15", choices=["sd15", "sd21", "sdxl"])
+    p.add_argument("--resolution", type=int, default=512)
+    p.add_argument("--steps", type=int, default=3, help="steps per run; s/step averages steps 2..N")
+    p.add_argument("--width-div", dest="width_div", type=int, default=1,
+                   help="divide the model's widths (a quick smoke run of this script; not the real figures)")
+    p.add_argument("--micro", action="store_true", help="also time the studio trainer on micro (growth table)")
+    p.add_argument("--child", choices=["studio", "plain"], help=argparse.SUPPRESS)
+    p.add_argument("--base", help=argparse.SUPPRESS)
+    p.add_argument("--images", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        logging.basicConfig(level=logging.WARNING)
+        fn = child_studio if args.child == "studio" else child_plain
+        print(json.dumps(fn(args.base, args.images, args.steps, args.resolution)))
+        return
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from studio.machine import describe
+    from studio.realsize import make, upscaled_images
+
+    files = make(args.model, width_div=args.width_div)
+    images = str(upscaled_images(args.resolution))
+    print(f"machine: {describe()}  torch threads: {os.environ.get('OMP_NUM_THREADS', 'default')}")
+    print(f"model: {args.model} (seeded random weights, {sum(files.parameters.values()) / 1e6:.0f}M parameters), "
+          f"{args.resolution} px, batch 1, rank 4 attention LoRA, {args.steps} steps per run")
+    rows = {}
+    rows["studio"] = run_child("studio", str(files.folder), images, args.steps, args.resolution)
+    rows["plain"] = run_child("plain", str(files.folder), images, args.steps, args.resolution)
+    print(f"{'loop':8s} {'peak RSS GiB':>12s} {'s/step':>8s}")
+    for name, r in rows.items():
+        print(f"{name:8s} {r['peak_rss'] / 2**30:12.2f} {_mean(r['step_s']):8.1f}   steps {[round(s, 1) for s in r['step_s']]}")
+    if args.micro:
+        micro = run_child("studio", "micro", str(Path(__file__).resolve().parents[1] / "assets" / "samples" /
+                                                  "subject-heart-red"), max(args.steps, 5), 64)
+        print(f"growth (studio trainer, batch 1): micro 64 px {micro['peak_rss'] / 2**30:.2f} GiB "
+              f"{_mean(micro['step_s']):.3f} s/step; {args.model} {args.resolution} px "
+              f"{rows['studio']['peak_rss'] / 2**30:.2f} GiB {_mean(rows['studio']['step_s']):.1f} s/step")
+    result = {"model": args.model if args.width_div == 1 else f"{args.model}/w{args.width_div}",
+              "resolution": args.resolution,
+              "memory_ratio": round(rows["studio"]["peak_rss"] / rows["plain"]["peak_rss"], 3),
+              "time_ratio": round(_mean(rows["studio"]["step_s"]) / _mean(rows["plain"]["step_s"]), 3),
+              "studio_peak_gib": round(rows["studio"]["peak_rss"] / 2**30, 2),
+              "plain_peak_gib": round(rows["plain"]["peak_rss"] / 2**30, 2),
+              "studio_s_per_step": round(_mean(rows["studio"]["step_s"]), 2),
+              "plain_s_per_step": round(_mean(rows["plain"]["step_s"]), 2)}
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
