@@ -26,7 +26,9 @@ def build(method: str, order: str | None, args: argparse.Namespace, options: dic
     if order:
         for _, layer in tuner_layers(pipe.unet):
             layer.order = order
-    opt = torch.optim.AdamW(no_decay_groups([{"params": params, "lr": 1e-4}]))
+    from studio.trainers.loop import _optimizer
+
+    opt = _optimizer(no_decay_groups([{"params": params, "lr": 1e-4}]), torch.device("cpu"))  # the trainer's
     g = torch.Generator().manual_seed(0)
     size = pipe.unet.config.sample_size
     x = torch.randn(args.batch, 4, size, size, generator=g)
@@ -51,7 +53,7 @@ def main() -> None:
     ap.add_argument("--targets", default="all")
     ap.add_argument("--transform-rank", type=int, default=4)
     ap.add_argument("--residual", default="lora")
-    ap.add_argument("--orders", default="weight,dense,cores")
+    ap.add_argument("--orders", default="auto,weight,dense,cores")
     ap.add_argument("--residual-rank", type=int, default=4)
     args = ap.parse_args()
     torch.manual_seed(0)

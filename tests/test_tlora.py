@@ -72,6 +72,22 @@ def _x(layer):
     return torch.randn(2, 5, 24, generator=g) if isinstance(layer, nn.Linear) else torch.randn(2, layer.in_channels, 6, 6, generator=g)
 
 
+def test_auto_order_picks_the_cheaper_product():
+    """auto: W0 T costs out * in^2 * taps, T on the activations positions * in^2."""
+    from studio.adapters.tlora.model import layer_factors
+
+    cfg = TLoraConfig(target_modules=["x"], transform_rank=2, residual="lora", residual_rank=2)
+    conv = nn.Conv2d(16, 16, 3, padding=1)  # out * taps = 144
+    layer = TLoraLayer(conv, "a", *layer_factors(conv, cfg), cfg)
+    assert layer.pick_order(torch.zeros(2, 16, 8, 8)) == "dense"  # 128 positions
+    assert layer.pick_order(torch.zeros(3, 16, 8, 8)) == "weight"  # 192
+    lin = nn.Linear(16, 8)
+    layer = TLoraLayer(lin, "a", *layer_factors(lin, cfg), cfg)
+    assert layer.pick_order(torch.zeros(7, 16)) == "dense" and layer.pick_order(torch.zeros(2, 4, 16)) == "weight"
+    layer.order = "cores"
+    assert layer.pick_order(torch.zeros(7, 16)) == "cores"  # a fixed order is kept
+
+
 @pytest.mark.parametrize("residual", ["tr", "lora"])
 @pytest.mark.parametrize("which", [0, 1, 2])
 def test_layer_orders_agree_and_merge(which, residual):
@@ -89,10 +105,11 @@ def test_layer_orders_agree_and_merge(which, residual):
             if p.requires_grad:
                 p.add_(torch.randn(p.shape, generator=_gen(4)) * 0.1)
     outs = {}
-    for order in ("weight", "dense", "cores"):
+    for order in ("weight", "dense", "cores", "auto"):
         layer.order = order
         outs[order] = layer(x)
     torch.testing.assert_close(outs["dense"], outs["weight"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(outs["auto"], outs["weight"], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(outs["cores"], outs["weight"], atol=1e-5, rtol=1e-5)
     # the explicit formula W0 T + s Delta
     w0 = base.weight.detach().clone()

@@ -24,9 +24,10 @@ from studio.adapters.tlora import functional as tf
 
 # how the transform meets the activations (measured in bench/tlora_orders.py, docs/tlora.md):
 # "weight": W0 T (+ s Delta) built once per forward, one matmul/conv; "dense": T built per forward
-# and applied to the activations, then the base layer; "cores": activations contracted core by core
-ORDERS: tuple[str, ...] = ("weight", "dense", "cores")
-DEFAULT_ORDER = "weight"
+# and applied to the activations, then the base layer; "cores": activations contracted core by core;
+# "auto": per call, the cheaper of weight and dense (see TLoraLayer.pick_order)
+ORDERS: tuple[str, ...] = ("auto", "weight", "dense", "cores")
+DEFAULT_ORDER = "auto"
 
 
 def layer_dims(base: nn.Module) -> tuple[int, int, int]:
@@ -169,9 +170,11 @@ class TLoraLayer(nn.Module, BaseTunerLayer):
 
     def _apply_transform(self, adapter: str, x: torch.Tensor) -> torch.Tensor:
         cores = self.transform_cores(adapter, x.dtype)
-        if self.order == "dense":
+        if self.pick_order(x) == "dense":
             t = tf.tr_matrix(cores)
-            return F.conv2d(x, t[:, :, None, None]) if self.conv else F.linear(x, t)
+            if self.conv:  # T over the channels as one batched product: a 1x1 conv took the slow kernel here
+                return torch.matmul(t, x.flatten(2)).view_as(x)
+            return F.linear(x, t)
         if self.conv:
             return tf.tr_apply(cores, x.movedim(1, -1)).movedim(-1, 1)
         return tf.tr_apply(cores, x)
@@ -191,6 +194,18 @@ class TLoraLayer(nn.Module, BaseTunerLayer):
             return base._conv_forward(x, delta.reshape(base.weight.shape), None)
         return F.linear(x, delta)
 
+    def pick_order(self, x: torch.Tensor) -> str:
+        """The order of this call: ``auto`` picks the cheaper of weight and dense by their products.
+
+        W0 T costs out * in^2 * taps multiply-adds, T applied to the activations N * in^2 (N the
+        positions of the batch), each about three times over with the backward: deep convolutions
+        see few positions (dense wins), the wide top levels many (weight wins).
+        """
+        if self.order != "auto":
+            return self.order
+        positions = x.numel() // self.in_features
+        return "dense" if positions < self.out_features * self.taps else "weight"
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         base = self.get_base_layer()
         active = [a for a in self.active_adapters if a in self.tlora_T]
@@ -200,7 +215,8 @@ class TLoraLayer(nn.Module, BaseTunerLayer):
             return base(x, *args, **kwargs)
         if self.merged or not active:
             return base(x, *args, **kwargs)
-        if self.order == "weight":
+        order = self.pick_order(x)
+        if order == "weight":
             # one matmul/conv with W0 + sum m (W0 T - W0 + s Delta); a LoRA residual folds in too: its
             # (out x r)(r x in) product is cheaper than the two extra thin products and their backward
             w0 = base.weight
