@@ -24,7 +24,6 @@ import os
 import re
 import struct
 import tempfile
-import uuid
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -413,7 +412,7 @@ def save_single_file(pipe: Any, path: str | os.PathLike, *, dtype: torch.dtype |
     offline whatever its architecture. The write is atomic: a temp file beside ``path``, then
     ``os.replace``. Returns ``path``.
     """
-    from safetensors.torch import save_file
+    from studio.fileio import write_safetensors
 
     path = Path(path)
     if path.suffix.lower() != ".safetensors":
@@ -426,16 +425,7 @@ def save_single_file(pipe: Any, path: str | os.PathLike, *, dtype: torch.dtype |
             metadata.update(studio_metadata(pipe, family))
     except StudioError as exc:
         raise StudioError(f"{path}: not written: {exc}") from exc
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # a unique name beside the target (same file system, so os.replace is atomic); created by
-    # save_file itself, so the file gets the usual permissions rather than mkstemp's 0600
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        save_file({k: v.cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_safetensors(path, tensors, metadata)
     log.info("wrote %s (%s, %d tensors%s)", path, family, len(tensors), ", configs embedded" if embed_config else "")
     return path
 

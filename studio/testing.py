@@ -7,6 +7,8 @@ loaded back with ``CLIPTokenizer.from_pretrained(folder, local_files_only=True)`
 
 from __future__ import annotations
 
+import atexit
+import shutil
 import tempfile
 from functools import lru_cache
 from pathlib import Path
@@ -22,6 +24,8 @@ FAMILIES: tuple[str, ...] = ("sd1", "sd2", "sdxl", "ldm")
 @lru_cache(maxsize=None)
 def _tokenizer_dir(pad: str) -> Path:
     folder = Path(tempfile.mkdtemp(prefix=f"studio-tok-{'bang' if pad == '!' else 'eos'}-"))
+    # one folder per process and pad token: gone when the process ends (tests make hundreds)
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
     write_tokenizer(folder, vocabulary())
     if pad == "!":
         # SD 2.x pads with "!" rather than <|endoftext|>

@@ -179,3 +179,18 @@ def test_mixing_applies_the_trigger_embedding_by_weight(pipe, tmp_path):
     assert _te_out(fresh).equal(base)
     with mixed(fresh, [f"{tmp_path / 'ad'}:0"]):
         assert _te_out(fresh).equal(base)
+
+
+def test_written_files_follow_the_umask_not_safetensors_0600(tmp_path):
+    """safetensors creates 0600 files; adapters and checkpoints are shared like other files."""
+    import os
+
+    from studio.fileio import write_safetensors
+
+    old = os.umask(0o022)
+    try:
+        path = write_safetensors(tmp_path / "sub" / "a.safetensors", {"w": torch.zeros(2)}, {"k": "v"})
+    finally:
+        os.umask(old)
+    assert oct(path.stat().st_mode & 0o777) == oct(0o644)
+    assert [p.name for p in path.parent.iterdir()] == ["a.safetensors"]  # no temp file left

@@ -253,6 +253,25 @@ def test_missing_folder_and_file_instead_of_folder(tmp_path):
     assert "file.png" in str(err.value)
 
 
+def test_a_wrong_folder_fails_before_the_model_is_loaded(tmp_path, monkeypatch):
+    """train() says a missing or image-less folder before load_pipeline (gigabytes at real size) runs."""
+    import studio.loading
+    from studio.trainers.config import TrainConfig
+    from studio.trainers.loop import train
+
+    monkeypatch.setattr(studio.loading, "load_pipeline", lambda *a, **k: pytest.fail("loaded the model"))
+    (tmp_path / "notes.txt").write_text("x")
+    for folder, msg in ((tmp_path / "nope", "no such folder"), (tmp_path, "contains no images")):
+        cfg = TrainConfig(images=str(folder), base="micro", out=str(tmp_path / "o"))
+        with pytest.raises(StudioError, match=msg):
+            train(cfg)
+        assert not (tmp_path / "o").exists()
+    (tmp_path / "a.png").write_bytes(b"not really a png")  # decoding is load_image_folder's to judge
+    from studio.trainers.data import precheck_image_folder
+
+    precheck_image_folder(tmp_path)
+
+
 @pytest.mark.parametrize("resolution, multiple", [(0, 8), (-64, 8), (60, 8), (63, 8), (72, 16)])
 def test_bad_resolution_names_the_flag(tmp_path, resolution, multiple):
     _solid("RGB", (0, 0, 0), (64, 64)).save(tmp_path / "a.png")

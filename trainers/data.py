@@ -186,13 +186,7 @@ def load_image_folder(
 
     root = Path(folder)
     files, subdirs, others, captions = _list_folder(root, caption_exts)
-    images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
-    if not images:
-        found = sorted([p.name for p in others + files] + [p.name for p in set(captions.values())])
-        detail = f"found only {_some(found)}" if found else "the folder is empty"
-        if subdirs:
-            detail += f"; sub-folders are not searched ({_some([d.name + '/' for d in subdirs])})"
-        raise StudioError(f"{root}: contains no images ({_TYPES}); {detail}")
+    images = _images_or_raise(root, files, subdirs, others, captions)
 
     sizes = make_buckets(resolution, multiple) if buckets else [(resolution, resolution)]
     skipped: list[tuple[Path, str]] = [
@@ -277,6 +271,27 @@ def _some(names: Sequence[str], shown: int = _SHOWN, sep: str = ", ") -> str:
     """The first ``shown`` names joined, with "and N more" for the rest."""
     text = sep.join(names[:shown])
     return text + (f"{sep}and {len(names) - shown} more" if len(names) > shown else "")
+
+
+def precheck_image_folder(folder: str | os.PathLike[str], caption_ext: str = ".txt") -> None:
+    """Fail at once on a missing folder or one without image files (before a model is loaded);
+    whether the images decode is :func:`load_image_folder`'s to say."""
+    root = Path(folder)
+    caption_exts = tuple(dict.fromkeys((caption_ext.lower(), FALLBACK_CAPTION_EXT)))
+    _images_or_raise(root, *_list_folder(root, caption_exts))
+
+
+def _images_or_raise(root: Path, files: list[Path], subdirs: list[Path], others: list[Path],
+                     captions: dict[str, Path]) -> list[Path]:
+    """The files with an image suffix; a clear error when there are none."""
+    images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+    if not images:
+        found = sorted([p.name for p in others + files] + [p.name for p in set(captions.values())])
+        detail = f"found only {_some(found)}" if found else "the folder is empty"
+        if subdirs:
+            detail += f"; sub-folders are not searched ({_some([d.name + '/' for d in subdirs])})"
+        raise StudioError(f"{root}: contains no images ({_TYPES}); {detail}")
+    return images
 
 
 def _list_folder(

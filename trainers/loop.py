@@ -97,7 +97,7 @@ def _train(cfg: TrainConfig, out: Path, on_event: EventHandler | None, cancel: t
 
     from studio import adapters
     from studio.loading import load_pipeline
-    from studio.trainers.data import load_image_folder, validate_output_dir
+    from studio.trainers.data import load_image_folder, precheck_image_folder, validate_output_dir
     from studio.trainers.recipes import get_recipe
 
     emit = on_event or (lambda e: None)
@@ -105,6 +105,7 @@ def _train(cfg: TrainConfig, out: Path, on_event: EventHandler | None, cancel: t
     cfg.validate()
     recipe = get_recipe(cfg.kind)
     out = validate_output_dir(out)
+    precheck_image_folder(cfg.images)  # a wrong folder is said before a model of gigabytes is loaded
     ckpt_dir = out / CHECKPOINT_DIR
     if not cfg.resume and (ckpt_dir.exists() or (out / adapters.core.LORA_FILE).exists()
                            or (out / adapters.core.STUDIO_FILE).exists()):

@@ -17,11 +17,12 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from studio.adapters.methods import TARGET_SETS, TEXT_ATTENTION, AdapterSettings, get_method
 from studio.adapters.trigger import TriggerEmbeddings
 from studio.errors import StudioError
+from studio.fileio import write_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -213,10 +214,7 @@ def save_adapter(pipe: Any, folder: str | os.PathLike, adapter_name: str = "defa
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / (LORA_FILE if method.diffusers_loadable else STUDIO_FILE)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    save_file(tensors, str(tmp), metadata=header)
-    os.replace(tmp, path)
-    return path
+    return write_safetensors(path, tensors, header)
 
 
 def adapter_file(path: str | os.PathLike) -> Path:

@@ -303,15 +303,11 @@ def _is_norm_weight(block: nn.Module, p: torch.Tensor) -> bool:
 
 def write_module_file(module: nn.Module, path: str | os.PathLike, header: dict[str, str]) -> Path:
     """A module's weights (fp32) with ``header`` as a .safetensors file, written atomically."""
-    from safetensors.torch import save_file
+    from studio.fileio import write_safetensors
 
     p = Path(path)
     tensors = {k: v.detach().to(torch.float32).contiguous().clone() for k, v in module.state_dict().items()}
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + f".tmp{os.getpid()}")
-    save_file(tensors, str(tmp), metadata=header)
-    os.replace(tmp, p)
-    return p
+    return write_safetensors(p, tensors, header)
 
 
 def read_module_file(path: str | os.PathLike, kind: str, name: str,

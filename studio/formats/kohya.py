@@ -35,7 +35,6 @@ import logging
 import math
 import os
 import re
-import uuid
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -43,6 +42,7 @@ from typing import Any
 import torch
 
 from studio.errors import StudioError
+from studio.fileio import write_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -754,21 +754,6 @@ def _output_file(out_path: str | os.PathLike, default_name: str, source: Path) -
     return out
 
 
-def _write_atomic(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> Path:
-    """save_file to a temp name beside ``path``, then os.replace: never a half-written file."""
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=dict(metadata))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
-
-
 def _most_common(values: Iterable[Any]) -> Any:
     return collections.Counter(values).most_common(1)[0][0]
 
@@ -861,7 +846,7 @@ def to_kohya(in_path: str | os.PathLike, out_path: str | os.PathLike, *, family:
     out = _output_file(out_path, f"{src_name}.safetensors", lora.path)
     metadata = _kohya_metadata(lora, fam, lora.modules, out)
     metadata["sshs_model_hash"], metadata["sshs_legacy_hash"] = _sshs_hashes(tensors, metadata)
-    _write_atomic(out, tensors, metadata)
+    write_safetensors(out, tensors, metadata)
     log.info("wrote %s (kohya, %d modules, from %s layout)", out, len(lora.modules), lora.layout)
     return out
 
@@ -915,7 +900,7 @@ def to_diffusers(in_path: str | os.PathLike, out_path: str | os.PathLike, *, fam
     if lora.family and f"{STUDIO_META_PREFIX}family" not in metadata:
         metadata[f"{STUDIO_META_PREFIX}family"] = lora.family
     out = _output_file(out_path, DIFFUSERS_WEIGHT_NAME, lora.path)
-    _write_atomic(out, tensors, metadata)
+    write_safetensors(out, tensors, metadata)
     log.info("wrote %s (diffusers, %d modules, from %s layout)", out, len(lora.modules), lora.layout)
     return out
 
