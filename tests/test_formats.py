@@ -224,10 +224,27 @@ def test_writer_names_match_real_sdxl_files(tmp_path):
     ldm = _written_names(tmp_path, "sdxl", modules, unet_names="ldm")  # sd-scripts' own SDXL naming
     for kohya, comp, module in SDXL_LDM_NAMES:
         assert ldm[(comp, module)] == kohya
-    default = _written_names(tmp_path, "sdxl", modules)
+    diffusers = _written_names(tmp_path, "sdxl", modules, unet_names="diffusers")
     for kohya, comp, module in SDXL_DIFFUSERS_NAMES:
-        assert default[(comp, module)] == kohya
-    assert default[("text_encoder_2", "encoder.layers.31.mlp.fc1")] == "lora_te2_text_model_encoder_layers_31_mlp_fc1"
+        assert diffusers[(comp, module)] == kohya
+    assert diffusers[("text_encoder_2", "encoder.layers.31.mlp.fc1")] == "lora_te2_text_model_encoder_layers_31_mlp_fc1"
+
+
+def test_sdxl_default_names_are_sd_scripts_ldm_ones_when_the_lora_fits_sdxl_base(tmp_path, caplog):
+    """sd-scripts writes SDXL LoRAs with original-LDM UNet names; a LoRA that does not fit SDXL base's
+    UNet (another layout) keeps diffusers-style names rather than get the names of wrong layers."""
+    q = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"  # 640 -> 640 in SDXL base
+
+    def write(name: str, dims: int) -> Path:
+        src = tmp_path / f"{name}.safetensors"
+        save_file({f"unet.{q}.lora_A.weight": torch.ones(2, dims), f"unet.{q}.lora_B.weight": torch.ones(dims, 2)},
+                  str(src), metadata={"format": "pt"})
+        with safe_open(str(to_kohya(src, tmp_path / f"{name}-k.safetensors", family="sdxl")), "pt") as fh:
+            return {k.rsplit(".", 2)[0] for k in fh.keys()}
+
+    assert write("fits", 640) == {"lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"}
+    assert write("other", 64) == {"lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q"}
+    assert "does not fit SDXL base's UNet" in caplog.text
 
 
 @pytest.mark.parametrize("family,table", [("sd1", SD1_NAMES), ("sdxl", SDXL_LDM_NAMES + SDXL_DIFFUSERS_NAMES)])

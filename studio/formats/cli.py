@@ -28,9 +28,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                                                  "weights.safetensors; kohya: OUT/<input name>.safetensors)")
     p.add_argument("--family", choices=FAMILIES, default=None,
                    help="base model family, for the ss_* metadata and original-LDM names (default: guessed)")
-    p.add_argument("--ldm-names", action="store_true",
-                   help="kohya: name UNet modules like the original LDM UNet (input_blocks_4_1_…), as sd-scripts "
-                        "does for SDXL; default: diffusers-style names (down_blocks_1_attentions_0_…)")
+    p.add_argument("--unet-names", choices=["auto", "ldm", "diffusers"], default=None,
+                   help="kohya: UNet module names; auto (default) as sd-scripts writes them: original-LDM "
+                        "names for SDXL (input_blocks_4_1_…), diffusers-style for SD 1.x/2.x "
+                        "(down_blocks_1_attentions_0_…)")
+    p.add_argument("--ldm-names", dest="unet_names", action="store_const", const="ldm",
+                   help="the same as --unet-names ldm")
     t = p.add_argument_group("TLoRA adapters (written as a LoRA by truncated SVD of each layer's update)")
     t.add_argument("--rank", type=int, default=16, help="rank of the LoRA a TLoRA adapter becomes (default 16)")
     t.add_argument("--base", default=None, metavar="SPEC",
@@ -58,11 +61,10 @@ def run(args: argparse.Namespace) -> int:
         print(path)
         return 0
     if args.to == "kohya":
-        path = to_kohya(args.input, args.output, family=args.family,
-                        unet_names="ldm" if args.ldm_names else "diffusers")
+        path = to_kohya(args.input, args.output, family=args.family, unet_names=args.unet_names or "auto")
     else:
-        if args.ldm_names:
-            raise StudioError("--ldm-names applies to --to kohya only")
+        if args.unet_names:
+            raise StudioError(f"--unet-names {args.unet_names} applies to --to kohya only")
         path = to_diffusers(args.input, args.output, family=args.family)
     print(path)
     return 0

@@ -811,26 +811,33 @@ def _kohya_metadata(lora: LoraFile, family: str | None, modules: list[ModuleWeig
     return md
 
 
-def to_kohya(in_path: str | os.PathLike, out_path: str | os.PathLike, *, family: str | None = None,
-             unet_names: str = "diffusers", unet_config: Mapping[str, Any] | None = None) -> Path:
-    """Write a LoRA/LyCORIS file in the kohya layout (A1111, ComfyUI, sd-scripts); returns the path.
+def _unet_layout_mismatch(lora: Any, family: str) -> str | None:
+    """Why the LoRA's UNet modules do not fit the family's reference UNet (None when they all do)."""
+    from diffusers import UNet2DConditionModel
 
-    ``in_path``: a file or a folder holding ``pytorch_lora_weights.safetensors``; any layout
-    :func:`detect_lora_format` knows. ``out_path``: a ``.safetensors`` file, or a folder (the
-    file is then named after the input). ``family`` (sd1, sd2, sdxl; guessed when None) sets the
-    ``ss_*`` metadata and, for ``unet_names="ldm"`` (sd-scripts' SDXL naming), the bundled UNet
-    config; ``unet_config`` overrides that config (e.g. a test model's).
-    """
-    lora = read_lora(in_path, family=family, unet_config=unet_config)
-    fam = family or lora.family
-    if fam is None:
-        log.warning("%s: base family unknown (sd1, sd2 or sdxl?): ss_base_model_version left out; pass --family",
-                    lora.path)
+    with torch.device("meta"):  # the layout only: no memory, no weights
+        unet = UNet2DConditionModel.from_config(bundled_unet_config(family))
+    shapes = {n: tuple(m.weight.shape[:2]) for n, m in unet.named_modules()
+              if isinstance(getattr(m, "weight", None), torch.Tensor)}
+    for m in lora.modules:
+        if m.component != "unet":
+            continue
+        if m.module not in shapes:
+            return f"it has no module {m.module}"
+        down, up = m.tensors.get("lora_down.weight"), m.tensors.get("lora_up.weight")
+        if down is not None and up is not None and (up.shape[0], down.shape[1]) != shapes[m.module]:
+            return (f"{m.module} maps {down.shape[1]} to {up.shape[0]} channels, SDXL base's "
+                    f"{shapes[m.module][1]} to {shapes[m.module][0]}")
+    return None
+
+
+def _kohya_tensors(lora: Any, fam: str | None, unet_names: str, unet_config: Mapping[str, Any] | None,
+                   dual: bool) -> dict[str, torch.Tensor]:
+    """The kohya-named tensors of ``lora`` (``unet_names``: diffusers or ldm)."""
     if unet_names == "ldm" and unet_config is None:
         if fam is None:
             raise StudioError(f"{lora.path}: original-LDM names need the family's UNet config: pass --family")
         unet_config = bundled_unet_config(fam)
-    dual = fam == "sdxl" or any(m.component == "text_encoder_2" for m in lora.modules)
     names = KohyaNames(unet_config=unet_config, dual_text_encoders=dual, unet_names=unet_names)
     tensors: dict[str, torch.Tensor] = {}
     for m in lora.modules:
@@ -842,6 +849,39 @@ def to_kohya(in_path: str | os.PathLike, out_path: str | os.PathLike, *, family:
         alpha = m.alpha if m.alpha is not None else m.rank  # sd-scripts always writes alpha
         if alpha is not None:
             tensors[f"{base}.alpha"] = torch.tensor(float(alpha), dtype=torch.float32)
+    return tensors
+
+
+def to_kohya(in_path: str | os.PathLike, out_path: str | os.PathLike, *, family: str | None = None,
+             unet_names: str = "auto", unet_config: Mapping[str, Any] | None = None) -> Path:
+    """Write a LoRA/LyCORIS file in the kohya layout (A1111, ComfyUI, sd-scripts); returns the path.
+
+    ``in_path``: a file or a folder holding ``pytorch_lora_weights.safetensors``; any layout
+    :func:`detect_lora_format` knows. ``out_path``: a ``.safetensors`` file, or a folder (the
+    file is then named after the input). ``family`` (sd1, sd2, sdxl; guessed when None) sets the
+    ``ss_*`` metadata and, for ``unet_names="ldm"`` (sd-scripts' SDXL naming), the bundled UNet
+    config; ``unet_config`` overrides that config (e.g. a test model's). ``unet_names="auto"``
+    names the UNet as sd-scripts does: original-LDM names for SDXL (diffusers-style ones when the
+    UNet does not have SDXL base's layout, with a warning), diffusers-style names for SD 1.x/2.x.
+    """
+    lora = read_lora(in_path, family=family, unet_config=unet_config)
+    fam = family or lora.family
+    if fam is None:
+        log.warning("%s: base family unknown (sd1, sd2 or sdxl?): ss_base_model_version left out; pass --family",
+                    lora.path)
+    dual = fam == "sdxl" or any(m.component == "text_encoder_2" for m in lora.modules)
+    if unet_names == "auto":
+        unet_names = "diffusers"
+        if fam == "sdxl":
+            # LDM names are computed from SDXL base's block layout: a LoRA of another UNet (a distilled
+            # SDXL, a test model) would get names of the wrong layers, so its shapes are checked first
+            why = _unet_layout_mismatch(lora, fam) if unet_config is None else None
+            if why:
+                log.warning("%s: kept diffusers-style UNet names (sd-scripts uses original-LDM names for SDXL, but "
+                            "this LoRA does not fit SDXL base's UNet: %s)", lora.path, why)
+            else:
+                unet_names = "ldm"
+    tensors = _kohya_tensors(lora, fam, unet_names, unet_config, dual)
     src_name = lora.path.parent.name if lora.path.name in (DIFFUSERS_WEIGHT_NAME, PEFT_WEIGHT_NAME) else lora.path.stem
     out = _output_file(out_path, f"{src_name}.safetensors", lora.path)
     metadata = _kohya_metadata(lora, fam, lora.modules, out)
