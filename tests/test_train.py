@@ -282,8 +282,9 @@ def test_prior_uncond_trains_class_images_on_the_empty_prompt(images, tiny_dirs,
     from studio.trainers import loop
 
     seen: list[list[str]] = []
-    real = loop.TextCache.embed
-    monkeypatch.setattr(loop.TextCache, "embed", lambda self, prompts: seen.append(list(prompts)) or real(self, prompts))
+    real = loop.TextCache.embed_pooled
+    monkeypatch.setattr(loop.TextCache, "embed_pooled",
+                        lambda self, prompts: seen.append(list(prompts)) or real(self, prompts))
     train(_cfg(images, tiny_dirs["sd1"], tmp_path / "a", steps=3, prior_uncond=uncond, class_prompt="a shape",
                sample_prompts=["a sks shape"]))
     # per step: the instance prompts, then the class prompts (batch 2 each)

@@ -240,6 +240,9 @@ def _train(cfg: TrainConfig, out: Path, emit: EventHandler, cancel: threading.Ev
     device = pipe.unet.device
     subj_cfg = dataclasses.replace(cfg, kind="subject", images=cfg.content, method="lora")
     plan = get_recipe("subject").plan(subj_cfg, pipe)  # family check, resolution, class prompts, sampling
+    if plan.family == "sdxl":  # its stages call the denoiser without SDXL's pooled embeddings and time ids
+        raise StudioError(f"--base {cfg.base}: Break-for-Make does not train on SDXL yet; use an SD 1.x/2.x model "
+                          f"or micro (plain LoRA, --method lora, trains on SDXL)")
     micro = plan.micro
     d = dict(MICRO if micro else REAL)
     rank = cfg.rank or d["rank"]

@@ -61,6 +61,19 @@ class ImageItem:
         """(w, h) of the prepared image, i.e. of its bucket."""
         return self.image.size
 
+    def sdxl_time_ids(self, flip: bool = False) -> tuple[int, int, int, int, int, int]:
+        """SDXL's added conditions: original (h, w), crop top-left (top, left), target (h, w).
+
+        A mirrored image's crop is measured from the other edge of the resized picture (as kohya's
+        sd-scripts do); the resized width is recomputed the way :func:`_fit` computed it.
+        """
+        ow, oh = self.original_size
+        tw, th = self.size
+        left, top = self.crop_xy
+        if flip:
+            left = max(0, max(tw, round(ow * max(tw / ow, th / oh))) - tw - left)
+        return (oh, ow, top, left, th, tw)
+
 
 @dataclass
 class ImageSet:

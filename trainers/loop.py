@@ -205,21 +205,28 @@ def _train(cfg: TrainConfig, out: Path, on_event: EventHandler | None, cancel: t
             idx = torch.randint(0, len(data), (plan.batch,), generator=gen)
             flips = torch.rand(plan.batch, generator=gen) < cfg.flip
             lat = torch.where(flips[:, None, None, None], latents_flip[idx], latents[idx])
-            emb = text_cache.embed([_pick(prompts[i], plan.caption_dropout, gen, plan.tag_dropout, cfg.token)
-                                    for i in idx.tolist()])
+            emb, pooled = text_cache.embed_pooled([_pick(prompts[i], plan.caption_dropout, gen, plan.tag_dropout,
+                                                         cfg.token) for i in idx.tolist()])
+            time_ids = _time_ids(data, idx, flips) if pooled is not None else None
             if class_latents is not None:
                 cidx = torch.randint(0, len(class_latents), (plan.batch,), generator=gen)
                 lat = torch.cat([lat, class_latents[cidx]])
                 # prior_uncond 0 draws nothing: earlier runs keep their random streams
-                emb = torch.cat([emb, text_cache.embed([
+                c_emb, c_pooled = text_cache.embed_pooled([
                     _pick((plan.class_prompts[i], ""), plan.prior_uncond, gen) if plan.prior_uncond
-                    else plan.class_prompts[i] for i in cidx.tolist()])])
+                    else plan.class_prompts[i] for i in cidx.tolist()])
+                emb = torch.cat([emb, c_emb])
+                if pooled is not None:  # class images: generated at their own size, uncropped
+                    h, w = (s * plan.vae_factor for s in class_latents.shape[-2:])
+                    pooled = torch.cat([pooled, c_pooled])
+                    time_ids = torch.cat([time_ids, torch.tensor([[h, w, 0, 0, h, w]] * len(cidx), dtype=torch.float32)])
+            dev = accelerator.device
+            extra = plan.unet_kwargs(*(x.to(dev) if x is not None else None for x in (pooled, time_ids)))
             lat = lat * vae.config.scaling_factor
             noise = torch.randn(lat.shape, generator=gen)
             t = torch.randint(0, noise_sched.config.num_train_timesteps, (lat.shape[0],), generator=gen)
             noisy = noise_sched.add_noise(lat, noise, t)
             target = noise if noise_sched.config.prediction_type == "epsilon" else noise_sched.get_velocity(lat, noise, t)
-            dev = accelerator.device
             if class_latents is not None and cfg.prior_target == "base":
                 # Output preservation: the class half learns the base model's own prediction, not the
                 # sampled noise. Far less variance than DreamBooth's noise target, so the adapter is held
@@ -227,10 +234,10 @@ def _train(cfg: TrainConfig, out: Path, on_event: EventHandler | None, cancel: t
                 with torch.no_grad(), _adapters_off(pipe), accelerator.autocast():
                     base_pred = accelerator.unwrap_model(unet)(
                         noisy[plan.batch :].to(dev), t[plan.batch :].to(dev), emb[plan.batch :].to(dev),
-                        **plan.unet_kwargs(lat.shape[0] - plan.batch)).sample
+                        **_rows(extra, slice(plan.batch, None))).sample
                 target = torch.cat([target[: plan.batch].to(dev), base_pred.float()])
             with accelerator.autocast():
-                pred = unet(noisy.to(dev), t.to(dev), emb.to(dev), **plan.unet_kwargs(lat.shape[0])).sample
+                pred = unet(noisy.to(dev), t.to(dev), emb.to(dev), **extra).sample
             per = F.mse_loss(pred.float(), target.to(dev), reduction="none").mean(dim=(1, 2, 3))
             if snr_w is not None:
                 per = per * snr_w[t].to(dev)
@@ -278,6 +285,19 @@ def _train(cfg: TrainConfig, out: Path, on_event: EventHandler | None, cancel: t
     return TrainResult(out=out, adapter_file=result_file, steps=step, seconds=seconds,
                        final_loss=_mean_tail(losses) if losses else None, images=len(data),
                        skipped=[(str(p), r) for p, r in data.skipped], samples=samples)
+
+
+def _time_ids(data: Any, idx: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
+    """SDXL's add_time_ids of the batch's images (original size, crop, target size), ``(B, 6)``."""
+    return torch.tensor([data.items[i].sdxl_time_ids(bool(f)) for i, f in zip(idx.tolist(), flips.tolist())],
+                        dtype=torch.float32)
+
+
+def _rows(kwargs: dict[str, Any], rows: slice) -> dict[str, Any]:
+    """The denoiser's extra inputs (:meth:`Plan.unet_kwargs`) of some rows of the batch."""
+    if "added_cond_kwargs" not in kwargs:
+        return kwargs
+    return {**kwargs, "added_cond_kwargs": {k: v[rows] for k, v in kwargs["added_cond_kwargs"].items()}}
 
 
 @contextlib.contextmanager
@@ -430,28 +450,49 @@ class TextCache:
     def _live(self, prompt: str) -> bool:
         return self.train_text or (self.live_word is not None and self.live_word in prompt.split())
 
-    def _encode(self, prompts: list[str]) -> torch.Tensor:
-        tok = self.pipe.tokenizer
-        ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                  return_tensors="pt").input_ids.to(self.pipe.text_encoder.device)
-        emb = self.pipe.text_encoder(ids)[0]
+    def _encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        pooled = None
+        if getattr(self.pipe, "text_encoder_2", None) is not None:
+            # SDXL: both encoders' penultimate hidden states side by side and the second one's pooled
+            # projection, exactly as the pipeline computes them at generation (the class's method, so a
+            # DECOR hook on the instance is bypassed: DECOR is applied below)
+            emb, _, pooled, _ = type(self.pipe).encode_prompt(
+                self.pipe, prompt=prompts, device=self.pipe.text_encoder_2.device, num_images_per_prompt=1,
+                do_classifier_free_guidance=False)
+        else:
+            tok = self.pipe.tokenizer
+            ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                      return_tensors="pt").input_ids.to(self.pipe.text_encoder.device)
+            emb = self.pipe.text_encoder(ids)[0]
         if self.decor is not None:
             from studio.text.pipeline import project_embeddings
 
-            emb = project_embeddings(self.pipe, self.decor, prompts, emb)[0]
-        return emb
+            emb, pooled = project_embeddings(self.pipe, self.decor, prompts, emb, pooled)
+        return emb, pooled
 
     def embed(self, prompts: list[str]) -> torch.Tensor:
+        """The prompts' embeddings, ``(B, tokens, width)``."""
+        return self.embed_pooled(prompts)[0]
+
+    def embed_pooled(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The prompts' embeddings and SDXL's pooled ones ``(B, width)`` (None for other families)."""
         if self.train_text:
             return self._encode(prompts)
         live = sorted({p for p in prompts if self._live(p)})
         missing = sorted({p for p in prompts if p not in self.cache and p not in live})
         if missing:
             with torch.no_grad():
-                for p, e in zip(missing, self._encode(missing)):
-                    self.cache[p] = e.cpu()
-        fresh = dict(zip(live, self._encode(live).cpu())) if live else {}
-        return torch.stack([fresh[p] if p in fresh else self.cache[p] for p in prompts])
+                emb, pooled = self._encode(missing)
+                for i, p in enumerate(missing):
+                    self.cache[p] = (emb[i].cpu(), None if pooled is None else pooled[i].cpu())
+        fresh = {}
+        if live:
+            emb, pooled = self._encode(live)
+            fresh = {p: (emb[i].cpu(), None if pooled is None else pooled[i].cpu()) for i, p in enumerate(live)}
+        pairs = [fresh[p] if p in fresh else self.cache[p] for p in prompts]
+        pooled_rows = [q for _, q in pairs]
+        return (torch.stack([e for e, _ in pairs]),
+                None if pooled_rows[0] is None else torch.stack(pooled_rows))
 
 
 def prior_images(pipe: Any, prompts: list[str], seed: int, emit: EventHandler, *, steps: int,

@@ -40,15 +40,18 @@ class Plan:
     sample_steps: int
     guidance: float  # of samples and class images: the model's own default
     family: str
-    size_cond: tuple[int, int] | None = None  # SDXL added conditions: (height, width)
     micro: bool = False
     caption_dropout: float = 0.0  # chance that an image with a caption trains on its plain prompt instead
     prior_uncond: float = 0.0  # chance that a class image trains on the empty prompt instead of its own
     tag_dropout: float = 0.0  # chance that a caption's comma-separated tag (not the trigger's) is left out
 
-    def unet_kwargs(self, n: int) -> dict[str, Any]:
-        """Extra denoiser inputs (SDXL's size/crop conditions)."""
-        return {}
+    def unet_kwargs(self, pooled: Any = None, time_ids: Any = None) -> dict[str, Any]:
+        """Extra denoiser inputs: SDXL's pooled text embeddings and size/crop conditions, else none."""
+        if self.family != "sdxl":
+            return {}
+        if pooled is None or time_ids is None:
+            raise StudioError("SDXL training step without pooled text embeddings or add_time_ids (a loop defect)")
+        return {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
 
 
 # Defaults measured on the micro model (docs/training.md); real-size bases use the usual
@@ -78,9 +81,9 @@ class Recipe:
 
         method = get_method(cfg.method)
         src = pipe.studio_source
-        if src.family in ("sdxl", "ldm"):
+        if src.family == "ldm":
             raise StudioError(f"--base {cfg.base}: training on the {src.family} family is not supported yet; "
-                              f"use an SD 1.x/2.x model or micro")
+                              f"use an SD 1.x/2.x or SDXL model or micro")
         micro = src.kind == "micro"
         d = (MICRO_DEFAULTS if micro else REAL_DEFAULTS)[self.kind]
         res = cfg.resolution or native_size(pipe)[0]
