@@ -80,7 +80,7 @@ def _jobs_panel(ctx: UIContext) -> None:
             resume = gr.Checkbox(label="Resume jobs from their checkpoints", value=False, elem_id="jobs-resume")
         start = gr.Button("Start batch", variant="primary", elem_id="jobs-start")
         batch_note = gr.Markdown("", elem_id="jobs-batch-note")
-    timer = gr.Timer(1.0, active=True)
+    timer = gr.Timer(2.0, active=True)  # the whole table each tick: every 2 s keeps a loaded machine responsive
 
     def choices(jobs: list[dict[str, Any]]) -> list[tuple[str, str]]:
         return [(f"{st['id']} {st.get('label') or st['kind']} ({st['state']})", st["id"]) for st in reversed(jobs)]
@@ -94,14 +94,16 @@ def _jobs_panel(ctx: UIContext) -> None:
 
     views = [head, table, picked, detail, bar, log_box, cancel]
     timer.tick(refresh, [picked], views, show_progress="hidden", concurrency_limit=None, api_name="jobs_status")
-    picked.change(refresh, [picked], views, show_progress="hidden", **private)
+    # .input, not .change: refresh sets the dropdown itself, and .change would fire on that, again and again
+    picked.input(refresh, [picked], views, show_progress="hidden", **private)
 
     @_select_handler
     def on_row(evt: Any):
         row = evt.row_value if evt is not None else None
         return row[0] if row else gr.skip()
 
-    table.select(on_row, None, picked, **private)
+    table.select(on_row, None, picked, show_progress="hidden", **private).then(
+        refresh, [picked], views, show_progress="hidden", **private)
 
     def on_cancel(jid: str | None):
         if jid:
@@ -111,7 +113,7 @@ def _jobs_panel(ctx: UIContext) -> None:
                 gr.Warning(str(exc))
         return refresh(jid)
 
-    cancel.click(on_cancel, [picked], views, concurrency_limit=None, api_name="jobs_cancel")
+    cancel.click(on_cancel, [picked], views, show_progress="hidden", concurrency_limit=None, api_name="jobs_cancel")
 
     def on_start(text: str, address: str, resume_: bool):
         found, problems = service.job_files(text)
@@ -129,5 +131,5 @@ def _jobs_panel(ctx: UIContext) -> None:
         return note, ids[0]
 
     start.click(on_start, [files, cluster, resume], [batch_note, picked], concurrency_limit=None,
-                api_name="jobs_batch")
+                api_name="jobs_batch").then(refresh, [picked], views, show_progress="hidden", **private)
     ctx.on_load(refresh, [picked], views)

@@ -307,7 +307,7 @@ def test_adapters_off_is_the_base_model_and_keeps_the_adapter_trainable(tiny_dir
         for p in params:
             p.add_(0.1)
         adapted = pipe.unet(x, 10, emb).sample
-        with _adapters_off(pipe, params):
+        with _adapters_off(pipe):
             off = pipe.unet(x, 10, emb).sample
         again = pipe.unet(x, 10, emb).sample
     assert (adapted - base).abs().max() > 1e-4
