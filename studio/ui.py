@@ -187,6 +187,17 @@ def _status_or_none(manager: service.JobManager, job_id: str | None) -> dict[str
         return None
 
 
+def cancel_job(manager: service.JobManager, job_id: str | None) -> None:
+    """A page's Cancel/Stop button: cancel the job if there is one; a refusal is a warning on the page."""
+    import gradio as gr
+
+    if job_id:
+        try:
+            manager.cancel(job_id)
+        except StudioError as exc:
+            gr.Warning(str(exc))
+
+
 def _select_handler(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Mark ``fn``'s ``evt`` argument as gr.SelectData.
 
@@ -461,11 +472,7 @@ def _train_panel(ctx: UIContext) -> None:
     timer.tick(view, [job_id, shown], views, show_progress="hidden", concurrency_limit=None, api_name="train_status")
 
     def on_cancel(jid: str | None, seen: list[str]):
-        if jid:
-            try:
-                ctx.manager.cancel(jid)
-            except StudioError as exc:
-                gr.Warning(str(exc))
+        cancel_job(ctx.manager, jid)
         return view(jid, seen)
 
     cancel.click(on_cancel, [job_id, shown], views, concurrency_limit=None, api_name="train_cancel")
@@ -870,11 +877,7 @@ def _generate_panel(ctx: UIContext) -> None:
     timer.tick(view, job_id, views, show_progress="hidden", concurrency_limit=None, api_name="generate_status")
 
     def on_stop(jid: str | None):
-        if jid:
-            try:
-                ctx.manager.cancel(jid)
-            except StudioError as exc:
-                gr.Warning(str(exc))
+        cancel_job(ctx.manager, jid)
         return view(jid)
 
     stop.click(on_stop, job_id, views, concurrency_limit=None, api_name="generate_cancel")

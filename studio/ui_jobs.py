@@ -11,7 +11,7 @@ from typing import Any
 
 from studio import service
 from studio.errors import StudioError
-from studio.ui import UIContext, _select_handler, job_log, job_markdown, panel, progress_html
+from studio.ui import UIContext, _select_handler, cancel_job, job_log, job_markdown, panel, progress_html
 
 COLUMNS = ["id", "job", "kind", "where", "state", "step", "loss", "ETA / took"]
 ACTIVE = ("queued", "running")
@@ -106,11 +106,7 @@ def _jobs_panel(ctx: UIContext) -> None:
         refresh, [picked], views, show_progress="hidden", **private)
 
     def on_cancel(jid: str | None):
-        if jid:
-            try:
-                ctx.manager.cancel(jid)
-            except StudioError as exc:
-                gr.Warning(str(exc))
+        cancel_job(ctx.manager, jid)
         return refresh(jid)
 
     cancel.click(on_cancel, [picked], views, show_progress="hidden", concurrency_limit=None, api_name="jobs_cancel")
