@@ -126,3 +126,17 @@ def test_b4m_still_refuses_sdxl(wide_images, tmp_path):
                                      register=False))
     with pytest.raises(StudioError, match="Break-for-Make does not train on SDXL"):
         train(cfg)
+
+
+def test_prior_at_a_resolution_other_than_native_generates_class_images_at_it(wide_images, tmp_path):
+    """SDXL trains at 512 on CPU (native 1024): its class images must be 512 too, or the batch cannot stack."""
+    import os
+
+    base = tmp_path / "base"
+    tiny_pipeline("sdxl").save_pretrained(base, safe_serialization=True)  # native 32 px
+    cfg = TrainConfig.from_dict(dict(kind="subject", images=str(wide_images), base=str(base), out=str(tmp_path / "o"),
+                                     steps=1, batch=1, rank=4, class_images=1, resolution=64, checkpoint_every=0,
+                                     register=False, seed=3, samples=False))
+    assert train(cfg).steps == 1
+    cached = list((Path(os.environ["STUDIO_HOME"]) / "cache" / "class-images").glob("*/*.png"))
+    assert [Image.open(p).size for p in cached] == [(64, 64)]
