@@ -422,9 +422,17 @@ def _noise_scheduler(pipe: Any):
     return DDPMScheduler.from_config(pipe.scheduler.config)
 
 
+# Pixels per VAE batch while caching: 32 micro images of 64 px, one image from 512 px up. The VAE's
+# activations grow with the batch: encoding SD 1.5's 5 images (then their 5 mirrors) at 512 px in one
+# batch added 1.7 GiB to the run's peak (7.62 GiB; one at a time: 5.95 GiB, the load's own peak; docs/realsize.md)
+ENCODE_BATCH_PIXELS = 32 * 64 * 64
+
+
 @torch.no_grad()
-def _encode_images(vae, pixels: list[torch.Tensor], device: torch.device, batch: int = 32) -> torch.Tensor:
+def _encode_images(vae, pixels: list[torch.Tensor], device: torch.device, batch: int | None = None) -> torch.Tensor:
     """VAE latent means (unscaled) of CHW tensors in [-1, 1]; the mean, as diffusers' scripts cache."""
+    if batch is None and pixels:
+        batch = max(1, min(32, ENCODE_BATCH_PIXELS // max(1, pixels[0].shape[-1] * pixels[0].shape[-2])))
     outs = []
     for i in range(0, len(pixels), batch):
         x = torch.stack(pixels[i : i + batch]).to(device, vae.dtype)
