@@ -431,7 +431,7 @@ def _train(cfg: TrainConfig, out: Path, emit: EventHandler, cancel: threading.Ev
     def text_live(prompt: str) -> torch.Tensor:
         # prompts with a trigger whose rows are learning are encoded afresh (with gradients); others cached
         if any(w in prompt.split() for w in live_words):
-            return text._encode([prompt])
+            return text._encode([prompt])[0]  # (embeddings, SDXL pooled): b4m refuses SDXL
         return text.embed([prompt])
 
     def fresh_adapter(trigger_words: list[str]) -> list[torch.Tensor]:
