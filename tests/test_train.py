@@ -115,6 +115,30 @@ def test_sigkill_and_resume_gives_the_same_adapter(images, tiny_dirs, tmp_path):
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
 
 
+def test_sigterm_stops_with_a_checkpoint_and_resume_finishes(images, tiny_dirs, tmp_path):
+    """SIGTERM (a scheduler's stop): a checkpoint at the next step, exit 143, and --resume ends the run."""
+    common = ["train", "--kind", "subject", "--images", str(images), "--base", str(tiny_dirs["sd1"]), "--steps", "150",
+              "--batch", "2", "--class-images", "2", "--seed", "5", "--no-register", "--checkpoint-every", "0",
+              "--out", str(tmp_path / "run")]
+    proc = _studio(*common)
+    deadline = time.time() + 600
+    seen = ""
+    while time.time() < deadline and proc.poll() is None:
+        seen += proc.stderr.read(1) or ""
+        if "] 1/150 " in seen:  # the first training step is done (non-tty: a line at step 1, then every 10 s)
+            proc.send_signal(signal.SIGTERM)
+            break
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, seen + err
+    assert "resume with --resume" in err
+    step = json.loads((tmp_path / "run" / "checkpoints" / "step.json").read_text())["step"]
+    assert 1 <= step < 150
+    assert not (tmp_path / "run" / "pytorch_lora_weights.safetensors").exists()
+    resumed = _studio(*common, "--resume")
+    assert resumed.wait(timeout=900) == 0, resumed.stderr.read()
+    assert (tmp_path / "run" / "pytorch_lora_weights.safetensors").is_file()
+
+
 def test_batch_runs_every_job_and_reports_the_bad_one(images, tiny_dirs, tmp_path, capsys):
     jobs = []
     for i, imgs in enumerate([images, tmp_path / "missing", images]):

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
+import signal
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -172,13 +176,44 @@ def config_from_args(args: argparse.Namespace):
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from studio.trainers.loop import train
+    from studio.trainers.loop import Cancelled, train
 
     cfg = config_from_args(args)
-    result = train(cfg, on_event=ProgressBar())
+    cancel = threading.Event()
+    with _sigterm_cancels(cancel):
+        try:
+            result = train(cfg, on_event=ProgressBar(), cancel=cancel)
+        except Cancelled as exc:
+            if not cancel.is_set():
+                raise
+            print(f"studio: {exc}", file=sys.stderr)
+            return 128 + signal.SIGTERM
     _register(cfg, result)
     print(result.out)
     return 0
+
+
+@contextlib.contextmanager
+def _sigterm_cancels(cancel: threading.Event) -> Iterator[None]:
+    """SIGTERM (a scheduler's or `kill`'s polite stop) ends the run at its next step with a checkpoint,
+    so `--resume` continues it; a second SIGTERM stops at once (a run that fails before its first
+    checkpoint removes its output folder)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers belong to the main thread (the UI runs training in a worker)
+        return
+
+    def on_term(signum: int, frame: Any) -> None:
+        if cancel.is_set():
+            raise SystemExit(128 + signal.SIGTERM)
+        log.warning("SIGTERM: stopping at the next step with a checkpoint (resume with --resume; "
+                    "a second SIGTERM stops at once)")
+        cancel.set()
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _register(cfg, result) -> None:
