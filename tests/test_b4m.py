@@ -77,13 +77,19 @@ def test_make_is_exactly_a_and_b_style_with_c_and_d_content():
         bf.make(_pair(bf.Split(24, 40, 1, 4), 1), style, s.h_out, s.h_in)
 
 
-def test_gradient_routing_keeps_the_halves_apart():
-    """Rows outside a half's mask do not reach it; rows inside give the same gradient as alone."""
+def _adapted_pipe(std: float):
+    """A tiny SD 1 pipeline with a rank-4 b4m adapter "a" whose learnable halves are random (std)."""
     pipe = tiny_pipeline("sd1")
     add_adapter(pipe, "b4m", AdapterSettings(rank=4, targets="attention"), "a")
+    for p in b4m.learnable(pipe.unet, "a", "up") + b4m.learnable(pipe.unet, "a", "down"):
+        torch.nn.init.normal_(p, std=std)
+    return pipe
+
+
+def test_gradient_routing_keeps_the_halves_apart():
+    """Rows outside a half's mask do not reach it; rows inside give the same gradient as alone."""
+    pipe = _adapted_pipe(std=0.1)
     unet = pipe.unet
-    for p in b4m.learnable(unet, "a", "up") + b4m.learnable(unet, "a", "down"):
-        torch.nn.init.normal_(p, std=0.1)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4, 4, 16, 16, generator=g)
     ids = pipe.tokenizer(["a red circle", "a blue star", "a sks shape", "a dotted square"], padding="max_length",
@@ -112,11 +118,8 @@ def test_gradient_routing_keeps_the_halves_apart():
 
 def test_partner_dropout_rows_see_the_half_as_zero():
     """A row with the up half off gives what the adapter gives with B = 0; the other rows are untouched."""
-    pipe = tiny_pipeline("sd1")
-    add_adapter(pipe, "b4m", AdapterSettings(rank=4, targets="attention"), "a")
+    pipe = _adapted_pipe(std=0.3)
     unet = pipe.unet
-    for p in b4m.learnable(unet, "a", "up") + b4m.learnable(unet, "a", "down"):
-        torch.nn.init.normal_(p, std=0.3)
     g = torch.Generator().manual_seed(1)
     x, t = torch.randn(2, 4, 16, 16, generator=g), torch.tensor([200, 700])
     cond = torch.randn(2, 77, pipe.text_encoder.config.hidden_size, generator=g)
