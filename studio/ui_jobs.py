@@ -18,9 +18,9 @@ ACTIVE = ("queued", "running")
 
 
 def where(st: dict[str, Any]) -> str:
-    """Where a job runs: this studio's queue, or the Ray cluster its label names."""
-    _, ray, cluster = (st.get("label") or "").rpartition("Ray ")
-    return f"Ray {cluster.rstrip(')')}" if ray else "here"
+    """Where a job runs: this studio's queue, or the Ray cluster its params name (Ray jobs and batches)."""
+    cluster = (st.get("params") or {}).get("cluster")
+    return f"Ray {cluster}" if cluster else "here"
 
 
 def job_rows(jobs: list[dict[str, Any]]) -> list[list[Any]]:

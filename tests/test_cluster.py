@@ -256,6 +256,9 @@ def test_job_view_shows_cluster_jobs_like_local_ones(images, tiny_dirs, tmp_path
     assert done["result"]["adapter_file"].endswith("pytorch_lora_weights.safetensors")
     assert failed["state"] == "failed" and "missing" in failed["error"]
     assert (tmp_path / "logs" / "summary.json").is_file()
+    from studio.ui_jobs import where
+
+    assert where(end) == where(done) == where(failed) == "Ray local:1"  # the Jobs tab's "where" column
 
 
 @needs_ray

@@ -57,9 +57,9 @@ def test_a_bad_cluster_address_fails_before_anything_starts(tmp_path):
 
 def test_the_table_lists_local_and_ray_jobs_alike():
     m = service.JobManager(train_fn=_wait_train, register_fn=lambda cfg, result: None)
-    ray_row = m.track("train", label="night-3 (Ray local:2)")
+    ray_row = m.track("train", label="night-3 (Ray local:2)", params={"cluster": "local:2"})
     m.record(ray_row, {"phase": "train", "step": 4, "total": 8, "loss": 0.5, "eta_s": 30})
-    batch = m.track("batch", label="batch of 2 on Ray local:2")
+    batch = m.track("batch", label="batch of 2 on Ray local:2", params={"cluster": "local:2"})
     m.end(batch, "failed", error="some jobs failed")
     rows = ui_jobs.job_rows(m.jobs())
     assert [r[0] for r in rows] == [batch, ray_row]  # newest first

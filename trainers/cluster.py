@@ -484,7 +484,8 @@ def run_cluster_batch(paths: list[str], opts: BatchOptions, stream: TextIO | Non
                 logs[i].line(f"FAILED: {exc}")
             if opts.manager is not None:
                 job.view = opts.manager.track("train", label=f"{Path(path).stem} (Ray {opts.cluster})",
-                                              params=dataclasses.asdict(job.cfg) if job.cfg else {"job": path})
+                                              params={**(dataclasses.asdict(job.cfg) if job.cfg else {"job": path}),
+                                                      "cluster": opts.cluster})
             jobs.append(job)
         for job in jobs:
             if job.state != "pending":
