@@ -11,7 +11,16 @@ import torch
 
 
 def _umask() -> int:
-    mask = os.umask(0)
+    """The process's umask. Linux shows it in /proc; elsewhere os.umask must set it to read it, which
+    for an instant would let another thread create files with no mask at all."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
     os.umask(mask)
     return mask
 
