@@ -168,9 +168,9 @@ class TLoraLayer(nn.Module, BaseTunerLayer):
             return base._conv_forward(x, weight, base.bias)
         return F.linear(x, weight, base.bias)
 
-    def _apply_transform(self, adapter: str, x: torch.Tensor) -> torch.Tensor:
+    def _apply_transform(self, adapter: str, x: torch.Tensor, order: str) -> torch.Tensor:
         cores = self.transform_cores(adapter, x.dtype)
-        if self.pick_order(x) == "dense":
+        if order == "dense":
             t = tf.tr_matrix(cores)
             if self.conv:  # T over the channels as one batched product: a 1x1 conv took the slow kernel here
                 return torch.matmul(t, x.flatten(2)).view_as(x)
@@ -232,7 +232,7 @@ class TLoraLayer(nn.Module, BaseTunerLayer):
             return self._base_call(x, w.to(x.dtype).contiguous())
         xt = x
         for a in active:
-            xt = xt + self.multiplier[a] * (self._apply_transform(a, x) - x)
+            xt = xt + self.multiplier[a] * (self._apply_transform(a, x, order) - x)
         y = base(xt, *args, **kwargs)
         for a in active:
             y = y + self._residual_out(a, x)
