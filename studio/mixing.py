@@ -572,15 +572,16 @@ class _LayerMix:
         w = self.layer.weight
         self.down_eff = self.up_eff = None
         if self.down is not None:
-            s = self.col_scale * a[self.owner]
+            s = self.col_scale * a.cpu()[self.owner]  # bookkeeping on the CPU, factors where the layer is
             keep = s != 0
             if bool(keep.all()):
-                self.down_eff = self.down * s.to(w.dtype).view(-1, *([1] * (self.down.dim() - 1)))
+                self.down_eff = self.down * s.to(w.device, w.dtype).view(-1, *([1] * (self.down.dim() - 1)))
                 self.up_eff = self.up
             elif bool(keep.any()):
                 idx = keep.nonzero().squeeze(1)
-                self.down_eff = self.down[idx] * s[idx].to(w.dtype).view(-1, *([1] * (self.down.dim() - 1)))
-                self.up_eff = self.up[:, idx].contiguous()
+                self.down_eff = (self.down[idx.to(w.device)]
+                                 * s[idx].to(w.device, w.dtype).view(-1, *([1] * (self.down.dim() - 1))))
+                self.up_eff = self.up[:, idx.to(w.device)].contiguous()
         total = None
         for i, delta, scale in self.dense:
             k = float(a[i]) * scale
