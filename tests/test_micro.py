@@ -96,3 +96,19 @@ def test_committed_micro_model_is_a_plain_diffusers_folder():
     img = pipe("a red circle on a white background", num_inference_steps=4, output_type="np",
                generator=torch.Generator().manual_seed(0)).images
     assert img.shape == (1, 64, 64, 3)
+
+
+def test_render_set_does_not_tie_attributes_whose_pools_have_the_same_length(tmp_path):
+    """12 images over 6 shapes and 6 backgrounds: each shape twice, each background twice, in more than 6 pairs."""
+    from collections import Counter
+
+    from studio.micro.cli import render_set
+
+    paths = render_set(tmp_path / "s", 12, 0, shape="seen", color="seen", texture="checkered", background="seen",
+                       caption="content")
+    parts = [p.stem.split("-") for p in paths]  # NNN-shape-color-texture-background
+    assert set(Counter(p[1] for p in parts).values()) == {2} and set(Counter(p[4] for p in parts).values()) == {2}
+    assert len({(p[1], p[4]) for p in parts}) > 6
+    first = render_set(tmp_path / "t", 6, 0, shape="seen", color="seen", texture="checkered", background="seen",
+                       caption="content")
+    assert len({p.stem.split("-")[1] for p in first}) == 6 and len({p.stem.split("-")[4] for p in first}) == 6

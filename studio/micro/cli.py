@@ -54,12 +54,17 @@ def render_set(out: Path, n: int, seed: int, *, shape: str = "seen", color: str 
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     rng = random.Random(seed)
-    # stratify: a set of 5 over 6 backgrounds shows 5 different ones, not a random repeat
+    # stratify: a set of 5 over 6 backgrounds shows 5 different ones, not a random repeat. Each pass
+    # through a pool is shuffled afresh: one shuffle repeated would tie attributes whose pools have the
+    # same length (12 images over 6 shapes and 6 backgrounds would show 6 shape-background pairs, twice)
     strat = {}
     for key, values in pools.items():
-        order = list(values)
-        rng.shuffle(order)
-        strat[key] = [order[i % len(order)] for i in range(n)]
+        seq: list[str] = []
+        while len(seq) < n:
+            order = list(values)
+            rng.shuffle(order)
+            seq += order
+        strat[key] = seq[:n]
     scene_list = [world.random_scene(rng, **{k: [v[i]] for k, v in strat.items()}) for i in range(n)]
     names = []
     for i, scene in enumerate(scene_list):
