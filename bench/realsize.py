@@ -37,7 +37,25 @@ def _peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
-def child_studio(base: str, images: str, steps: int, resolution: int) -> dict:
+def _peak(device: str) -> int:
+    """Peak memory of this process: GPU memory allocated on CUDA, resident memory on the CPU."""
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.max_memory_allocated()
+    return _peak_rss()
+
+
+def _stamp(device: str) -> float:
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()  # a step is over when its kernels are
+    return time.perf_counter()
+
+
+def child_studio(base: str, images: str, steps: int, resolution: int, device: str = "cpu",
+                 precision: str = "fp32") -> dict:
     """The studio trainer; step times from its progress events."""
     from studio.trainers.config import TrainConfig
     from studio.trainers.loop import train
@@ -46,19 +64,21 @@ def child_studio(base: str, images: str, steps: int, resolution: int) -> dict:
 
     def on_event(ev) -> None:
         if ev.phase == "train":
-            stamps.append(time.perf_counter())
+            stamps.append(_stamp(device))
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = TrainConfig(kind="subject", images=images, base=base, out=str(Path(tmp) / "out"), steps=steps, rank=4,
                           targets="attention", batch=1, resolution=resolution, prior=False, train_trigger=False,
-                          samples=False, checkpoint_every=0, register=False, device="cpu")
+                          samples=False, checkpoint_every=0, register=False, device=device,
+                          mixed_precision="no" if precision == "fp32" else precision)
         t0 = time.perf_counter()
         train(cfg, on_event=on_event)
     diffs = [b - a for a, b in zip(stamps, stamps[1:])]
-    return {"peak_rss": _peak_rss(), "step_s": diffs, "total_s": time.perf_counter() - t0}
+    return {"peak_rss": _peak(device), "step_s": diffs, "total_s": time.perf_counter() - t0}
 
 
-def child_plain(base: str, images: str, steps: int, resolution: int) -> dict:
+def child_plain(base: str, images: str, steps: int, resolution: int, device: str = "cpu",
+                precision: str = "fp32") -> dict:
     """diffusers' train_dreambooth_lora.py, reduced to its step: no caching, no checkpointing."""
     import numpy as np
     import torch
@@ -78,38 +98,63 @@ def child_plain(base: str, images: str, steps: int, resolution: int) -> dict:
     sched = DDPMScheduler.from_pretrained(base, subfolder="scheduler", local_files_only=True)
     for m in (te, vae, unet):
         m.requires_grad_(False)
+    # the script's --mixed_precision: frozen weights in weight_dtype (the VAE kept fp32), LoRA in fp32
+    weight_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    te.to(device, weight_dtype)
+    vae.to(device)
+    unet.to(device, weight_dtype)
     unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
                                 target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
     params = [p for p in unet.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4)
+    for p in params:
+        p.data = p.data.float()
+    opt = None
+    if device.startswith("cuda"):  # the script's --use_8bit_adam, where bitsandbytes is installed
+        try:
+            import bitsandbytes as bnb
+
+            opt = bnb.optim.AdamW8bit(params, lr=1e-4)
+        except ImportError:
+            pass
+    opt = opt or torch.optim.AdamW(params, lr=1e-4)
+    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+    autocast = torch.autocast(device_type="cuda" if device.startswith("cuda") else "cpu", dtype=weight_dtype,
+                              enabled=precision != "fp32")
     files = sorted(p for p in Path(images).iterdir() if p.suffix == ".png")
     unet.train()
     stamps = []
     for step in range(steps):
         img = Image.open(files[step % len(files)]).convert("RGB").resize((resolution, resolution))
-        pixels = torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
+        pixels = torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None].to(device)
         latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
         noise = torch.randn_like(latents)
-        t = torch.randint(0, sched.config.num_train_timesteps, (1,))
+        t = torch.randint(0, sched.config.num_train_timesteps, (1,), device=device)
         noisy = sched.add_noise(latents, noise, t)
         ids = tok(["a photo of sks object"], padding="max_length", max_length=tok.model_max_length,
-                  truncation=True, return_tensors="pt").input_ids
+                  truncation=True, return_tensors="pt").input_ids.to(device)
         emb = te(ids)[0]
         target = noise if sched.config.prediction_type == "epsilon" else sched.get_velocity(latents, noise, t)
-        pred = unet(noisy, t, emb).sample
+        with autocast:
+            pred = unet(noisy.to(weight_dtype), t, emb).sample
         loss = F.mse_loss(pred.float(), target.float())
-        loss.backward()
-        opt.step()
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        else:
+            loss.backward()
+            opt.step()
         opt.zero_grad()
-        stamps.append(time.perf_counter())
-    return {"peak_rss": _peak_rss(), "step_s": [b - a for a, b in zip(stamps, stamps[1:])],
+        stamps.append(_stamp(device))
+    return {"peak_rss": _peak(device), "step_s": [b - a for a, b in zip(stamps, stamps[1:])],
             "total_s": time.perf_counter() - t0}
 
 
-def run_child(kind: str, base: str, images: str, steps: int, resolution: int) -> dict:
-    """One measurement in a fresh process (its own peak RSS); the child prints one JSON line."""
+def run_child(kind: str, base: str, images: str, steps: int, resolution: int, device: str = "cpu",
+              precision: str = "fp32") -> dict:
+    """One measurement in a fresh process (its own peak memory); the child prints one JSON line."""
     cmd = [sys.executable, __file__, "--child", kind, "--base", base, "--images", images, "--steps", str(steps),
-           "--resolution", str(resolution)]
+           "--resolution", str(resolution), "--device", device, "--precision", precision]
     log.info("running %s", " ".join(cmd))
     out = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -127,6 +172,10 @@ def main() -> None:
     p.add_argument("--width-div", dest="width_div", type=int, default=1,
                    help="divide the model's widths (a quick smoke run of this script; not the real figures)")
     p.add_argument("--micro", action="store_true", help="also time the studio trainer on micro (growth table)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda: on cuda the peak is GPU memory allocated, and "
+                   "both loops use 8-bit AdamW where bitsandbytes is installed")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"],
+                   help="fp16/bf16: mixed precision, frozen weights stored in that dtype (CUDA)")
     p.add_argument("--child", choices=["studio", "plain"], help=argparse.SUPPRESS)
     p.add_argument("--base", help=argparse.SUPPRESS)
     p.add_argument("--images", help=argparse.SUPPRESS)
@@ -134,7 +183,7 @@ def main() -> None:
     if args.child:
         logging.basicConfig(level=logging.WARNING)
         fn = child_studio if args.child == "studio" else child_plain
-        print(json.dumps(fn(args.base, args.images, args.steps, args.resolution)))
+        print(json.dumps(fn(args.base, args.images, args.steps, args.resolution, args.device, args.precision)))
         return
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from studio.machine import describe
@@ -146,25 +195,30 @@ def main() -> None:
     print(f"model: {args.model} (seeded random weights, {sum(files.parameters.values()) / 1e6:.0f}M parameters), "
           f"{args.resolution} px, batch 1, rank 4 attention LoRA, {args.steps} steps per run")
     rows = {}
-    rows["studio"] = run_child("studio", str(files.folder), images, args.steps, args.resolution)
-    rows["plain"] = run_child("plain", str(files.folder), images, args.steps, args.resolution)
-    print(f"{'loop':8s} {'peak RSS GiB':>12s} {'s/step':>8s}")
+    on = (args.device, args.precision)
+    if args.device.startswith("cuda"):
+        import torch
+
+        print(f"device: {torch.cuda.get_device_name()}, {args.precision}; peak = GPU memory allocated")
+    rows["studio"] = run_child("studio", str(files.folder), images, args.steps, args.resolution, *on)
+    rows["plain"] = run_child("plain", str(files.folder), images, args.steps, args.resolution, *on)
+    print(f"{'loop':8s} {'peak GiB':>12s} {'s/step':>8s}")
     for name, r in rows.items():
-        print(f"{name:8s} {r['peak_rss'] / 2**30:12.2f} {_mean(r['step_s']):8.1f}   steps {[round(s, 1) for s in r['step_s']]}")
+        print(f"{name:8s} {r['peak_rss'] / 2**30:12.2f} {_mean(r['step_s']):8.3f}   steps {[round(s, 1) for s in r['step_s']]}")
     if args.micro:
         micro = run_child("studio", "micro", str(Path(__file__).resolve().parents[1] / "assets" / "samples" /
-                                                  "subject-heart-red"), max(args.steps, 5), 64)
+                                                  "subject-heart-red"), max(args.steps, 5), 64, *on)
         print(f"growth (studio trainer, batch 1): micro 64 px {micro['peak_rss'] / 2**30:.2f} GiB "
               f"{_mean(micro['step_s']):.3f} s/step; {args.model} {args.resolution} px "
               f"{rows['studio']['peak_rss'] / 2**30:.2f} GiB {_mean(rows['studio']['step_s']):.1f} s/step")
     result = {"model": args.model if args.width_div == 1 else f"{args.model}/w{args.width_div}",
-              "resolution": args.resolution,
+              "resolution": args.resolution, "device": args.device, "precision": args.precision,
               "memory_ratio": round(rows["studio"]["peak_rss"] / rows["plain"]["peak_rss"], 3),
               "time_ratio": round(_mean(rows["studio"]["step_s"]) / _mean(rows["plain"]["step_s"]), 3),
               "studio_peak_gib": round(rows["studio"]["peak_rss"] / 2**30, 2),
               "plain_peak_gib": round(rows["plain"]["peak_rss"] / 2**30, 2),
-              "studio_s_per_step": round(_mean(rows["studio"]["step_s"]), 2),
-              "plain_s_per_step": round(_mean(rows["plain"]["step_s"]), 2)}
+              "studio_s_per_step": round(_mean(rows["studio"]["step_s"]), 4),
+              "plain_s_per_step": round(_mean(rows["plain"]["step_s"]), 4)}
     print(json.dumps(result))
 
 

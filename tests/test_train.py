@@ -379,3 +379,52 @@ def test_micro_style_defaults_train_the_trigger_with_output_preservation():
     assert (plan.prior, plan.train_trigger) == (False, False)
     plan = _plan("style", source="folder")
     assert (plan.prior, plan.train_trigger, plan.prior_weight) == (False, False, 1.0)
+
+
+def test_blocks_limit_the_adapted_layers(images, tiny_dirs, tmp_path):
+    """--blocks: only layers under the named prefixes get an adapter; a prefix that matches none is named."""
+    res = train(_cfg(images, tiny_dirs["sd1"], tmp_path / "a", steps=2, blocks="up_blocks", prior=False))
+    keys = [k for k in load_file(res.adapter_file) if "lora" in k and "trigger" not in k]
+    assert keys and all(".up_blocks." in k for k in keys), keys[:3]
+    res2 = train(_cfg(images, tiny_dirs["sd1"], tmp_path / "b", steps=2, blocks=["down_blocks.0", "mid_block"],
+                      prior=False))  # a TOML list works too
+    keys2 = [k for k in load_file(res2.adapter_file) if "lora" in k and "trigger" not in k]
+    assert keys2 and all(".down_blocks.0." in k or ".mid_block." in k for k in keys2)
+    assert any(".mid_block." in k for k in keys2) and any(".down_blocks.0." in k for k in keys2)
+    with pytest.raises(StudioError, match="--blocks up_block.7: no adapted layer.*up_blocks"):
+        train(_cfg(images, tiny_dirs["sd1"], tmp_path / "c", steps=2, blocks="up_block.7", prior=False))
+
+
+@pytest.mark.parametrize("value", ["0.5", "0:2", "0.6:0.2", "a:b"])
+def test_timestep_range_is_checked(value, tmp_path):
+    with pytest.raises(StudioError, match="--timestep-range"):
+        TrainConfig.from_dict({"kind": "style", "images": str(tmp_path), "timestep_range": value})
+
+
+def test_timestep_range_noises_training_images_only_within_it(images, tiny_dirs, tmp_path, monkeypatch):
+    """--timestep-range 0:0.3: the instance half draws t < 300 of 1000; the class half keeps the whole schedule."""
+    from diffusers import DDPMScheduler
+
+    drawn: list[torch.Tensor] = []
+    real = DDPMScheduler.add_noise
+    monkeypatch.setattr(DDPMScheduler, "add_noise", lambda self, x, n, t: drawn.append(t.clone()) or real(self, x, n, t))
+    train(_cfg(images, tiny_dirs["sd1"], tmp_path / "a", steps=12, timestep_range="0:0.3", class_prompt="a shape"))
+    inst = torch.cat([t[:2] for t in drawn])
+    cls = torch.cat([t[2:] for t in drawn])
+    assert len(drawn) == 12 and int(inst.max()) < 300
+    assert int(cls.max()) >= 300  # 24 uniform draws over 1000 all below 300 would be a 3e-13 event
+
+
+def test_trigger_norm_caps_the_learned_row(images, tiny_dirs, tmp_path):
+    """--trigger-norm X: the saved trigger row's norm is at most X times the vocabulary's mean norm."""
+    from studio.loading import load_pipeline
+
+    table = load_pipeline(str(tiny_dirs["sd1"]), dtype="fp32").text_encoder.get_input_embeddings().weight
+    mean = float(table.detach().norm(dim=-1).mean())
+    norms = {}
+    for x in (0.0, 0.5):
+        res = train(_cfg(images, tiny_dirs["sd1"], tmp_path / f"n{x}", steps=4, trigger_lr=0.5, trigger_norm=x,
+                         prior=False))
+        rows = [v for k, v in load_file(res.adapter_file).items() if "trigger" in k]
+        norms[x] = float(rows[0].norm(dim=-1).max())
+    assert norms[0.5] <= 0.5 * mean * (1 + 1e-5) < norms[0.0]

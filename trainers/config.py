@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,8 @@ class TrainConfig:
     rank: int | None = _f(None, "adapter rank (default: the method's)")
     alpha: float | None = _f(None, "adapter alpha (default: = rank)")
     targets: str | None = _f(None, "layers to adapt: attention, attention+resnet, all (default: the recipe's)")
+    blocks: str = _f("", "only the denoiser layers under these module prefixes, comma-separated (e.g. "
+                         "up_blocks.1,up_blocks.2, as B-LoRA trains one block for a style; default: every block)")
     text_encoder: bool = _f(False, "also train an adapter on the text encoder(s)")
     steps: int | None = _f(None, "optimizer steps (default: the recipe's for this base)")
     lr: float | None = _f(None, "learning rate (default: the method's; twice that on micro)")
@@ -50,6 +53,8 @@ class TrainConfig:
                                               "on for subjects, and for styles on micro)")
     trigger_lr: float | None = _f(None, "learning rate of the trigger embedding (default: 1e-3 for micro "
                                         "subjects, 2e-3 micro styles, else 5e-3)")
+    trigger_norm: float | None = _f(None, "cap on the learned trigger embedding's norm, as a multiple of the "
+                                          "vocabulary's mean norm, so the trigger stays an ordinary word (0: no cap)")
     init_word: str = _f("", "start the learned trigger embedding from this word's (textual inversion's "
                             "initializer token), e.g. painting for a style (default: the trigger's own)")
     text_encoder_lr: float | None = _f(None, "learning rate of the text-encoder adapter (default: lr / 2)")
@@ -66,6 +71,9 @@ class TrainConfig:
     prior_uncond: float | None = _f(None, "fraction of class images trained on the empty prompt, which keeps the "
                                           "unconditional prediction that guidance subtracts (default: 0.2 for micro subjects, "
                                           "else 0)")
+    timestep_range: str = _f("", "LO:HI, fractions of the noise schedule the training images are noised to (e.g. "
+                                 "0:0.6, the less noisy three fifths, where detail and texture are drawn; class images keep "
+                                 "the whole range; default 0:1)")
     snr_gamma: float = _f(5.0, "min-SNR loss weighting gamma (0: plain MSE); 5 is the paper's and diffusers' value")
     class_images: int = _f(50, "number of class images for prior preservation (generated once, cached)")
     class_prompt: str | None = _f(None, "prompt of the class images (default: 'a CLASS-WORD'; on micro, varied "
@@ -178,6 +186,8 @@ class TrainConfig:
             raise bad("grad_accum", f"{self.grad_accum}: must be at least 1")
         if self.trigger_lr is not None and self.trigger_lr <= 0:
             raise bad("trigger_lr", f"{self.trigger_lr}: must be > 0")
+        if self.trigger_norm is not None and self.trigger_norm < 0:
+            raise bad("trigger_norm", f"{self.trigger_norm}: must be >= 0 (0: no cap)")
         if self.snr_gamma < 0:
             raise bad("snr_gamma", f"{self.snr_gamma}: must be >= 0 (0 turns the weighting off)")
         if not 0 <= self.flip <= 1:
@@ -211,7 +221,30 @@ class TrainConfig:
         for name in ("checkpoint_every", "sample_every", "warmup"):
             if getattr(self, name) < 0:
                 raise bad(name, f"{getattr(self, name)}: must be >= 0")
+        self.timesteps()  # raises on a malformed --timestep-range
+        self.block_list()
         self.adapter_options()  # method-specific flags belong to their method
+
+    def block_list(self) -> tuple[str, ...]:
+        """``blocks`` as a tuple of module-name prefixes (a TOML list is accepted too)."""
+        raw = self.blocks if isinstance(self.blocks, (list, tuple)) else str(self.blocks or "").split(",")
+        out = tuple(b.strip().strip(".") for b in raw if str(b).strip())
+        for b in out:
+            if not re.fullmatch(r"[A-Za-z_][\w.]*", b):
+                raise StudioError(f"--blocks {b!r}: a module-name prefix such as up_blocks.1 or mid_block")
+        return out
+
+    def timesteps(self) -> tuple[float, float]:
+        """``timestep_range`` as (lo, hi) fractions, 0 <= lo < hi <= 1; (0, 1) when unset."""
+        if not str(self.timestep_range or "").strip():
+            return 0.0, 1.0
+        try:
+            lo, hi = (float(x) for x in str(self.timestep_range).split(":"))
+        except ValueError:
+            raise StudioError(f"--timestep-range {self.timestep_range!r}: write LO:HI, e.g. 0:0.6") from None
+        if not 0.0 <= lo < hi <= 1.0:
+            raise StudioError(f"--timestep-range {self.timestep_range}: need 0 <= LO < HI <= 1")
+        return lo, hi
 
     def adapter_options(self) -> dict[str, Any]:
         """Method-specific adapter settings (AdapterSettings.options); set only for the method they belong to."""

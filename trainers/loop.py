@@ -127,12 +127,16 @@ def _train(cfg: TrainConfig, out: Path, on_event: EventHandler | None, cancel: t
     emit(Event("prepare", message=f"loading {cfg.base}"))
     # before the weights are loaded: a real-size run that cannot fit is refused with what would fit,
     # instead of being killed by the kernel minutes later (micro and hub ids are not estimated)
-    from studio.trainers.memory import preflight
+    from studio.trainers.memory import gpu_needs_checkpointing, preflight
 
     preflight(cfg.base, resolution=cfg.resolution, batch=cfg.batch or 1,
               prior=cfg.prior if cfg.prior is not None else cfg.kind == "subject", checkpointing=True,
               device="cpu" if accelerator.device.type == "cpu" else accelerator.device.type)
-    pipe = load_pipeline(cfg.base, device=accelerator.device if cfg.device != "cpu" else "cpu", dtype="fp32")
+    half = _frozen_half(accelerator, cfg.mixed_precision)
+    pipe = load_pipeline(cfg.base, device=accelerator.device if cfg.device != "cpu" else "cpu",
+                         dtype={None: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[half])
+    if half is not None:  # the VAE only encodes the cache, in fp32 (SDXL's overflows in fp16)
+        pipe.vae.to(torch.float32)
     plan = recipe.plan(cfg, pipe)  # resolved defaults: steps, lr, rank, batch, prompts, prior
     # said once per run because multi-GPU/multi-node launches change the first number silently
     log.info("effective batch %d = %d per process x %d accumulation x %d process(es); lr %g, not scaled with "
@@ -161,16 +165,28 @@ def _train(cfg: TrainConfig, out: Path, on_event: EventHandler | None, cancel: t
 
     # ---- adapter --------------------------------------------------------------------------------
     settings = adapters.AdapterSettings(rank=plan.rank, alpha=cfg.alpha, targets=plan.targets,
-                                        text_encoder=cfg.text_encoder, options=cfg.adapter_options())
+                                        text_encoder=cfg.text_encoder, blocks=cfg.block_list(),
+                                        options=cfg.adapter_options())
     for comp in pipe.components.values():  # only the adapter trains: a gradient that reaches the base
         if isinstance(comp, torch.nn.Module):  # (through a learned trigger embedding, say) must not move it
             comp.requires_grad_(False)
     params = adapters.add_adapter(pipe, cfg.method, settings, "default")
     trigger_params = adapters.add_trigger_embedding(pipe, cfg.token, "default", cfg.init_word) if plan.train_trigger else []
+    if half is not None:  # PEFT builds the adapter in its base layer's dtype; the trained weights stay fp32
+        for p in params + trigger_params:
+            p.data = p.data.float()
+    trig = adapters.core.trigger_embeddings(pipe) if trigger_params and plan.trigger_norm else None
+    trig_caps = trig.norm_caps(pipe, plan.trigger_norm) if trig is not None else {}
+    if trig is not None:
+        trig.clamp_norms(trig_caps)
     if cfg.init_word and not plan.train_trigger:
         log.warning("--init-word %s has no effect: the trigger embedding is not trained (--train-trigger)", cfg.init_word)
     unet = pipe.unet
-    if cfg.gradient_checkpointing or not plan.micro:  # at real size the activations dwarf the LoRA (docs/realsize.md)
+    # at real size the activations dwarf the LoRA (docs/realsize.md); a GPU with room to spare goes without
+    if cfg.gradient_checkpointing or (not plan.micro and (
+            accelerator.device.type != "cuda"
+            or gpu_needs_checkpointing(cfg.base, resolution=plan.resolution, batch=plan.batch, prior=plan.prior,
+                                       weight_bytes=2 if half is not None else 4))):
         unet.enable_gradient_checkpointing()
     te_params = [p for n, p in _named_trainable(pipe) if not n.startswith("unet.")]
     unet_params = [p for n, p in _named_trainable(pipe) if n.startswith("unet.")]
@@ -184,6 +200,9 @@ def _train(cfg: TrainConfig, out: Path, on_event: EventHandler | None, cancel: t
     unet, optimizer = accelerator.prepare(unet, optimizer)
     noise_sched = _noise_scheduler(pipe)
     snr_w = min_snr_weights(noise_sched, cfg.snr_gamma)
+    n_t = noise_sched.config.num_train_timesteps
+    lo, hi = cfg.timesteps()
+    t_range = (round(lo * n_t), max(round(hi * n_t), round(lo * n_t) + 1))
 
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)  # data order, flips, noise, timesteps
     step = 0
@@ -224,7 +243,9 @@ def _train(cfg: TrainConfig, out: Path, on_event: EventHandler | None, cancel: t
             extra = plan.unet_kwargs(*(x.to(dev) if x is not None else None for x in (pooled, time_ids)))
             lat = lat * vae.config.scaling_factor
             noise = torch.randn(lat.shape, generator=gen)
-            t = torch.randint(0, noise_sched.config.num_train_timesteps, (lat.shape[0],), generator=gen)
+            t = torch.randint(0, n_t, (lat.shape[0],), generator=gen)
+            if t_range != (0, n_t):  # the training images only (class images keep the whole schedule),
+                t[: plan.batch] = t_range[0] + t[: plan.batch] * (t_range[1] - t_range[0]) // n_t  # same draws
             noisy = noise_sched.add_noise(lat, noise, t)
             target = noise if noise_sched.config.prediction_type == "epsilon" else noise_sched.get_velocity(lat, noise, t)
             if class_latents is not None and cfg.prior_target == "base":
@@ -250,6 +271,8 @@ def _train(cfg: TrainConfig, out: Path, on_event: EventHandler | None, cancel: t
                 _sync_unwrapped_grads(te_params + trigger_params, world)
                 accelerator.clip_grad_norm_(params + trigger_params, 1.0)
             optimizer.step()
+            if trig is not None:
+                trig.clamp_norms(trig_caps)
             lr_sched.step()
             optimizer.zero_grad(set_to_none=True)
         step += 1
@@ -364,6 +387,18 @@ def _named_trainable(pipe: Any):
         for n, p in model.named_parameters():
             if p.requires_grad:
                 yield f"{comp}.{n}", p
+
+
+def _frozen_half(accelerator: Any, mixed_precision: str) -> torch.dtype | None:
+    """The dtype the frozen weights are loaded in: fp16/bf16 on CUDA under that mixed precision, else None (fp32).
+
+    What diffusers' training scripts do (``weight_dtype``): the frozen weights take half the memory
+    and autocast computes in half precision anyway; the trained weights stay fp32. Not on the CPU,
+    where fp32 is the default (docs/BENCHMARKS.md).
+    """
+    if accelerator.device.type != "cuda" or mixed_precision not in ("fp16", "bf16"):
+        return None
+    return torch.float16 if mixed_precision == "fp16" else torch.bfloat16
 
 
 def _optimizer(groups: list[dict], device: torch.device, choice: str = "auto") -> torch.optim.Optimizer:

@@ -142,6 +142,27 @@ def estimate_bytes(size: ModelSize, *, resolution: int, batch: int, checkpointin
     return weights + acts + OVERHEAD_BYTES
 
 
+def gpu_needs_checkpointing(spec: str, *, resolution: int | None, batch: int, prior: bool,
+                            weight_bytes: int = 4) -> bool:
+    """On CUDA: whether gradient checkpointing is needed, i.e. the run without it would not fit in free GPU memory.
+
+    Checkpointing recomputes the forward pass in the backward one (about 1.5x the step time,
+    measured on an H100 at SD 1.5 512 px, docs/BENCHMARKS.md), so a GPU with room to spare
+    runs without it. Unknown sizes (hub ids) keep it on. ``weight_bytes``: 2 for fp16/bf16 weights.
+    """
+    import torch
+
+    size = model_size(spec)
+    if size is None or not torch.cuda.is_available():
+        return True
+    res = resolution or NATIVE.get(size.family, 512)
+    seen = batch * (2 if prior else 1)
+    need = estimate_bytes(size, resolution=res, batch=seen, checkpointing=False) - (4 - weight_bytes) * size.total
+    free, _total = torch.cuda.mem_get_info()
+    log.info("GPU memory: about %.1f GiB needed without gradient checkpointing, %.1f GiB free", need / GIB, free / GIB)
+    return need > 0.9 * free
+
+
 def _fits(size: ModelSize, budget: int, resolution: int, batch: int) -> tuple[int, int] | None:
     """The largest (resolution, batch) with checkpointing, at most the asked ones, that fits."""
     res = resolution

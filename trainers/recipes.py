@@ -44,6 +44,7 @@ class Plan:
     caption_dropout: float = 0.0  # chance that an image with a caption trains on its plain prompt instead
     prior_uncond: float = 0.0  # chance that a class image trains on the empty prompt instead of its own
     tag_dropout: float = 0.0  # chance that a caption's comma-separated tag (not the trigger's) is left out
+    trigger_norm: float = 0.0  # cap on the learned trigger row's norm, x the vocabulary's mean norm (0: none)
 
     def unet_kwargs(self, pooled: Any = None, time_ids: Any = None) -> dict[str, Any]:
         """Extra denoiser inputs: SDXL's pooled text embeddings and size/crop conditions, else none."""
@@ -108,6 +109,7 @@ class Recipe:
                              else cfg.caption_dropout),
             prior_uncond=d.get("prior_uncond", 0.0) if cfg.prior_uncond is None else cfg.prior_uncond,
             tag_dropout=d.get("tag_dropout", 0.0) if cfg.tag_dropout is None else cfg.tag_dropout,
+            trigger_norm=d.get("trigger_norm", 0.0) if cfg.trigger_norm is None else cfg.trigger_norm,
         )
 
     def default_prior(self) -> bool:

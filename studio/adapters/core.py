@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +75,20 @@ def _matching_layers(model: torch.nn.Module, targets: tuple[str, ...]) -> list[t
     return found
 
 
+def _in_blocks(layers: list[tuple[str, torch.nn.Module]], blocks: Sequence[str]) -> list[tuple[str, torch.nn.Module]]:
+    """The layers under any of the module-name prefixes ``blocks``; a prefix that matches none is an error."""
+    kept = []
+    for b in blocks:
+        mine = [(n, m) for n, m in layers if n == b or n.startswith(b + ".")]
+        if not mine:
+            tops = sorted({".".join(n.split(".")[:2]) if n.split(".")[0].endswith("blocks") else n.split(".")[0]
+                           for n, _ in layers})
+            raise StudioError(f"--blocks {b}: no adapted layer of the denoiser is under it; blocks with "
+                              f"such layers: {', '.join(tops)}")
+        kept += [nm for nm in mine if nm not in kept]
+    return kept
+
+
 def _check_rank(settings: AdapterSettings, layers: list[tuple[str, torch.nn.Module]], where: str) -> None:
     if not layers:
         raise StudioError(f"--targets {settings.targets}: no layer of the {where} matches; "
@@ -100,7 +114,11 @@ def add_adapter(pipe: Any, method: str, settings: AdapterSettings, adapter_name:
         raise StudioError(f"adapter name {adapter_name!r} is already in use on this pipeline")
     unet = denoiser(pipe)
     targets = TARGET_SETS[settings.targets]
-    _check_rank(settings, _matching_layers(unet, targets), "denoiser")
+    layers = _matching_layers(unet, targets)
+    if settings.blocks:
+        layers = _in_blocks(layers, settings.blocks)
+        targets = tuple(name for name, _ in layers)  # PEFT matches a full module name exactly
+    _check_rank(settings, layers, "denoiser")
     configs = {"unet": m.make_config(settings, targets)}
     if settings.text_encoder:
         for name, te in text_encoders(pipe).items():
@@ -324,6 +342,11 @@ def add_trigger_embedding(pipe: Any, trigger: str, adapter_name: str = "default"
         entry["trigger"].remove()
     entry["trigger"] = TriggerEmbeddings.from_base(pipe, trigger, init_word).install(pipe)
     return entry["trigger"].parameters()
+
+
+def trigger_embeddings(pipe: Any, adapter_name: str = "default") -> TriggerEmbeddings | None:
+    """The learned trigger embedding of an adapter on ``pipe``, or None."""
+    return (_registry(pipe).get(adapter_name) or {}).get("trigger")
 
 
 def _delete(models: dict, configs: dict, adapter_name: str) -> None:

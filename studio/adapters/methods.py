@@ -28,6 +28,7 @@ class AdapterSettings:
     alpha: float | None = None  # None: alpha = rank (scale 1)
     targets: str = "attention"  # attention | attention+resnet | all
     text_encoder: bool = False  # also adapt the text encoder(s)
+    blocks: tuple[str, ...] = ()  # denoiser module-name prefixes to adapt (empty: all)
     rank_pattern: dict[str, int] = dataclasses.field(default_factory=dict)  # regex of module name -> rank
     alpha_pattern: dict[str, float] = dataclasses.field(default_factory=dict)
     dropout: float = 0.0

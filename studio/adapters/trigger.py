@@ -77,6 +77,24 @@ class TriggerEmbeddings:
     def parameters(self) -> list[torch.Tensor]:
         return list(self.vectors.values())
 
+    def norm_caps(self, pipe: Any, multiple: float) -> dict[str, float]:
+        """Per text encoder: ``multiple`` x the mean norm of its vocabulary's input embeddings."""
+        encoders = _encoders(pipe)
+        return {comp: multiple * float(encoders[comp][1].get_input_embeddings().weight.detach().float()
+                                       .norm(dim=-1).mean()) for comp in self.vectors}
+
+    @torch.no_grad()
+    def clamp_norms(self, caps: dict[str, float]) -> None:
+        """Scale every learned row whose norm exceeds its encoder's cap back onto the cap.
+
+        A freely trained trigger row grows to several times an ordinary word's norm (measured on
+        micro: 0.62 against a vocabulary mean of 0.16); its cross-attention keys then draw attention
+        away from the prompt's other words (docs/training.md).
+        """
+        for comp, rows in self.vectors.items():
+            n = rows.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+            rows.mul_((caps[comp] / n).clamp(max=1.0))
+
     def install(self, pipe: Any) -> "TriggerEmbeddings":
         """Hook every text encoder so the trigger tokens take the learned rows."""
         self.remove()
@@ -153,4 +171,4 @@ def apply_to_vanilla(pipe: Any, file: str) -> None:
     with torch.no_grad():
         for comp, rows in trig.vectors.items():
             weight = encoders[comp][1].get_input_embeddings().weight
-            weight[trig.token_ids[comp]] = rows.to(weight.dtype)
+            weight[trig.token_ids[comp]] = rows.to(weight.device, weight.dtype)
