@@ -428,3 +428,20 @@ def test_trigger_norm_caps_the_learned_row(images, tiny_dirs, tmp_path):
         rows = [v for k, v in load_file(res.adapter_file).items() if "trigger" in k]
         norms[x] = float(rows[0].norm(dim=-1).max())
     assert norms[0.5] <= 0.5 * mean * (1 + 1e-5) < norms[0.0]
+
+
+@pytest.mark.parametrize("rate", [0.0, 1.0])
+def test_empty_prompt_trains_images_on_the_empty_prompt(images, tiny_dirs, tmp_path, monkeypatch, rate):
+    """--empty-prompt P: a training image's prompt is "" at that rate (the class half is untouched)."""
+    from studio.trainers import loop
+
+    seen: list[list[str]] = []
+    real = loop.TextCache.embed_pooled
+    monkeypatch.setattr(loop.TextCache, "embed_pooled",
+                        lambda self, prompts: seen.append(list(prompts)) or real(self, prompts))
+    train(_cfg(images, tiny_dirs["sd1"], tmp_path / "a", steps=3, empty_prompt=rate, class_prompt="a shape",
+               sample_prompts=["a sks shape"]))
+    instance = [b for b in seen if len(b) == 2 and not all(p == "a shape" for p in b)]
+    classes = [b for b in seen if b == ["a shape", "a shape"]]
+    assert len(classes) == 3 and len(instance) == 3
+    assert all(p == "" for b in instance for p in b) if rate else all("sks" in p for b in instance for p in b)

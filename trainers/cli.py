@@ -100,6 +100,7 @@ def _add_job_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decor-alpha", dest="decor_alpha", type=float, help=helps["decor_alpha"])
     p.add_argument("--subject-word", dest="subject_word", help=helps["subject_word"])
     p.add_argument("--caption-dropout", dest="caption_dropout", type=float, help=helps["caption_dropout"])
+    p.add_argument("--empty-prompt", dest="empty_prompt", type=float, metavar="P", help=helps["empty_prompt"])
     p.add_argument("--tag-dropout", dest="tag_dropout", type=float, metavar="P", help=helps["tag_dropout"])
     p.add_argument("--optimizer", choices=["auto", "adamw", "adamw8bit"], help=helps["optimizer"])
     p.add_argument("--mixed-precision", dest="mixed_precision", choices=["no", "fp16", "bf16"],

@@ -85,6 +85,9 @@ class TrainConfig:
                                "the captions)")
     caption_dropout: float | None = _f(None, "fraction of steps an image trains on the bare trigger prompt instead "
                                              "of its caption (default: 0.5 for subjects, 0.25 on micro; 0 for styles)")
+    empty_prompt: float = _f(0.0, "fraction of steps a training image is trained on the empty prompt (kohya's "
+                                  "caption_dropout_rate): the unconditional prediction that guidance subtracts "
+                                  "learns the images too, so the adapter shows without its trigger")
     tag_dropout: float | None = _f(None, "captions with comma-separated tags: the chance that each tag without the "
                                          "trigger is left out of a step's prompt (default: 0.5 for micro subjects, else 0)")
     decor: str = _f("", "DECOR: words projected out of the training prompts' embeddings, comma-separated (e.g. "
@@ -194,6 +197,8 @@ class TrainConfig:
             raise bad("flip", f"{self.flip}: a probability in [0, 1]")
         if self.tag_dropout is not None and not 0 <= self.tag_dropout <= 1:
             raise bad("tag_dropout", f"{self.tag_dropout}: a probability in [0, 1]")
+        if not 0 <= self.empty_prompt <= 1:
+            raise bad("empty_prompt", f"{self.empty_prompt}: a probability in [0, 1]")
         if self.prior_uncond is not None and not 0 <= self.prior_uncond <= 1:
             raise bad("prior_uncond", f"{self.prior_uncond}: a probability in [0, 1]")
         if self.caption_dropout is not None and not 0 <= self.caption_dropout <= 1:

@@ -224,8 +224,9 @@ def _train(cfg: TrainConfig, out: Path, on_event: EventHandler | None, cancel: t
             idx = torch.randint(0, len(data), (plan.batch,), generator=gen)
             flips = torch.rand(plan.batch, generator=gen) < cfg.flip
             lat = torch.where(flips[:, None, None, None], latents_flip[idx], latents[idx])
-            emb, pooled = text_cache.embed_pooled([_pick(prompts[i], plan.caption_dropout, gen, plan.tag_dropout,
-                                                         cfg.token) for i in idx.tolist()])
+            emb, pooled = text_cache.embed_pooled([_empty_or(_pick(prompts[i], plan.caption_dropout, gen,
+                                                                   plan.tag_dropout, cfg.token), cfg.empty_prompt, gen)
+                                                   for i in idx.tolist()])
             time_ids = _time_ids(data, idx, flips) if pooled is not None else None
             if class_latents is not None:
                 cidx = torch.randint(0, len(class_latents), (plan.batch,), generator=gen)
@@ -352,6 +353,13 @@ def _pick(prompt: str | tuple[str, str], dropout: float, gen: torch.Generator, t
         return prompt[0]  # draws nothing more: runs without tag dropout keep their random streams
     kept = [t for t in tags if (keep and keep in t.split()) or float(torch.rand(1, generator=gen)) >= tag_dropout]
     return ",".join(kept).strip() or prompt[1]
+
+
+def _empty_or(prompt: str, rate: float, gen: torch.Generator) -> str:
+    """``prompt``, or with probability ``rate`` the empty prompt (kohya's caption_dropout_rate)."""
+    if not rate:
+        return prompt  # draws nothing: runs without it keep their random streams
+    return "" if float(torch.rand(1, generator=gen)) < rate else prompt
 
 
 def default_name(cfg: TrainConfig) -> str:
