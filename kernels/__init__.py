@@ -16,6 +16,28 @@ next one, so a broken kernel slows a run down instead of ending it.
 
 from __future__ import annotations
 
+import sys as _sys
+
+if __name__ == "kernels":
+    # This folder installs as ``studio.kernels``. Run from the repository root (``python -m pytest``,
+    # ``python app.py``), Python finds it first on sys.path as a top-level ``kernels`` and would
+    # shadow the PyPI package of that name, which transformers imports. Hand the name over to that
+    # package, or to nothing where it is not installed. (The rest of this file then runs in the
+    # discarded module: its imports are light and name only studio.kernels.)
+    import importlib.machinery as _machinery
+    import importlib.util as _util
+    import os as _os
+
+    _root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+    _spec = _machinery.PathFinder.find_spec(
+        "kernels", [p for p in _sys.path if _os.path.abspath(p or _os.curdir) != _root])
+    if _spec is None:
+        del _sys.modules["kernels"]
+        raise ModuleNotFoundError("No module named 'kernels'", name="kernels")
+    _real = _util.module_from_spec(_spec)
+    _sys.modules["kernels"] = _real
+    _spec.loader.exec_module(_real)
+
 import functools
 import logging
 import os
