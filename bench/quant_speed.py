@@ -7,7 +7,11 @@ Without --w8/--w4 the bench quantizes micro itself with PTQ min-max into a tempo
 denoising step (one UNet call at a calibration timestep, the classifier-free-guidance batch)
 of every model in turn, so load on a shared machine hits all of them alike; the medians are
 compared. FP32 is the model as loaded (NCHW, as `studio generate` runs it); FP32 channels-last
-is shown beside it as the stronger float baseline.
+is shown beside it, and the ratios are taken against the faster of the two (the best float
+baseline of that batch). The integer models run as `load_pipeline` gives them (fused block
+forwards, studio.quant.fused); the W8 model also runs plain (STUDIO_FUSED=0's model, diffusers'
+forwards over the integer layers: the reference the fused forwards are tested against), and its
+output is checked against the fused one's.
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+# no sys.path insert: the repository root holds a folder named kernels, which would shadow the PyPI
+# "kernels" package that transformers probes for (studio is installed, editable, in the venv)
 
 log = logging.getLogger("bench.quant_speed")
 
@@ -69,13 +74,23 @@ def main(argv: list[str] | None = None) -> int:
     w8 = Path(args.w8) if args.w8 else _make(8, 8, tmp / "w8a8")
     w4 = Path(args.w4) if args.w4 else _make(4, 8, tmp / "w4a8")
 
+    from studio.quant import fused
+
     fp = load_pipeline("micro").unet.eval()
     fp_cl = load_pipeline("micro").unet.eval().to(memory_format=torch.channels_last)
     q8 = load_pipeline(w8).unet
+    q8_plain = load_pipeline(w8).unet
+    fused.unfuse(q8_plain)
     q4 = load_pipeline(w4).unet
-    models = {"fp32": fp, "fp32 channels-last": fp_cl, f"W{q8.studio_quant_runtime.marker['wbits']}A"
-              f"{q8.studio_quant_runtime.marker['abits']} int": q8,
-              f"W{q4.studio_quant_runtime.marker['wbits']}A{q4.studio_quant_runtime.marker['abits']} int": q4}
+
+    def tag(m: torch.nn.Module) -> str:
+        mk = m.studio_quant_runtime.marker
+        return f"W{mk['wbits']}A{mk['abits']} int"
+
+    models = {"fp32": fp, "fp32 channels-last": fp_cl, tag(q8): q8, tag(q8) + " plain": q8_plain, tag(q4): q4}
+    sym = all(layer.int_weight().symmetric for layer in q8.studio_quant_runtime.layers.values())
+    print(f"{tag(q8)}: {'symmetric' if sym else 'asymmetric (zero-point corrections)'} 8-bit weights; "
+          f"{fused.fuse(q8)} fused blocks")
     ts = q8.studio_quant_runtime.clock.timesteps
     cross = fp.config.cross_attention_dim
 
@@ -83,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nweight memory (Linear/Conv2d weights; quantized: integer weights + scales + zero points + "
           f"per-step activation parameters)")
     print(f"  fp32                {fp_bytes / 2**20:7.2f} MiB  1.000x")
-    for name, m in list(models.items())[2:]:
+    for name, m in [(k, v) for k, v in models.items() if k.endswith("int")]:
         rt = m.studio_quant_runtime
         with torch.no_grad():  # one call fills the kernels' caches (oneDNN prepacked weights)
             m(torch.randn(2, 4, 16, 16), torch.tensor(ts[0]), torch.randn(2, 77, cross))
@@ -98,13 +113,17 @@ def main(argv: list[str] | None = None) -> int:
         with torch.no_grad():
             for m in models.values():  # warm-up
                 m(x, torch.tensor(ts[0]), e)
+            diff = float((q8(x, torch.tensor(ts[0]), e).sample - q8_plain(x, torch.tensor(ts[0]), e).sample).abs().max())
+            print(f"\nbatch {batch}: fused vs plain {tag(q8)} output, max abs difference {diff:.2e}")
             for r in range(args.rounds):
                 t = torch.tensor(ts[r % len(ts)])
                 for name, m in models.items():
                     _time(lambda: m(x, t, e), wall[name], cpu[name])
-        base_w, base_c = statistics.median(wall["fp32"]), statistics.median(cpu["fp32"])
-        print(f"\none denoising step, UNet batch {batch} (median of {args.rounds} interleaved rounds; wall time, "
-              f"and the process's CPU time, which other jobs on a shared machine disturb less)")
+        base_w = min(statistics.median(wall[k]) for k in ("fp32", "fp32 channels-last"))
+        base_c = min(statistics.median(cpu[k]) for k in ("fp32", "fp32 channels-last"))
+        print(f"one denoising step, UNet batch {batch} (median of {args.rounds} interleaved rounds; wall time, "
+              f"and the process's CPU time, which other jobs on a shared machine disturb less; x = the best "
+              f"fp32 row's time / this row's)")
         for name in models:
             w, c = statistics.median(wall[name]), statistics.median(cpu[name])
             print(f"  {name:<20} wall {w * 1e3:8.1f} ms  x{base_w / w:5.2f}   cpu {c * 1e3:8.1f} ms  x{base_c / c:5.2f}")

@@ -147,6 +147,44 @@ def quantize_act_sums(x: torch.Tensor, scale: torch.Tensor | float, zero: int, b
     return _run("quantize", x.device, impls)
 
 
+def norm_act_quant(x: torch.Tensor, groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                   eps: float, scale: torch.Tensor, zero: int, bits: int, *, add: torch.Tensor | None = None,
+                   sums: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Codes of ``silu(group_norm(x + add))`` (NHWC when 4-d, what conv kernels read) and, with ``sums``, the
+    float sums of ``codes - zero`` over the channels: a ResNet block's norm, activation and quantization as
+    one op (fused on the CPU; the reference composes the torch ops)."""
+    from studio.kernels import cpu
+
+    def ref() -> tuple[torch.Tensor, torch.Tensor | None]:
+        q = reference.norm_act_quant(x, groups, weight, bias, eps, scale, zero, bits, add)
+        s = (q.double() - zero).sum(1, keepdim=True).float() if sums else None
+        return (q.contiguous(memory_format=torch.channels_last) if q.dim() == 4 else q), s
+
+    impls: dict[str, Callable[[], Any]] = {"reference": ref}
+    if x.device.type != "cuda":
+        fast = lambda: cpu.norm_act_quant(x, groups, weight, bias, eps, scale, zero, bits,  # noqa: E731
+                                          add=add, sums=sums)
+        impls.update(onednn=fast, intmm=fast)
+    return _run("quantize", x.device, impls)
+
+
+def geglu_quant(h: torch.Tensor, scale: torch.Tensor, zero: int, bits: int, *,
+                sums: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Codes of GEGLU's ``a * gelu(gate)`` (``a, gate = h.chunk(2, -1)``) and, with ``sums``, the float sums of
+    ``codes - zero`` over the last dimension: a feed-forward's gate and its output layer's quantization as one op."""
+    from studio.kernels import cpu
+
+    def ref() -> tuple[torch.Tensor, torch.Tensor | None]:
+        q = reference.geglu_quant(h, scale, zero, bits)
+        return q, ((q.double() - zero).sum(-1, keepdim=True).float() if sums else None)
+
+    impls: dict[str, Callable[[], Any]] = {"reference": ref}
+    if h.device.type != "cuda":
+        fast = lambda: cpu.geglu_quant(h, scale, zero, bits, sums=sums)  # noqa: E731
+        impls.update(onednn=fast, intmm=fast)
+    return _run("quantize", h.device, impls)
+
+
 def qlinear(xq: torch.Tensor, x_scale: float, x_zero: int, weight: IntWeight,
             bias: torch.Tensor | None = None, act_sums: torch.Tensor | None = None) -> torch.Tensor:
     """Integer linear: ``x_scale (xq - x_zero) . W^T + bias`` in float32 (``act_sums``: see quantize_act_sums)."""
@@ -185,5 +223,5 @@ def qconv2d(xq: torch.Tensor, x_scale: float, x_zero: int, weight: IntWeight, bi
     return _run("conv", xq.device, impls)
 
 
-__all__ = ["BACKENDS", "IntWeight", "available", "backend_for", "chosen", "pack_int4", "qconv2d", "qlinear",
-           "quantize_act", "quantize_act_sums", "reference", "unpack_int4"]
+__all__ = ["BACKENDS", "IntWeight", "available", "backend_for", "chosen", "geglu_quant", "norm_act_quant", "pack_int4",
+           "qconv2d", "qlinear", "quantize_act", "quantize_act_sums", "reference", "unpack_int4"]

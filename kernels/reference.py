@@ -53,3 +53,18 @@ def pack_int4(codes: torch.Tensor) -> torch.Tensor:
 def unpack_int4(packed: torch.Tensor, numel: int) -> torch.Tensor:
     """Inverse of :func:`pack_int4`: the first ``numel`` codes as uint8 (flat)."""
     return torch.stack([packed & 0x0F, packed >> 4], dim=-1).reshape(-1)[:numel]
+
+
+def norm_act_quant(x: torch.Tensor, groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                   eps: float, scale: torch.Tensor | float, zero: int, bits: int,
+                   add: torch.Tensor | None = None) -> torch.Tensor:
+    """Codes of ``silu(group_norm(x + add))``: what a ResNet block feeds its convs, as unfused torch ops."""
+    h = x if add is None else x + add
+    h = F.silu(F.group_norm(h, groups, weight, bias, eps))
+    return quantize_act(h, scale, zero, bits)
+
+
+def geglu_quant(h: torch.Tensor, scale: torch.Tensor | float, zero: int, bits: int) -> torch.Tensor:
+    """Codes of GEGLU's output ``a * gelu(gate)`` with ``a, gate = h.chunk(2, -1)`` (exact erf GELU)."""
+    a, gate = h.chunk(2, dim=-1)
+    return quantize_act(a * F.gelu(gate), scale, zero, bits)

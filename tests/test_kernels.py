@@ -179,3 +179,60 @@ def test_triton_kernels_match_reference(symmetric):
     xc = _codes((2, 12, 7, 7)).cuda()
     refc = reference.qconv2d(xc.cpu(), 0.04, 90, wc.to("cpu"), None, (2, 2), (1, 1), (1, 1), 1)
     _close(triton_int8.qconv2d(xc, 0.04, 90, wc, None, (2, 2), (1, 1), (1, 1), 1).cpu(), refc)
+
+
+@pytest.mark.parametrize("kind, intmm", [("amx", True), ("avx512-bf16", False), ("avx2", False), ("other", False)])
+def test_backends_follow_the_machine(monkeypatch, kind, intmm):
+    # torch._int_mm is ~4x faster than fp32 with AMX/VNNI-class units and ~60x slower on AVX2 (MACHINES.md):
+    # it is offered only on AMX; oneDNN's ops stay first wherever this torch has them
+    monkeypatch.delenv("STUDIO_KERNELS", raising=False)
+    monkeypatch.setattr("studio.machine.cpu_kind", lambda: kind)
+    order = kernels.available("cpu")
+    assert ("intmm" in order) == intmm and order[-1] == "reference"
+    assert ("onednn" in order) == cpu.onednn_available()
+    if cpu.onednn_available():
+        assert order[0] == "onednn" and kernels.chosen("conv") == "onednn"
+    assert "intmm" not in kernels.backend_for("conv", "cpu")
+
+
+def _flips(a: torch.Tensor, b: torch.Tensor) -> tuple[int, float]:
+    """(largest code difference, share of codes that differ): float rounding of a fused op may move a value
+    that sits on a rounding boundary to the next code, nothing more."""
+    d = (a.int() - b.int()).abs()
+    return int(d.max()), float((d > 0).float().mean())
+
+
+@pytest.mark.parametrize("add, sums", [(False, False), (True, True)])
+def test_fused_norm_act_quant_matches_reference(add, sums):
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 32, 6, 6, generator=g) * 2
+    t = torch.randn(3, 32, 1, 1, generator=g) if add else None
+    w, b = torch.randn(32, generator=g), torch.randn(32, generator=g)
+    s = torch.tensor(0.02)
+    ref = reference.norm_act_quant(x, 8, w, b, 1e-5, s, 100, 8, t)
+    for fn in (cpu.norm_act_quant, kernels.norm_act_quant):
+        for inp in (x, x.contiguous(memory_format=torch.channels_last)):  # either layout in, NHWC codes out
+            q, sm = fn(inp, 8, w, b, 1e-5, s, 100, 8, add=t, sums=sums)
+            assert q.dtype == torch.uint8 and q.is_contiguous(memory_format=torch.channels_last)
+            big, share = _flips(q, ref)
+            assert big <= 1 and share < 1e-3
+            if sums:
+                assert torch.equal(sm, (q.double() - 100).sum(1, keepdim=True).float())
+            else:
+                assert sm is None
+
+
+@pytest.mark.parametrize("sums", [False, True])
+def test_fused_geglu_quant_matches_reference(sums):
+    g = torch.Generator().manual_seed(6)
+    h = torch.randn(2, 10, 48, generator=g) * 2
+    s = torch.tensor(0.03)
+    ref = reference.geglu_quant(h, s, 120, 8)
+    assert ref.shape == (2, 10, 24)
+    for fn in (cpu.geglu_quant, kernels.geglu_quant):
+        q, sm = fn(h, s, 120, 8, sums=sums)
+        big, share = _flips(q, ref)
+        assert big <= 1 and share < 1e-3
+        assert (sm is not None) == sums
+        if sums:
+            assert torch.equal(sm, (q.double() - 120).sum(-1, keepdim=True).float())

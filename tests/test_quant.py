@@ -287,6 +287,35 @@ def test_export_load_matches_the_fake_quant_model(tmp_path, bits):
         pipe.unet.studio_quant.set_quant(True)
     # ... so the integer model is far closer to the fake-quantized one than either is to full precision
     assert float((ya - yb).abs().mean()) < 0.05 * float((ya - y_fp).abs().mean())
+    # 8-bit weights are symmetric by default (no zero-point correction in the kernels)
+    assert all(layer.int_weight().symmetric for layer in real.values() if layer.wbits == 8)
+    # the fused block forwards (the default) against diffusers' forwards over the same integer layers
+    from studio.quant import fused
+
+    assert fused.fuse(q.unet) > 0
+    with torch.no_grad():
+        fused.unfuse(q.unet)
+        y_plain = q.unet(x, 501, e).sample
+        fused.fuse(q.unet)
+        y_fused = q.unet(x, 501, e).sample
+    assert float((y_fused - y_plain).abs().mean()) < 0.05 * float((ya - y_fp).abs().mean())
+    assert torch.equal(y_fused, yb)
+
+
+def test_symmetric_weight_quantizer():
+    from studio.quant import functional as QF
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(6, 5, generator=g) + torch.linspace(-1, 2, 6)[:, None]  # channels skewed both ways
+    s, z = QF.minmax_params(w, 8, 0, symmetric=True)
+    assert torch.equal(z, torch.full_like(z, 128.0))
+    codes = QF.quantize_codes(w, s, z, 8)
+    assert int(codes.min()) >= 0 and int(codes.max()) <= 255
+    # the range is covered (no clipping) and the grid holds 0 exactly
+    assert float((QF.dequantize(codes, s, z) - w).abs().max()) <= float(s.max()) / 2 + 1e-7
+    assert float(QF.dequantize(QF.quantize_codes(torch.zeros(6, 1), s, z, 8), s, z).abs().max()) == 0.0
+    s2, z2 = QF.lp_search(w, 8, channel_dim=0, symmetric=True)
+    assert torch.equal(z2, torch.full_like(z2, 128.0)) and bool((s2 <= s + 1e-9).all())
 
 
 def test_quantize_command_and_user_errors(tmp_path, tiny_dirs, capsys):

@@ -81,7 +81,7 @@ def quantize(pipe: Any, cfg: QuantConfig, *, on_event: EventHandler | None = Non
     teacher = copy.deepcopy(pipe.unet).requires_grad_(False) if cfg.trained else None
     pipe.unet.requires_grad_(False)
     state = quantize_model(pipe.unet, wbits=cfg.wbits, abits=cfg.abits, rank=cfg.lora_rank,
-                           timesteps=sampler.timestep_grid())
+                           timesteps=sampler.timestep_grid(), weight_sym8=cfg.weight_sym8)
     calibrate_weights(state, "lp" if cfg.method == "ptq-mse" else "minmax")
     emit(Event("prepare", message=f"calibrating on {cfg.calib_samples} full-precision sampling trajectories"))
     calib_prompts = _prompts(pipe, cfg, cfg.calib_samples, cfg.seed)

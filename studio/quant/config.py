@@ -37,6 +37,12 @@ class QuantConfig:
         "help": "denoising steps of the calibration grid (None: the model's sampling default)"})
     guidance: float | None = field(default=None, metadata={
         "help": "classifier-free guidance of the trajectories (None: the model's default)"})
+    weight_sym8: bool = field(default=True, metadata={
+        "help": "8-bit weights (W8, and the 8-bit first/last layers) get their zero point fixed at the middle "
+                "code 128 (symmetric, per output channel): the int8 kernels then run them with no zero-point "
+                "correction (docs/BENCHMARKS.md: about 8 per cent of a W8A8 step). False: asymmetric min/max zero "
+                "points, as in the paper. 4-bit weights stay asymmetric either way (their export stores "
+                "q - z, which fits int8 whole)"})
     seed: int = field(default=0, metadata={"help": "seed of the prompts and noise of calibration and distillation"})
     device: str | None = field(default=None, metadata={"help": "cpu, cuda (default: cuda if present)"})
     prompts: str | None = field(default=None, metadata={

@@ -181,6 +181,10 @@ def load_quantized_unet(folder: str | os.PathLike, *, cache_unpacked: bool = Fal
     for layer in layers.values():  # assign=True keeps the file's tensors: the kernels want int32 zero points
         layer.w_zero = layer.w_zero.to(torch.int32)
     unet.eval()
+    from studio.quant import fused
+
+    if fused.fusion_enabled():  # the fused block forwards (same function, fewer passes); STUDIO_FUSED=0: plain
+        fused.fuse(unet)
     unet.studio_quant_runtime = RuntimeState(clock, layers, marker)
     listen_timestep(unet, clock.set_timestep)
     return unet

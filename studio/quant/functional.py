@@ -149,17 +149,35 @@ def params_from_range(lo: torch.Tensor, hi: torch.Tensor, bits: int, eps: float 
     return scale, zero
 
 
-def minmax_params(w: torch.Tensor, bits: int, channel_dim: int | None = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Min/max quantizer parameters, per channel along ``channel_dim`` (None: one for the tensor).
+def symmetric_params_from_range(lo: torch.Tensor, hi: torch.Tensor, bits: int,
+                                eps: float = 1e-8) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero) of the quantizer with the zero point fixed at the middle code ``2**(b-1)`` that covers
+    [lo, hi]: the same formula Q(x; s, z), codes ``- 2**(b-1) .. 2**(b-1) - 1`` once the zero is taken
+    off, so a signed integer kernel runs the weight with no zero-point correction."""
+    half = 1 << (bits - 1)
+    scale = torch.maximum(-torch.minimum(lo, torch.zeros_like(lo)) / half,
+                          torch.maximum(hi, torch.zeros_like(hi)) / (half - 1)).clamp_min(eps)
+    return scale, torch.full_like(scale, float(half))
+
+
+def _range_params(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor,
+                                                                                          torch.Tensor]:
+    return symmetric_params_from_range(lo, hi, bits) if symmetric else params_from_range(lo, hi, bits)
+
+
+def minmax_params(w: torch.Tensor, bits: int, channel_dim: int | None = 0, *,
+                  symmetric: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min/max quantizer parameters, per channel along ``channel_dim`` (None: one for the tensor);
+    ``symmetric``: the zero point fixed at ``2**(b-1)`` (:func:`symmetric_params_from_range`).
 
     Returned with the broadcast shape of ``w`` (e.g. (O, 1, 1, 1) for a conv weight).
     """
     if channel_dim is None:
-        return params_from_range(w.detach().min().reshape(()), w.detach().max().reshape(()), bits)
+        return _range_params(w.detach().min().reshape(()), w.detach().max().reshape(()), bits, symmetric)
     dims = [d for d in range(w.dim()) if d != channel_dim]
     lo = w.detach().amin(dim=dims, keepdim=True)
     hi = w.detach().amax(dim=dims, keepdim=True)
-    return params_from_range(lo, hi, bits)
+    return _range_params(lo, hi, bits, symmetric)
 
 
 def lp_error(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, p: float = DEFAULT_P,
@@ -172,10 +190,10 @@ def lp_error(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int
     return err.mean(dim=dims, keepdim=True)
 
 
-def clip_candidates(lo: torch.Tensor, hi: torch.Tensor, bits: int, ratios: torch.Tensor) -> list[tuple[torch.Tensor,
-                                                                                                       torch.Tensor]]:
+def clip_candidates(lo: torch.Tensor, hi: torch.Tensor, bits: int, ratios: torch.Tensor, *,
+                    symmetric: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Quantizer parameters for the range [lo, hi] shrunk by each clipping ratio."""
-    return [params_from_range(lo * r, hi * r, bits) for r in ratios.tolist()]
+    return [_range_params(lo * r, hi * r, bits, symmetric) for r in ratios.tolist()]
 
 
 def default_ratios(n: int = 40, low: float = 0.3) -> torch.Tensor:
@@ -184,10 +202,11 @@ def default_ratios(n: int = 40, low: float = 0.3) -> torch.Tensor:
 
 
 def lp_search(x: torch.Tensor, bits: int, *, channel_dim: int | None = None, p: float = DEFAULT_P,
-              ratios: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+              ratios: torch.Tensor | None = None, symmetric: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The (scale, zero) among clipped min/max ranges with the least Lp error on ``x``.
 
-    Per channel along ``channel_dim`` (weights) or one pair for the tensor (activations).
+    Per channel along ``channel_dim`` (weights) or one pair for the tensor (activations); ``symmetric``:
+    zero points fixed at ``2**(b-1)``.
     """
     x = x.detach().float()
     ratios = default_ratios() if ratios is None else ratios
@@ -197,7 +216,7 @@ def lp_search(x: torch.Tensor, bits: int, *, channel_dim: int | None = None, p: 
         dims = [d for d in range(x.dim()) if d != channel_dim]
         lo, hi = x.amin(dim=dims, keepdim=True), x.amax(dim=dims, keepdim=True)
     best_s = best_z = best_e = None
-    for s, z in clip_candidates(lo, hi, bits, ratios):
+    for s, z in clip_candidates(lo, hi, bits, ratios, symmetric=symmetric):
         e = lp_error(x, s, z, bits, p, channel_dim)
         if best_e is None:
             best_s, best_z, best_e = s, z, e

@@ -83,11 +83,14 @@ class StepClock:
 
 
 class WeightQuantizer(nn.Module):
-    """Per-output-channel asymmetric quantizer of a weight: scale and zero of shape (O, 1, ...)."""
+    """Per-output-channel quantizer of a weight: scale and zero of shape (O, 1, ...). Asymmetric (min/max),
+    or with ``symmetric`` the zero point fixed at the middle code (what int8 kernels run without a
+    zero-point correction)."""
 
-    def __init__(self, weight: torch.Tensor, bits: int) -> None:
+    def __init__(self, weight: torch.Tensor, bits: int, symmetric: bool = False) -> None:
         super().__init__()
         self.bits = bits
+        self.symmetric = symmetric
         shape = (weight.shape[0],) + (1,) * (weight.dim() - 1)
         self.scale = nn.Parameter(torch.ones(shape, dtype=torch.float32), requires_grad=False)
         self.zero = nn.Parameter(torch.zeros(shape, dtype=torch.float32), requires_grad=False)
@@ -95,13 +98,13 @@ class WeightQuantizer(nn.Module):
 
     @torch.no_grad()
     def init_minmax(self, w: torch.Tensor) -> None:
-        s, z = QF.minmax_params(w.float(), self.bits, 0)
+        s, z = QF.minmax_params(w.float(), self.bits, 0, symmetric=self.symmetric)
         self.scale.copy_(s)
         self.zero.copy_(z)
 
     @torch.no_grad()
     def init_lp(self, w: torch.Tensor, p: float = QF.DEFAULT_P) -> None:
-        s, z = QF.lp_search(w.float(), self.bits, channel_dim=0, p=p)
+        s, z = QF.lp_search(w.float(), self.bits, channel_dim=0, p=p, symmetric=self.symmetric)
         self.scale.copy_(s)
         self.zero.copy_(z)
 

@@ -117,10 +117,12 @@ def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
-def quantize_model(unet: nn.Module, *, wbits: int, abits: int, rank: int, timesteps: list[float]) -> QuantState:
+def quantize_model(unet: nn.Module, *, wbits: int, abits: int, rank: int, timesteps: list[float],
+                   weight_sym8: bool = False) -> QuantState:
     """Replace every Linear/Conv2d of ``unet`` by a QuantLayer (in place) and install the timestep hook.
 
-    The first and last layers get 8 bits and no LoRA. Quantizer parameters start at 1/0: the
+    The first and last layers get 8 bits and no LoRA; ``weight_sym8``: every 8-bit weight quantizer
+    has its zero point fixed at the middle code (see :class:`~studio.quant.config.QuantConfig`). Quantizer parameters start at 1/0: the
     caller calibrates them (:mod:`studio.quant.calibrate`).
     """
     if getattr(unet, "studio_quant", None) is not None:
@@ -133,6 +135,7 @@ def quantize_model(unet: nn.Module, *, wbits: int, abits: int, rank: int, timest
         io = name in (first, last)
         layer = QuantLayer(module, wbits=IO_BITS if io else wbits, abits=IO_BITS if io else abits,
                            rank=0 if io else rank, clock=clock, name=name)
+        layer.wq.symmetric = weight_sym8 and layer.wbits == 8
         layer.to(device=module.weight.device)
         _set_module(unet, name, layer)
         layers[name] = layer

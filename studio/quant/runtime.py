@@ -120,22 +120,34 @@ class IntQuantLayer(nn.Module):
             self._steps = [(self.act_scale[i], zeros[i], floats[i]) for i in range(len(zeros))]
         return self._steps[clock.lo]
 
+    def act_params(self) -> tuple[torch.Tensor, int, float]:
+        """The live activation (scale, zero, scale as a float) of the current step (cached per step)."""
+        return self._act_params()
+
+    def wants_sums(self) -> bool:
+        """Whether the kernel needs the codes' channel sums (an asymmetric weight's zero-point correction)."""
+        return not (self.int_weight().symmetric or (self.kind == "conv" and self.groups != 1))
+
+    def run_codes(self, xq: torch.Tensor, s_float: float, z: int, sums: torch.Tensor | None = None,
+                  out_layout: torch.memory_format | None = None) -> torch.Tensor:
+        """The integer kernel on codes already made (by :meth:`forward` or a fused producer), float32 out;
+        a conv answers channels-last unless ``out_layout`` asks otherwise."""
+        w = self.int_weight()
+        if self.kind == "conv":
+            return kernels.qconv2d(xq, s_float, z, w, self.bias, self.stride, self.padding, self.dilation,
+                                   self.groups, out_layout=out_layout, act_sums=sums)
+        return kernels.qlinear(xq, s_float, z, w, self.bias, act_sums=sums)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s, z, s_float = self._act_params()
-        w = self.int_weight()
         conv = self.kind == "conv"
         # an asymmetric weight's zero-point correction needs the codes' channel sums: same pass
-        sums_dim = None if w.symmetric or (conv and self.groups != 1) else (1 if conv else -1)
+        sums_dim = (1 if conv else -1) if self.wants_sums() else None
         xq, sums = kernels.quantize_act_sums(x, s, z, self.abits, channels_last=conv, sums_dim=sums_dim)
-        bias = self.bias
-        if conv:
-            # oneDNN answers channels-last; the rest of the model (group norm, attention, residual adds)
-            # runs several times slower on mixed layouts than one copy back to the input's layout costs
-            layout = torch.contiguous_format if x.is_contiguous() else None
-            y = kernels.qconv2d(xq, s_float, z, w, bias, self.stride, self.padding, self.dilation, self.groups,
-                                out_layout=layout, act_sums=sums)
-        else:
-            y = kernels.qlinear(xq, s_float, z, w, bias, act_sums=sums)
+        # oneDNN answers channels-last; the rest of the model (group norm, attention, residual adds) runs
+        # several times slower on mixed layouts than one copy back to the input's layout costs
+        layout = torch.contiguous_format if conv and x.is_contiguous() else None
+        y = self.run_codes(xq, s_float, z, sums, layout)
         return y if y.dtype == x.dtype else y.to(x.dtype)
 
     def stored_bytes(self) -> int:
