@@ -96,6 +96,7 @@ def _train(cfg: TrainConfig, out: Path, on_event: EventHandler | None, cancel: t
     from accelerate.utils import set_seed
 
     from studio import adapters
+    from studio.adapters import fast as fast_lora
     from studio.loading import load_pipeline
     from studio.trainers.data import load_image_folder, precheck_image_folder, validate_output_dir
     from studio.trainers.recipes import get_recipe
@@ -171,6 +172,7 @@ def _train(cfg: TrainConfig, out: Path, on_event: EventHandler | None, cancel: t
         if isinstance(comp, torch.nn.Module):  # (through a learned trigger embedding, say) must not move it
             comp.requires_grad_(False)
     params = adapters.add_adapter(pipe, cfg.method, settings, "default")
+    fast_layers = sum(fast_lora.speed_up(m) for m in adapters.core.adapted_models(pipe).values())
     trigger_params = adapters.add_trigger_embedding(pipe, cfg.token, "default", cfg.init_word) if plan.train_trigger else []
     if half is not None:  # PEFT builds the adapter in its base layer's dtype; the trained weights stay fp32
         for p in params + trigger_params:
@@ -295,6 +297,9 @@ def _train(cfg: TrainConfig, out: Path, on_event: EventHandler | None, cancel: t
     result_file = out / adapters.core.LORA_FILE
     if accelerator.is_main_process:
         pipe.unet = accelerator.unwrap_model(unet)
+        if fast_layers:  # PEFT's own layer classes again for whatever reads the pipeline next
+            for m in adapters.core.adapted_models(pipe).values():
+                fast_lora.restore(m)
         meta = recipe.metadata(cfg, plan, pipe, data)
         meta["final_loss"] = f"{_mean_tail(losses):.6f}" if losses else ""
         result_file = adapters.save_adapter(pipe, out, "default", metadata=meta)
