@@ -7,8 +7,9 @@ Without --w8/--w4 the bench quantizes micro itself with PTQ min-max into a tempo
 denoising step (one UNet call at a calibration timestep, the classifier-free-guidance batch)
 of every model in turn, so load on a shared machine hits all of them alike; the medians are
 compared. FP32 is the model as loaded (NCHW, as `studio generate` runs it); FP32 channels-last
-is shown beside it, and the ratios are taken against the faster of the two (the best float
-baseline of that batch). The integer models run as `load_pipeline` gives them (fused block
+is shown beside it, and FP32 channels-last with the group norm the integer model uses for NHWC
+tensors (studio.kernels.cpu.group_norm: torch's own is slow on channels-last); the ratios are taken
+against the fastest of the three (the best float baseline of that batch). The integer models run as `load_pipeline` gives them (fused block
 forwards, studio.quant.fused); the W8 model also runs plain (STUDIO_FUSED=0's model, diffusers'
 forwards over the integer layers: the reference the fused forwards are tested against), and its
 output is checked against the fused one's.
@@ -78,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
 
     fp = load_pipeline("micro").unet.eval()
     fp_cl = load_pipeline("micro").unet.eval().to(memory_format=torch.channels_last)
+    fp_cl_gn = load_pipeline("micro").unet.eval().to(memory_format=torch.channels_last)
+    fused.fast_group_norms(fp_cl_gn)
     q8 = load_pipeline(w8).unet
     q8_plain = load_pipeline(w8).unet
     fused.unfuse(q8_plain)
@@ -87,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         mk = m.studio_quant_runtime.marker
         return f"W{mk['wbits']}A{mk['abits']} int"
 
-    models = {"fp32": fp, "fp32 channels-last": fp_cl, tag(q8): q8, tag(q8) + " plain": q8_plain, tag(q4): q4}
+    fp_rows = ("fp32", "fp32 channels-last", "fp32 CL + NHWC GN")
+    models = {"fp32": fp, "fp32 channels-last": fp_cl, "fp32 CL + NHWC GN": fp_cl_gn, tag(q8): q8, tag(q8) + " plain": q8_plain, tag(q4): q4}
     sym = all(layer.int_weight().symmetric for layer in q8.studio_quant_runtime.layers.values())
     print(f"{tag(q8)}: {'symmetric' if sym else 'asymmetric (zero-point corrections)'} 8-bit weights; "
           f"{fused.fuse(q8)} fused blocks")
@@ -113,20 +117,23 @@ def main(argv: list[str] | None = None) -> int:
         with torch.no_grad():
             for m in models.values():  # warm-up
                 m(x, torch.tensor(ts[0]), e)
-            diff = float((q8(x, torch.tensor(ts[0]), e).sample - q8_plain(x, torch.tensor(ts[0]), e).sample).abs().max())
-            print(f"\nbatch {batch}: fused vs plain {tag(q8)} output, max abs difference {diff:.2e}")
+            t0 = torch.tensor(ts[0])
+            y_fp, y_q, y_plain = fp(x, t0, e).sample, q8(x, t0, e).sample, q8_plain(x, t0, e).sample
+            print(f"\nbatch {batch}: mean abs difference of the outputs: fused vs plain {tag(q8)} "
+                  f"{float((y_q - y_plain).abs().mean()):.2e}, {tag(q8)} vs fp32 {float((y_q - y_fp).abs().mean()):.2e}")
             for r in range(args.rounds):
                 t = torch.tensor(ts[r % len(ts)])
                 for name, m in models.items():
                     _time(lambda: m(x, t, e), wall[name], cpu[name])
-        base_w = min(statistics.median(wall[k]) for k in ("fp32", "fp32 channels-last"))
-        base_c = min(statistics.median(cpu[k]) for k in ("fp32", "fp32 channels-last"))
+        base_w = min(statistics.median(wall[k]) for k in fp_rows)
+        base_c = min(statistics.median(cpu[k]) for k in fp_rows)
         print(f"one denoising step, UNet batch {batch} (median of {args.rounds} interleaved rounds; wall time, "
               f"and the process's CPU time, which other jobs on a shared machine disturb less; x = the best "
               f"fp32 row's time / this row's)")
         for name in models:
             w, c = statistics.median(wall[name]), statistics.median(cpu[name])
-            print(f"  {name:<20} wall {w * 1e3:8.1f} ms  x{base_w / w:5.2f}   cpu {c * 1e3:8.1f} ms  x{base_c / c:5.2f}")
+            print(f"  {name:<20} wall {w * 1e3:8.1f} ms  x{base_w / w:5.2f}   cpu {c * 1e3:8.1f} ms  "
+                  f"x{base_c / c:5.2f}")
     return 0
 
 

@@ -236,3 +236,15 @@ def test_fused_geglu_quant_matches_reference(sums):
         assert (sm is not None) == sums
         if sums:
             assert torch.equal(sm, (q.double() - 120).sum(-1, keepdim=True).float())
+
+
+def test_channels_last_group_norm_matches_torch_and_keeps_the_layout():
+    g = torch.Generator().manual_seed(7)
+    x = (torch.randn(2, 32, 5, 7, generator=g) * 3 + 1).contiguous(memory_format=torch.channels_last)
+    w, b = torch.randn(32, generator=g), torch.randn(32, generator=g)
+    ref = torch.nn.functional.group_norm(x.contiguous(), 8, w, b, 1e-5)
+    y = cpu.group_norm(x, 8, w, b, 1e-5)
+    assert cpu.is_channels_last(y) and float((y - ref).abs().max()) < 1e-4
+    assert cpu.group_norm(x.contiguous(), 8, None, None, 1e-5).is_contiguous()  # NCHW: torch's own
+    assert float((cpu.group_norm(x, 8, None, None, 1e-5) -
+                  torch.nn.functional.group_norm(x.contiguous(), 8)).abs().max()) < 1e-4

@@ -285,8 +285,12 @@ def test_export_load_matches_the_fake_quant_model(tmp_path, bits):
         pipe.unet.studio_quant.set_quant(False)
         y_fp = pipe.unet(x, 501, e).sample
         pipe.unet.studio_quant.set_quant(True)
-    # ... so the integer model is far closer to the fake-quantized one than either is to full precision
-    assert float((ya - yb).abs().mean()) < 0.05 * float((ya - y_fp).abs().mean())
+    # ... so the integer model is far closer to the fake-quantized one than either is to full precision. One
+    # flipped code early in the tiny model's up path moves the output's mean by about a tenth of the
+    # quantization error (measured at this seed: 0.11 with symmetric 8-bit weights, where the first flip is
+    # up_blocks.1.resnets.0.conv1 on an input that differs by 2e-6; 3e-6 with asymmetric ones); a wrong scale,
+    # zero point or layout costs at least the whole quantization error
+    assert float((ya - yb).abs().mean()) < 0.25 * float((ya - y_fp).abs().mean())
     # 8-bit weights are symmetric by default (no zero-point correction in the kernels)
     assert all(layer.int_weight().symmetric for layer in real.values() if layer.wbits == 8)
     # the fused block forwards (the default) against diffusers' forwards over the same integer layers
@@ -298,8 +302,8 @@ def test_export_load_matches_the_fake_quant_model(tmp_path, bits):
         y_plain = q.unet(x, 501, e).sample
         fused.fuse(q.unet)
         y_fused = q.unet(x, 501, e).sample
-    assert float((y_fused - y_plain).abs().mean()) < 0.05 * float((ya - y_fp).abs().mean())
-    assert torch.equal(y_fused, yb)
+    assert float((y_fused - y_plain).abs().mean()) < 0.25 * float((ya - y_fp).abs().mean())  # as above
+    assert torch.equal(y_fused, yb) and y_fused.is_contiguous()  # channels-last inside, the sample's layout out
 
 
 def test_symmetric_weight_quantizer():

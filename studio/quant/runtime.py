@@ -56,6 +56,9 @@ class IntQuantLayer(nn.Module):
             self.bias = None
         self._weight: IntWeight | None = None
         self._steps: list[tuple[torch.Tensor, int, float]] | None = None
+        # a conv's output layout: True channels-last (what oneDNN writes), False NCHW, None its input's
+        # layout (a copy back when the input was NCHW); studio.quant.fused sets it for a channels-last model
+        self.channels_last_out: bool | None = None
 
     # ------------------------------------------------------------------ building
     @classmethod
@@ -128,6 +131,14 @@ class IntQuantLayer(nn.Module):
         """Whether the kernel needs the codes' channel sums (an asymmetric weight's zero-point correction)."""
         return not (self.int_weight().symmetric or (self.kind == "conv" and self.groups != 1))
 
+    def out_layout(self, x: torch.Tensor) -> torch.memory_format | None:
+        """The memory format a conv's output is copied to for input ``x`` (None: left as the kernel wrote it)."""
+        if self.kind != "conv" or self.channels_last_out:
+            return None
+        if self.channels_last_out is False or x.is_contiguous():
+            return torch.contiguous_format
+        return None
+
     def run_codes(self, xq: torch.Tensor, s_float: float, z: int, sums: torch.Tensor | None = None,
                   out_layout: torch.memory_format | None = None) -> torch.Tensor:
         """The integer kernel on codes already made (by :meth:`forward` or a fused producer), float32 out;
@@ -144,10 +155,10 @@ class IntQuantLayer(nn.Module):
         # an asymmetric weight's zero-point correction needs the codes' channel sums: same pass
         sums_dim = (1 if conv else -1) if self.wants_sums() else None
         xq, sums = kernels.quantize_act_sums(x, s, z, self.abits, channels_last=conv, sums_dim=sums_dim)
-        # oneDNN answers channels-last; the rest of the model (group norm, attention, residual adds) runs
-        # several times slower on mixed layouts than one copy back to the input's layout costs
-        layout = torch.contiguous_format if conv and x.is_contiguous() else None
-        y = self.run_codes(xq, s_float, z, sums, layout)
+        # oneDNN answers channels-last; unless the model runs channels-last throughout (channels_last_out),
+        # the output goes back to the input's layout: torch's group norm and mixed-layout elementwise ops are
+        # several times slower than one copy
+        y = self.run_codes(xq, s_float, z, sums, self.out_layout(x))
         return y if y.dtype == x.dtype else y.to(x.dtype)
 
     def stored_bytes(self) -> int:
