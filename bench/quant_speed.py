@@ -9,10 +9,10 @@ of every model in turn, so load on a shared machine hits all of them alike; the 
 compared. FP32 is the model as loaded (NCHW, as `studio generate` runs it); FP32 channels-last
 is shown beside it, and FP32 channels-last with the group norm the integer model uses for NHWC
 tensors (studio.kernels.cpu.group_norm: torch's own is slow on channels-last); the ratios are taken
-against the fastest of the three (the best float baseline of that batch). The integer models run as `load_pipeline` gives them (fused block
-forwards, studio.quant.fused); the W8 model also runs plain (STUDIO_FUSED=0's model, diffusers'
-forwards over the integer layers: the reference the fused forwards are tested against), and its
-output is checked against the fused one's.
+against the fastest of the three (the best float baseline of that batch). The integer models run
+as `load_pipeline` gives them (fused block forwards, channels-last throughout: studio.quant.fused);
+the W8 model also runs plain (STUDIO_FUSED=0's model: diffusers' forwards over the integer layers,
+the reference the fused forwards are tested against), and the outputs' differences are printed.
 """
 
 from __future__ import annotations
@@ -91,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
         return f"W{mk['wbits']}A{mk['abits']} int"
 
     fp_rows = ("fp32", "fp32 channels-last", "fp32 CL + NHWC GN")
-    models = {"fp32": fp, "fp32 channels-last": fp_cl, "fp32 CL + NHWC GN": fp_cl_gn, tag(q8): q8, tag(q8) + " plain": q8_plain, tag(q4): q4}
+    models = {"fp32": fp, "fp32 channels-last": fp_cl, "fp32 CL + NHWC GN": fp_cl_gn, tag(q8): q8,
+              tag(q8) + " plain": q8_plain, tag(q4): q4}
     sym = all(layer.int_weight().symmetric for layer in q8.studio_quant_runtime.layers.values())
     print(f"{tag(q8)}: {'symmetric' if sym else 'asymmetric (zero-point corrections)'} 8-bit weights; "
           f"{fused.fuse(q8)} fused blocks")
@@ -120,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
             t0 = torch.tensor(ts[0])
             y_fp, y_q, y_plain = fp(x, t0, e).sample, q8(x, t0, e).sample, q8_plain(x, t0, e).sample
             print(f"\nbatch {batch}: mean abs difference of the outputs: fused vs plain {tag(q8)} "
-                  f"{float((y_q - y_plain).abs().mean()):.2e}, {tag(q8)} vs fp32 {float((y_q - y_fp).abs().mean()):.2e}")
+                  f"{float((y_q - y_plain).abs().mean()):.2e}, {tag(q8)} vs fp32 "
+                  f"{float((y_q - y_fp).abs().mean()):.2e}")
             for r in range(args.rounds):
                 t = torch.tensor(ts[r % len(ts)])
                 for name, m in models.items():

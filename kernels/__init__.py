@@ -83,9 +83,25 @@ def available(device: torch.device | str = "cpu") -> list[str]:
     return out + ["reference"]
 
 
+_orders: dict[tuple[Any, ...], list[str]] = {}
+
+
 def backend_for(op: str, device: torch.device | str) -> list[str]:
-    """Backends to try for ``op`` ('linear'|'conv'|'quantize') on ``device``, in order."""
+    """Backends to try for ``op`` ('linear'|'conv'|'quantize') on ``device``, in order (cached per op, device
+    type, CPU kind, ``STUDIO_KERNELS`` and demotions: a model calls this several hundred times per step)."""
+    from studio.machine import cpu_kind
+
     forced = os.environ.get("STUDIO_KERNELS")
+    dev = torch.device(device).type if not isinstance(device, torch.device) else device.type
+    key = (op, dev, cpu_kind(), forced, frozenset(_demoted))
+    hit = _orders.get(key)
+    if hit is not None:
+        return hit
+    _orders[key] = out = _backend_order(op, dev, forced)
+    return out
+
+
+def _backend_order(op: str, device: str, forced: str | None) -> list[str]:
     order = available(device)
     if forced:
         if forced not in BACKENDS:
@@ -185,6 +201,29 @@ def geglu_quant(h: torch.Tensor, scale: torch.Tensor, zero: int, bits: int, *,
     return _run("quantize", h.device, impls)
 
 
+def multi_quant(x: torch.Tensor, scales: list[torch.Tensor], zeros: list[int], bits: int) -> list[torch.Tensor]:
+    """Codes of ``x`` under each (scale, zero): several layers that read one input, quantized in one pass."""
+    from studio.kernels import cpu
+
+    impls: dict[str, Callable[[], Any]] = {
+        "reference": lambda: [reference.quantize_act(x, s, z, bits) for s, z in zip(scales, zeros)]}
+    if x.device.type != "cuda":
+        fast = lambda: cpu.multi_quant(x, scales, zeros, bits)  # noqa: E731
+        impls.update(onednn=fast, intmm=fast)
+    return _run("quantize", x.device, impls)
+
+
+def heads_quant(o: torch.Tensor, scale: torch.Tensor, zero: int, bits: int) -> torch.Tensor:
+    """Codes of an attention output (B, heads, L, d) with its heads merged: (B, L, heads * d), contiguous."""
+    from studio.kernels import cpu
+
+    impls: dict[str, Callable[[], Any]] = {"reference": lambda: reference.heads_quant(o, scale, zero, bits)}
+    if o.device.type != "cuda":
+        fast = lambda: cpu.heads_quant(o, scale, zero, bits)  # noqa: E731
+        impls.update(onednn=fast, intmm=fast)
+    return _run("quantize", o.device, impls)
+
+
 def qlinear(xq: torch.Tensor, x_scale: float, x_zero: int, weight: IntWeight,
             bias: torch.Tensor | None = None, act_sums: torch.Tensor | None = None) -> torch.Tensor:
     """Integer linear: ``x_scale (xq - x_zero) . W^T + bias`` in float32 (``act_sums``: see quantize_act_sums)."""
@@ -223,5 +262,6 @@ def qconv2d(xq: torch.Tensor, x_scale: float, x_zero: int, weight: IntWeight, bi
     return _run("conv", xq.device, impls)
 
 
-__all__ = ["BACKENDS", "IntWeight", "available", "backend_for", "chosen", "geglu_quant", "norm_act_quant", "pack_int4",
-           "qconv2d", "qlinear", "quantize_act", "quantize_act_sums", "reference", "unpack_int4"]
+__all__ = ["BACKENDS", "IntWeight", "available", "backend_for", "chosen", "geglu_quant", "heads_quant",
+           "multi_quant", "norm_act_quant", "pack_int4", "qconv2d", "qlinear", "quantize_act", "quantize_act_sums",
+           "reference", "unpack_int4"]

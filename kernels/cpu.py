@@ -17,6 +17,7 @@ packed with (measured), so one packing serves every denoising step.
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -116,6 +117,33 @@ def is_channels_last(x: torch.Tensor) -> bool:
     return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
+def _sums_and_squares(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return v.sum(1), (v * v).sum(1)
+
+
+_sums_and_squares_compiled = None
+
+
+def _channel_sums(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sums and sums of squares of ``v`` (N, L, C) over L: one compiled pass (about 2x faster than the two
+    eager reductions and their temporary, measured), eager where the compiler is unavailable."""
+    global _sums_and_squares_compiled
+    import os
+
+    if not (_compile_state["failed"] or os.environ.get("STUDIO_COMPILE", "1") == "0"):
+        try:
+            if _sums_and_squares_compiled is None:
+                _sums_and_squares_compiled = torch.compile(_sums_and_squares, dynamic=True, fullgraph=True)
+            return _sums_and_squares_compiled(v)
+        except Exception as exc:  # noqa: BLE001 - as in quantize_act_sums
+            _compile_state["failed"] = True
+            import logging
+
+            logging.getLogger(__name__).warning("compiled channel sums unavailable (%s); using eager",
+                                                type(exc).__name__)
+    return _sums_and_squares(v)
+
+
 def group_norm_affine(x: torch.Tensor, groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
                       eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Group norm as a per-sample, per-channel affine map ``a * x + b`` ((N, C, 1, 1) each), its statistics
@@ -126,8 +154,9 @@ def group_norm_affine(x: torch.Tensor, groups: int, weight: torch.Tensor | None,
     # 10 to 60 times faster than var_mean over the (positions, channels-in-group) dims of the same view)
     v = x.permute(0, 2, 3, 1).reshape(n, -1, c)
     count = v.shape[1] * (c // groups)
-    mean = v.sum(1).view(n, groups, -1).sum(-1).div_(count)
-    var = (v * v).sum(1).view(n, groups, -1).sum(-1).div_(count).sub_(mean * mean).clamp_min_(0)
+    s1, s2 = _channel_sums(v)
+    mean = s1.view(n, groups, -1).sum(-1).div_(count)
+    var = s2.view(n, groups, -1).sum(-1).div_(count).sub_(mean * mean).clamp_min_(0)
     rstd = (var + eps).rsqrt_()
     a = rstd.repeat_interleave(c // groups, dim=1)
     mean_c = mean.repeat_interleave(c // groups, dim=1)
@@ -216,6 +245,64 @@ def geglu_quant(h: torch.Tensor, scale: torch.Tensor, zero: int, bits: int, *,
                                                 type(exc).__name__)
     a, gate = h.chunk(2, dim=-1)
     return quantize_act_sums(a * F.gelu(gate), scale, zero, bits, sums_dim=-1 if sums else None)
+
+
+def _multi_quant(x: torch.Tensor, scales: list[torch.Tensor], zeros: list[int], qmax: int) -> list[torch.Tensor]:
+    return [torch.clamp(torch.round(x / s) + z, 0, qmax).to(torch.uint8) for s, z in zip(scales, zeros)]
+
+
+def _heads_quant(o: torch.Tensor, scale: torch.Tensor, zero: int, qmax: int) -> torch.Tensor:
+    b, h, n, d = o.shape
+    x = o.transpose(1, 2).reshape(b, n, h * d)
+    return torch.clamp(torch.round(x / scale) + zero, 0, qmax).to(torch.uint8)
+
+
+_multi_quant_compiled = None
+_heads_quant_compiled = None
+
+
+def _compile_or_none(name: str, fn: Any) -> Any:
+    import os
+
+    if _compile_state["failed"] or os.environ.get("STUDIO_COMPILE", "1") == "0":
+        return None
+    cached = globals().get(name)
+    if cached is None:
+        cached = torch.compile(fn, dynamic=True, fullgraph=True)
+        globals()[name] = cached
+    return cached
+
+
+def _compile_failed(what: str, exc: Exception) -> None:
+    import logging
+
+    _compile_state["failed"] = True
+    logging.getLogger(__name__).warning("compiled %s unavailable (%s); using eager", what, type(exc).__name__)
+
+
+def multi_quant(x: torch.Tensor, scales: list[torch.Tensor], zeros: list[int], bits: int) -> list[torch.Tensor]:
+    """Codes of one tensor under several (scale, zero) pairs (the query/key/value projections of an attention
+    read the same input, each with its own activation quantizer) from one compiled pass over ``x``."""
+    fn = _compile_or_none("_multi_quant_compiled", _multi_quant)
+    if fn is not None:
+        try:
+            return fn(x, list(scales), list(zeros), (1 << bits) - 1)
+        except Exception as exc:  # noqa: BLE001 - as in quantize_act_sums
+            _compile_failed("multi-scale quantization", exc)
+    return [quantize_act_eager(x, s, z, bits) for s, z in zip(scales, zeros)]
+
+
+def heads_quant(o: torch.Tensor, scale: torch.Tensor, zero: int, bits: int) -> torch.Tensor:
+    """Codes of an attention output (B, heads, L, d) with the heads merged, (B, L, heads * d) contiguous: the
+    merge (a transposing copy of the float output) and the quantization in one compiled pass."""
+    fn = _compile_or_none("_heads_quant_compiled", _heads_quant)
+    if fn is not None:
+        try:
+            return fn(o, scale, zero, (1 << bits) - 1)
+        except Exception as exc:  # noqa: BLE001 - as in quantize_act_sums
+            _compile_failed("attention-output quantization", exc)
+    b, h, n, d = o.shape
+    return quantize_act_eager(o.transpose(1, 2).reshape(b, n, h * d), scale, zero, bits)
 
 
 def quantize_act(x: torch.Tensor, scale: torch.Tensor | float, zero: int, bits: int,

@@ -68,3 +68,9 @@ def geglu_quant(h: torch.Tensor, scale: torch.Tensor | float, zero: int, bits: i
     """Codes of GEGLU's output ``a * gelu(gate)`` with ``a, gate = h.chunk(2, -1)`` (exact erf GELU)."""
     a, gate = h.chunk(2, dim=-1)
     return quantize_act(a * F.gelu(gate), scale, zero, bits)
+
+
+def heads_quant(o: torch.Tensor, scale: torch.Tensor | float, zero: int, bits: int) -> torch.Tensor:
+    """Codes of an attention output (B, heads, L, d) with the heads merged: (B, L, heads * d), contiguous."""
+    b, h, n, d = o.shape
+    return quantize_act(o.transpose(1, 2).reshape(b, n, h * d), scale, zero, bits)

@@ -248,3 +248,19 @@ def test_channels_last_group_norm_matches_torch_and_keeps_the_layout():
     assert cpu.group_norm(x.contiguous(), 8, None, None, 1e-5).is_contiguous()  # NCHW: torch's own
     assert float((cpu.group_norm(x, 8, None, None, 1e-5) -
                   torch.nn.functional.group_norm(x.contiguous(), 8)).abs().max()) < 1e-4
+
+
+def test_multi_scale_and_attention_output_quantization_match_reference():
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(2, 9, 16, generator=g) * 2
+    scales, zeros = [torch.tensor(0.02), torch.tensor(0.05), torch.tensor(0.011)], [128, 90, 3]
+    refs = [reference.quantize_act(x, s, z, 8) for s, z in zip(scales, zeros)]
+    for fn in (cpu.multi_quant, kernels.multi_quant):
+        for q, ref in zip(fn(x, scales, zeros, 8), refs, strict=True):
+            assert torch.equal(q, ref)
+    o = torch.randn(2, 4, 9, 8, generator=g)  # (batch, heads, tokens, head dim)
+    ref = reference.heads_quant(o, scales[0], 120, 8)
+    assert ref.shape == (2, 9, 32) and torch.equal(ref[:, :, 8:16], reference.quantize_act(o[:, 1], scales[0], 120, 8))
+    for fn in (cpu.heads_quant, kernels.heads_quant):
+        q = fn(o, scales[0], 120, 8)
+        assert q.is_contiguous() and torch.equal(q, ref)

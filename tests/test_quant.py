@@ -297,6 +297,8 @@ def test_export_load_matches_the_fake_quant_model(tmp_path, bits):
     from studio.quant import fused
 
     assert fused.fuse(q.unet) > 0
+    kinds = {type(m).__name__ for m in q.unet.modules() if getattr(m, "_studio_fused", False)}
+    assert {"ResnetBlock2D", "FeedForward", "Attention"} <= kinds, kinds
     with torch.no_grad():
         fused.unfuse(q.unet)
         y_plain = q.unet(x, 501, e).sample

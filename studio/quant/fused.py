@@ -12,6 +12,10 @@ is the number of passes over the activations (docs/BENCHMARKS.md has the profile
   keeping the conv outputs channels-last and fusing the group norm too (Inductor) was slower, as
   torch's group norm is 2 to 4 times slower on channels-last tensors and Inductor's norm with dynamic
   shapes is slower still; the conv outputs therefore go back to the input's layout, as in the plain model.
+* Attention: the query, key and value projections read one input with three activation quantizers:
+  one compiled pass writes the three code tensors (:func:`studio.kernels.multi_quant`); the heads of
+  the attention output are merged and quantized for the output projection in one pass
+  (:func:`studio.kernels.heads_quant`) instead of a transposing float copy and a quantization pass.
 * Feed-forward (GEGLU): ``proj -> chunk -> gelu -> mul -> quantize -> linear``; fused, one compiled call
   (:func:`studio.kernels.geglu_quant`) reads the projection once and writes the output layer's codes.
 
@@ -28,6 +32,7 @@ import types
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from studio import kernels
@@ -101,6 +106,53 @@ def fused_ff_forward(self: nn.Module, hidden_states: torch.Tensor, *args: Any, *
     return y if y.dtype == hidden_states.dtype else y.to(hidden_states.dtype)
 
 
+class IntAttnProcessor:
+    """diffusers' ``AttnProcessor2_0`` for an attention whose projections are integer layers with symmetric
+    weights (see the module docstring); anything else (masks, 4-d inputs, norms inside the attention, a
+    layer that needs zero-point sums) goes to the processor it replaced."""
+
+    def __init__(self, plain: Any) -> None:
+        self.plain = plain
+
+    def __call__(self, attn: nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None, *args: Any,
+                 **kwargs: Any) -> torch.Tensor:
+        if attention_mask is not None or hidden_states.dim() != 3 or attn.training or args or kwargs:
+            return self.plain(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+        q_l, k_l, v_l, o_l = attn.to_q, attn.to_k, attn.to_v, attn.to_out[0]
+        (sq, zq, fq), (sk, zk, fk), (sv, zv, fv) = q_l.act_params(), k_l.act_params(), v_l.act_params()
+        bits = q_l.abits
+        if encoder_hidden_states is None:
+            cq, ck, cv = kernels.multi_quant(hidden_states, [sq, sk, sv], [zq, zk, zv], bits)
+        else:
+            (cq,) = kernels.multi_quant(hidden_states, [sq], [zq], bits)
+            ck, cv = kernels.multi_quant(encoder_hidden_states, [sk, sv], [zk, zv], bits)
+        query, key, value = q_l.run_codes(cq, fq, zq), k_l.run_codes(ck, fk, zk), v_l.run_codes(cv, fv, zv)
+        b = hidden_states.shape[0]
+        d = key.shape[-1] // attn.heads
+        query, key, value = (t.view(b, -1, attn.heads, d).transpose(1, 2) for t in (query, key, value))
+        o = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
+        so, zo, fo = o_l.act_params()
+        y = attn.to_out[1](o_l.run_codes(kernels.heads_quant(o, so, zo, o_l.abits), fo, zo))
+        if attn.residual_connection:
+            y = y + hidden_states
+        if attn.rescale_output_factor != 1.0:
+            y = y / attn.rescale_output_factor
+        return y
+
+
+def _attn_qualifies(attn: nn.Module) -> bool:
+    from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+    if not isinstance(attn, Attention) or type(attn.processor) is not AttnProcessor2_0:
+        return False
+    layers = (attn.to_q, attn.to_k, attn.to_v, attn.to_out[0])
+    return (all(isinstance(m, IntQuantLayer) and m.kind == "linear" and not m.wants_sums() for m in layers)
+            and len({m.abits for m in layers}) == 1 and len(attn.to_out) == 2
+            and attn.spatial_norm is None and attn.group_norm is None and attn.norm_q is None
+            and attn.norm_k is None and not attn.norm_cross and getattr(attn, "add_k_proj", None) is None)
+
+
 def _group_norm_forward(self: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
     """``nn.GroupNorm.forward`` that keeps an NHWC input NHWC and fast (:func:`studio.kernels.cpu.group_norm`)."""
     from studio.kernels import cpu
@@ -139,6 +191,12 @@ def fuse(unet: nn.Module) -> int:
         if getattr(module, _MARK, False):
             n += 1
             continue
+        if _attn_qualifies(module):
+            module._studio_plain_processor = module.processor
+            module.processor = IntAttnProcessor(module.processor)
+            setattr(module, _MARK, True)
+            n += 1
+            continue
         for qualifies, forward in ((_resnet_qualifies, fused_resnet_forward), (_ff_qualifies, fused_ff_forward)):
             if qualifies(module):
                 module.forward = types.MethodType(forward, module)
@@ -155,7 +213,10 @@ def unfuse(unet: nn.Module) -> None:
         if isinstance(module, IntQuantLayer):
             module.channels_last_out = None
         if getattr(module, _MARK, False):
-            del module.forward
+            if isinstance(getattr(module, "processor", None), IntAttnProcessor):
+                module.processor = module._studio_plain_processor
+            else:
+                del module.forward
             setattr(module, _MARK, False)
 
 

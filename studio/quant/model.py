@@ -122,8 +122,8 @@ def quantize_model(unet: nn.Module, *, wbits: int, abits: int, rank: int, timest
     """Replace every Linear/Conv2d of ``unet`` by a QuantLayer (in place) and install the timestep hook.
 
     The first and last layers get 8 bits and no LoRA; ``weight_sym8``: every 8-bit weight quantizer
-    has its zero point fixed at the middle code (see :class:`~studio.quant.config.QuantConfig`). Quantizer parameters start at 1/0: the
-    caller calibrates them (:mod:`studio.quant.calibrate`).
+    has its zero point fixed at the middle code (see :class:`~studio.quant.config.QuantConfig`).
+    Quantizer parameters start at 1/0: the caller calibrates them (:mod:`studio.quant.calibrate`).
     """
     if getattr(unet, "studio_quant", None) is not None:
         raise StudioError("this denoiser is already quantized")
