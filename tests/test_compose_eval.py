@@ -24,7 +24,8 @@ from test_evals import (  # noqa: F401 - fixtures: the smoke model and judge, ti
 )
 
 KEYS = {"suite", "n", "both", "subject_fidelity", "style_fidelity", "prompt_fidelity", "leakage", "base_drift",
-        "drift_by_attribute", "adapters", "triggers", "leakage_content", "shape_seen", "texture_seen", "by_prompt"}
+        "drift_by_attribute", "adapters", "decor", "triggers", "leakage_content", "shape_seen", "texture_seen",
+        "by_prompt"}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -166,6 +167,31 @@ def test_weight_zero_mix_is_the_base_model(smoke_pipe, smoke_judge, pair):
     with pytest.raises(StudioError, match="drift_n=8"):
         compose.compose_suite(smoke_pipe, smoke_judge, [str(pair["subject"]), str(pair["style"])], reference=ref,
                               **dict(kw, drift_n=8))
+
+
+def test_decor_on_the_composed_prompts(smoke, smoke_pipe, pair, capsys):
+    """--decor projects the composed prompts (alpha 0: the plain run's numbers), never the drift set."""
+    argv = ["eval", "compose", "--base", smoke.model, "--judge", smoke.judge, "--adapter", str(pair["subject"]),
+            "--adapter", str(pair["style"]), "--subject", "heart", "--texture", "checkered", "--n", "6",
+            "--drift-n", "4", *GEN, "--json"]
+    plain = _json(capsys, *argv)
+    assert plain["decor"] is None
+    zero = _json(capsys, *argv, "--decor", "solid, red", "--decor-alpha", "0")
+    assert zero["decor"] == {"unwanted": ["solid", "red"], "alpha": 0.0, "rows": "words"}
+    assert {k: v for k, v in zero.items() if k != "decor"} == {k: v for k, v in plain.items() if k != "decor"}
+    full = _json(capsys, *argv, "--decor", "solid, red", "--decor-alpha", "1", "--decor-rows", "all")
+    assert full["base_drift"] == plain["base_drift"]  # the drift set is generated without DECOR
+    # and the projection reaches the composed images (the untrained judge may read them the same)
+    from studio.text.decor import DecorConfig
+    from studio.text.pipeline import decor_applied
+
+    items = compose.compose_items(compose.Roles("sks", "shape", "zwx"), "heart", "checkered", n=2)
+    images = []
+    for decor in (None, DecorConfig("solid, red", alpha=1.0, rows="all")):
+        with compose.mix_applied(smoke_pipe, [str(pair["subject"]), str(pair["style"])]), \
+                decor_applied(smoke_pipe, decor):
+            images.append(suites.generate(smoke_pipe, items, FAST))
+    assert not torch.equal(images[0], images[1])
 
 
 # ----------------------------------------------------------------------------- prompts and metric logic

@@ -278,12 +278,15 @@ def compose_suite(pipe: Any, judge: Judge, adapters: Sequence[Any], *, subject: 
                   class_word: str | None = None, train_images: str | Path | None = None, n: int | None = None,
                   drift_n: int = DEFAULT_N["drift"], settings: GenSettings | None = None,
                   progress: Progress | None = None, home: str | Path | None = None,
-                  reference: DriftReference | None = None, roles: Roles | None = None) -> dict[str, Any]:
+                  reference: DriftReference | None = None, roles: Roles | None = None,
+                  decor: Any = None) -> dict[str, Any]:
     """A subject and a style together: ``adapters`` (spec strings or AdapterSpecs) applied as one mix.
 
     ``reference``: the drift set's base images from :func:`drift_reference` with the same
     settings and ``drift_n`` (a weight grid generates them once). ``roles``: from
-    :func:`resolve_roles` when the caller has read them already (else read here).
+    :func:`resolve_roles` when the caller has read them already (else read here). ``decor``: a
+    :class:`studio.text.decor.DecorConfig` applied to the composed prompts (not to the drift set,
+    as in the subject and style suites).
     """
     settings = settings or GenSettings()
     suites.check_choice("shape", subject, "subject")
@@ -312,8 +315,11 @@ def compose_suite(pipe: Any, judge: Judge, adapters: Sequence[Any], *, subject: 
         raise StudioError(f"compose drift reference has {len(reference.items)} images at {reference.settings}; "
                           f"this run asks drift_n={drift_n} at {settings}: make it with the same ones")
     ref = reference if reference is not None else drift_reference(pipe, drift_n, settings)
+    from studio.text.pipeline import decor_applied
+
     with mix_applied(pipe, adapters, home):
-        images = suites.generate(pipe, items, settings, progress)
+        with decor_applied(pipe, decor):
+            images = suites.generate(pipe, items, settings, progress)
         after = suites.generate(pipe, ref.items, settings)
     seen = suites.read_attributes(images, judge)
     drifted, drift_per_attribute = suites.drift(ref.images, after, ref.items, judge)
@@ -329,6 +335,7 @@ def compose_suite(pipe: Any, judge: Judge, adapters: Sequence[Any], *, subject: 
         "leakage": compose_leakage(seen, items, roles.style_shapes, roles.style_colors),
         "base_drift": drifted, "drift_by_attribute": drift_per_attribute,
         "adapters": [str(a) for a in adapters],
+        "decor": None if decor is None else {"unwanted": list(decor.unwanted), "alpha": decor.alpha, "rows": decor.rows},
         "triggers": {"subject": f"{roles.subject_token} {roles.class_word}", "style": roles.style_token},
         "leakage_content": {"shapes": list(roles.style_shapes), "colors": list(roles.style_colors),
                             "source": roles.content_source or None},
@@ -371,12 +378,15 @@ def add_parser(esub: argparse._SubParsersAction) -> None:
                         "(default: the style adapter's recorded captions)")
     c.add_argument("--drift-n", type=int, default=DEFAULT_N["drift"],
                    help=f"base prompts without triggers, for base_drift (default {DEFAULT_N['drift']}; 0: skip)")
+    from studio.commands.generate import add_decor_args
+
+    add_decor_args(c)
     c.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """``studio eval compose``: cheap checks first (a typo should not cost a model load), then the suite."""
-    from studio.commands.generate import load_from_args
+    from studio.commands.generate import decor_from_args, load_from_args
     from studio.evals.cli import _emit, _load_judge
     from studio.mixing import parse_spec
 
@@ -390,9 +400,10 @@ def run(args: argparse.Namespace) -> int:
     roles = resolve_roles(specs, subject_token=args.subject_token, style_token=args.style_token, class_word=args.class_word,
                   train_images=args.train_images, judge=judge)
     settings = GenSettings(steps=args.steps, guidance=args.guidance, seed=args.seed, batch_size=args.batch_size)
+    decor = decor_from_args(args)
     pipe = load_from_args(args)
     result = compose_suite(pipe, judge, specs, subject=args.subject, texture=args.texture, color=args.color,
                            subject_token=args.subject_token, style_token=args.style_token,
                            class_word=args.class_word, train_images=args.train_images, n=args.n,
-                           drift_n=args.drift_n, settings=settings, roles=roles)
+                           drift_n=args.drift_n, settings=settings, roles=roles, decor=decor)
     return _emit(result, args.json)
