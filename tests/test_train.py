@@ -205,6 +205,18 @@ def test_bad_images_and_output(images, tiny_dirs, tmp_path):
     assert not (tmp_path / "o2" / "pytorch_lora_weights.safetensors").exists()
 
 
+@pytest.mark.parametrize("bad, message", [(dict(rank=4096), "--rank 4096"),
+                                          (dict(blocks="up_blocks.9"), "up_blocks.9")])
+def test_bad_adapter_settings_are_said_before_the_caches(images, tiny_dirs, tmp_path, bad, message):
+    """A rank or block that cannot fit stops the run right after the load, not after caching and class images."""
+    events = []
+    with pytest.raises(StudioError, match=message):
+        train(_cfg(images, tiny_dirs["sd1"], tmp_path / "o", **bad), on_event=events.append)
+    said = " ".join(e.message or "" for e in events)
+    assert "loading" in said and "caching" not in said and "class images" not in said, said
+    assert not (tmp_path / "o" / "pytorch_lora_weights.safetensors").exists()
+
+
 def test_cli_train_exit_2_on_bad_input(tmp_path, capsys):
     assert main(["train", "--kind", "subject", "--images", str(tmp_path / "nope"), "--base", "micro",
                  "--out", str(tmp_path / "o")]) == 2

@@ -139,6 +139,10 @@ def _train(cfg: TrainConfig, out: Path, on_event: EventHandler | None, cancel: t
     if half is not None:  # the VAE only encodes the cache, in fp32 (SDXL's overflows in fp16)
         pipe.vae.to(torch.float32)
     plan = recipe.plan(cfg, pipe)  # resolved defaults: steps, lr, rank, batch, prompts, prior
+    settings = adapters.AdapterSettings(rank=plan.rank, alpha=cfg.alpha, targets=plan.targets,
+                                        text_encoder=cfg.text_encoder, blocks=cfg.block_list(),
+                                        options=cfg.adapter_options())
+    adapters.check_settings(pipe, cfg.method, settings)  # a rank or block that cannot fit: said before the caches
     # said once per run because multi-GPU/multi-node launches change the first number silently
     log.info("effective batch %d = %d per process x %d accumulation x %d process(es); lr %g, not scaled with "
              "the process count (docs/CLUSTER.md)", plan.batch * cfg.grad_accum * world, plan.batch, cfg.grad_accum,
@@ -165,9 +169,6 @@ def _train(cfg: TrainConfig, out: Path, on_event: EventHandler | None, cancel: t
                            decor=cfg.decor_config())
 
     # ---- adapter --------------------------------------------------------------------------------
-    settings = adapters.AdapterSettings(rank=plan.rank, alpha=cfg.alpha, targets=plan.targets,
-                                        text_encoder=cfg.text_encoder, blocks=cfg.block_list(),
-                                        options=cfg.adapter_options())
     for comp in pipe.components.values():  # only the adapter trains: a gradient that reaches the base
         if isinstance(comp, torch.nn.Module):  # (through a learned trigger embedding, say) must not move it
             comp.requires_grad_(False)

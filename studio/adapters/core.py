@@ -106,23 +106,34 @@ def _dims(m: torch.nn.Module) -> tuple[int, int]:
     return m.in_channels, m.out_channels
 
 
+def check_settings(pipe: Any, method: str, settings: AdapterSettings) -> tuple[str, ...]:
+    """Check ``settings`` against the pipeline without touching it: the method exists, the targets
+    and ``--blocks`` match layers, the rank fits the smallest of them (text encoders too when
+    they are adapted). Returns the denoiser's PEFT target names. Trainers call it right after
+    loading, so a bad setting is said before minutes of caching."""
+    get_method(method)
+    targets = TARGET_SETS[settings.targets]
+    layers = _matching_layers(denoiser(pipe), targets)
+    if settings.blocks:
+        layers = _in_blocks(layers, settings.blocks)
+        targets = tuple(name for name, _ in layers)  # PEFT matches a full module name exactly
+    _check_rank(settings, layers, "denoiser")
+    if settings.text_encoder:
+        for name, te in text_encoders(pipe).items():
+            _check_rank(settings, _matching_layers(te, TEXT_ATTENTION), name)
+    return targets
+
+
 def add_adapter(pipe: Any, method: str, settings: AdapterSettings, adapter_name: str = "default") -> list[torch.nn.Parameter]:
     """Inject a new adapter; returns its trainable parameters (the base stays frozen)."""
     m = get_method(method)
     registry = _registry(pipe)
     if adapter_name in registry:
         raise StudioError(f"adapter name {adapter_name!r} is already in use on this pipeline")
-    unet = denoiser(pipe)
-    targets = TARGET_SETS[settings.targets]
-    layers = _matching_layers(unet, targets)
-    if settings.blocks:
-        layers = _in_blocks(layers, settings.blocks)
-        targets = tuple(name for name, _ in layers)  # PEFT matches a full module name exactly
-    _check_rank(settings, layers, "denoiser")
+    targets = check_settings(pipe, method, settings)
     configs = {"unet": m.make_config(settings, targets)}
     if settings.text_encoder:
-        for name, te in text_encoders(pipe).items():
-            _check_rank(settings, _matching_layers(te, TEXT_ATTENTION), name)
+        for name in text_encoders(pipe):
             configs[name] = m.make_config(settings, TEXT_ATTENTION)
     models = adapted_models(pipe)
     for comp, cfg in configs.items():
