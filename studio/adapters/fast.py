@@ -41,25 +41,25 @@ class FastLoraLinear(LoraLinear):
         return out + F.linear(F.linear(x, lora_a.weight), self.lora_B[name].weight) * self.scaling[name]
 
 
+def _swap(model: torch.nn.Module, src: type, dst: type) -> int:
+    """Give every module of exactly class ``src`` the class ``dst`` (same state); returns how many."""
+    n = 0
+    for module in model.modules():
+        if type(module) is src:
+            module.__class__ = dst
+            n += 1
+    return n
+
+
 def speed_up(model: torch.nn.Module) -> int:
     """Swap ``model``'s PEFT ``lora.Linear`` layers (exactly that class) to :class:`FastLoraLinear`.
 
     Returns how many layers were swapped. Layers of other classes (LoHa, LoKr, TLoRA, convs,
     subclasses of PEFT's) are left alone.
     """
-    n = 0
-    for module in model.modules():
-        if type(module) is LoraLinear:
-            module.__class__ = FastLoraLinear
-            n += 1
-    return n
+    return _swap(model, LoraLinear, FastLoraLinear)
 
 
 def restore(model: torch.nn.Module) -> int:
     """Undo :func:`speed_up`: the layers are PEFT's ``lora.Linear`` again. Returns how many."""
-    n = 0
-    for module in model.modules():
-        if type(module) is FastLoraLinear:
-            module.__class__ = LoraLinear
-            n += 1
-    return n
+    return _swap(model, FastLoraLinear, LoraLinear)
