@@ -1,6 +1,6 @@
 """Denoising-step speed and weight memory of exported low-bit micro UNets against FP32, side by side.
 
-    python bench/quant_speed.py [--w8 DIR] [--w4 DIR] [--batch 128 16] [--rounds 5]
+    python bench/quant_speed.py [--w8 DIR] [--w4 DIR] [--batch 128 16] [--rounds 5] [--asym]
 
 Without --w8/--w4 the bench quantizes micro itself with PTQ min-max into a temporary folder
 (speed and memory do not depend on how the parameters were found). Each round times one
@@ -35,10 +35,11 @@ ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("bench.quant_speed")
 
 
-def _make(wbits: int, abits: int, folder: Path) -> Path:
+def _make(wbits: int, abits: int, folder: Path, weight_sym8: bool = True) -> Path:
     from studio.quant import QuantConfig, run_job
 
-    run_job("micro", QuantConfig(method="ptq-minmax", wbits=wbits, abits=abits, calib_samples=8), folder)
+    run_job("micro", QuantConfig(method="ptq-minmax", wbits=wbits, abits=abits, calib_samples=8,
+                                 weight_sym8=weight_sym8), folder)
     return folder
 
 
@@ -56,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, nargs="+", default=[128, 16],
                     help="UNet batch sizes (128: the eval's 64 prompts with guidance; 16: 8 prompts)")
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--asym", action="store_true",
+                    help="also time a W8A8 model with asymmetric 8-bit weights (PTQ min-max, weight_sym8=False: "
+                         "the zero-point corrections of the kernels), fused and plain")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
@@ -93,6 +97,11 @@ def main(argv: list[str] | None = None) -> int:
     fp_rows = ("fp32", "fp32 channels-last", "fp32 CL + NHWC GN")
     models = {"fp32": fp, "fp32 channels-last": fp_cl, "fp32 CL + NHWC GN": fp_cl_gn, tag(q8): q8,
               tag(q8) + " plain": q8_plain, tag(q4): q4}
+    if args.asym:
+        wa = _make(8, 8, tmp / "w8a8-asym", weight_sym8=False)
+        qa, qa_plain = load_pipeline(wa).unet, load_pipeline(wa).unet
+        fused.unfuse(qa_plain)
+        models.update({tag(qa) + " asym": qa, tag(qa) + " asym plain": qa_plain})
     sym = all(layer.int_weight().symmetric for layer in q8.studio_quant_runtime.layers.values())
     print(f"{tag(q8)}: {'symmetric' if sym else 'asymmetric (zero-point corrections)'} 8-bit weights; "
           f"{fused.fuse(q8)} fused blocks")
@@ -103,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nweight memory (Linear/Conv2d weights; quantized: integer weights + scales + zero points + "
           f"per-step activation parameters)")
     print(f"  fp32                {fp_bytes / 2**20:7.2f} MiB  1.000x")
-    for name, m in [(k, v) for k, v in models.items() if k.endswith("int")]:
+    for name, m in [(k, v) for k, v in models.items() if k.endswith(("int", "asym"))]:
         rt = m.studio_quant_runtime
         with torch.no_grad():  # one call fills the kernels' caches (oneDNN prepacked weights)
             m(torch.randn(2, 4, 16, 16), torch.tensor(ts[0]), torch.randn(2, 77, cross))
