@@ -6,13 +6,16 @@ Builds (or reuses) the seeded full-size model of ``studio realsize make MODEL`` 
 rank-4 LoRA (attention targets, batch 1, no prior preservation, no samples) for ``--steps``
 steps twice, each in its own process so that each peak resident memory is its own:
 
-- **studio**: ``studio.trainers.loop.train`` on the diffusers folder: latents and prompt
-  embeddings cached once, gradient checkpointing on (the trainer's real-size defaults), SDPA.
+- **studio**: ``studio.trainers.loop.train`` on the diffusers folder, with its real-size CPU defaults:
+  staged loading (text encoder and VAE for the caches of latents and prompt embeddings, freed, then
+  the denoiser), gradient checkpointing on the two highest resolutions, SDPA.
 - **plain**: what diffusers' ``train_dreambooth_lora.py`` does each step: VAE-encode the image,
   run the text encoder, UNet forward/backward without checkpointing, AdamW on the LoRA.
 
-s/step is the mean over steps 2..N (the first step carries one-time costs). Peak RSS is the
-process's ``ru_maxrss`` (loading included: both load the same fp16 folder into fp32). With
+s/step is the mean over steps 2..N (the first step carries one-time costs); CPU s/step the same
+for the process's CPU time (all threads), which other jobs on the cores disturb less. Peak RSS is
+the process's ``ru_maxrss`` (loading included); the studio child also samples its RSS in a thread
+and prints the peak of each phase (loading, caching, denoiser, steps). With
 ``--micro`` the studio trainer also runs on the micro model for the growth table. The last line
 is one JSON object: ``{"model", "memory_ratio", "time_ratio", ...}`` (studio / plain).
 """
@@ -46,6 +49,50 @@ def _peak(device: str) -> int:
     return _peak_rss()
 
 
+class RssSampler:
+    """Resident memory sampled every few milliseconds in a thread, kept as the peak of each phase.
+
+    ``mark(label)`` closes the phase running since the last mark (its label, its peak) and opens
+    ``label``; ``phases()`` lists them, consecutive equal labels merged. Where the peak comes from,
+    not only how high it is (``ru_maxrss`` says only the latter).
+    """
+
+    def __init__(self, every_s: float = 0.005) -> None:
+        import threading
+
+        self._lock = threading.Lock()
+        self._label, self._peak, self._done = "start", self.now(), []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(every_s,), daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def now() -> int:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _run(self, every_s: float) -> None:
+        while not self._stop.wait(every_s):
+            rss = self.now()
+            with self._lock:
+                self._peak = max(self._peak, rss)
+
+    def mark(self, label: str) -> None:
+        rss = self.now()
+        with self._lock:
+            peak = max(self._peak, rss)
+            if self._done and self._done[-1][0] == self._label:
+                self._done[-1][1] = max(self._done[-1][1], peak)
+            else:
+                self._done.append([self._label, peak])
+            self._label, self._peak = label, rss
+
+    def phases(self) -> list[list]:
+        self.mark("end")
+        self._stop.set()
+        return [[label, round(peak / 2**30, 3)] for label, peak in self._done]
+
+
 def _stamp(device: str) -> float:
     if device.startswith("cuda"):
         import torch
@@ -61,10 +108,15 @@ def child_studio(base: str, images: str, steps: int, resolution: int, device: st
     from studio.trainers.loop import train
 
     stamps: list[float] = []
+    cpu: list[float] = []  # process CPU seconds: a step's own work, less sensitive to other jobs than wall time
+    sampler = RssSampler() if not device.startswith("cuda") else None
 
     def on_event(ev) -> None:
         if ev.phase == "train":
             stamps.append(_stamp(device))
+            cpu.append(time.process_time())
+        if sampler is not None:
+            sampler.mark("train" if ev.phase == "train" else f"{ev.phase}: {ev.message}"[:60])
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = TrainConfig(kind="subject", images=images, base=base, out=str(Path(tmp) / "out"), steps=steps, rank=4,
@@ -74,7 +126,9 @@ def child_studio(base: str, images: str, steps: int, resolution: int, device: st
         t0 = time.perf_counter()
         train(cfg, on_event=on_event)
     diffs = [b - a for a, b in zip(stamps, stamps[1:])]
-    return {"peak_rss": _peak(device), "step_s": diffs, "total_s": time.perf_counter() - t0}
+    return {"peak_rss": _peak(device), "step_s": diffs, "total_s": time.perf_counter() - t0,
+            "phases": sampler.phases() if sampler is not None else [],
+            "step_cpu_s": [b - a for a, b in zip(cpu, cpu[1:])]}
 
 
 def child_plain(base: str, images: str, steps: int, resolution: int, device: str = "cpu",
@@ -122,7 +176,7 @@ def child_plain(base: str, images: str, steps: int, resolution: int, device: str
                               enabled=precision != "fp32")
     files = sorted(p for p in Path(images).iterdir() if p.suffix == ".png")
     unet.train()
-    stamps = []
+    stamps, cpu = [], []
     for step in range(steps):
         img = Image.open(files[step % len(files)]).convert("RGB").resize((resolution, resolution))
         pixels = torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None].to(device)
@@ -146,8 +200,9 @@ def child_plain(base: str, images: str, steps: int, resolution: int, device: str
             opt.step()
         opt.zero_grad()
         stamps.append(_stamp(device))
+        cpu.append(time.process_time())
     return {"peak_rss": _peak(device), "step_s": [b - a for a, b in zip(stamps, stamps[1:])],
-            "total_s": time.perf_counter() - t0}
+            "total_s": time.perf_counter() - t0, "step_cpu_s": [b - a for a, b in zip(cpu, cpu[1:])]}
 
 
 def run_child(kind: str, base: str, images: str, steps: int, resolution: int, device: str = "cpu",
@@ -202,9 +257,12 @@ def main() -> None:
         print(f"device: {torch.cuda.get_device_name()}, {args.precision}; peak = GPU memory allocated")
     rows["studio"] = run_child("studio", str(files.folder), images, args.steps, args.resolution, *on)
     rows["plain"] = run_child("plain", str(files.folder), images, args.steps, args.resolution, *on)
-    print(f"{'loop':8s} {'peak GiB':>12s} {'s/step':>8s}")
+    print(f"{'loop':8s} {'peak GiB':>12s} {'s/step':>8s} {'CPU s/step':>11s}")
     for name, r in rows.items():
-        print(f"{name:8s} {r['peak_rss'] / 2**30:12.2f} {_mean(r['step_s']):8.3f}   steps {[round(s, 1) for s in r['step_s']]}")
+        print(f"{name:8s} {r['peak_rss'] / 2**30:12.2f} {_mean(r['step_s']):8.3f} {_mean(r.get('step_cpu_s', [])):11.1f}"
+              f"   steps {[round(s, 1) for s in r['step_s']]}")
+    print("studio peak RSS (GiB) by phase, each phase until the next event: "
+          + "; ".join(f"{label} {gib:.2f}" for label, gib in rows["studio"].get("phases", [])))
     if args.micro:
         micro = run_child("studio", "micro", str(Path(__file__).resolve().parents[1] / "assets" / "samples" /
                                                   "subject-heart-red"), max(args.steps, 5), 64, *on)
@@ -218,7 +276,10 @@ def main() -> None:
               "studio_peak_gib": round(rows["studio"]["peak_rss"] / 2**30, 2),
               "plain_peak_gib": round(rows["plain"]["peak_rss"] / 2**30, 2),
               "studio_s_per_step": round(_mean(rows["studio"]["step_s"]), 4),
-              "plain_s_per_step": round(_mean(rows["plain"]["step_s"]), 4)}
+              "plain_s_per_step": round(_mean(rows["plain"]["step_s"]), 4),
+              # process CPU seconds per step (all threads): the work itself, where other jobs share the cores
+              "cpu_time_ratio": round(_mean(rows["studio"].get("step_cpu_s", [])) /
+                                      _mean(rows["plain"].get("step_cpu_s", [])), 3)}
     print(json.dumps(result))
 
 

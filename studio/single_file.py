@@ -819,8 +819,15 @@ def _ignorable(key: str, family: str, text_layers: Mapping[str, tuple[str, int]]
     return False
 
 
-def load_components(ckpt: Checkpoint, spec: Spec, family: str, dtype: torch.dtype) -> dict[str, Any]:
-    """The UNet, VAE and text encoder(s) of ``ckpt``, strictly: missing, surplus or misshapen weights raise."""
+def load_components(ckpt: Checkpoint, spec: Spec, family: str, dtype: torch.dtype,
+                    entries_out: dict[str, list[Entry]] | None = None) -> dict[str, Any]:
+    """The UNet, VAE and text encoder(s) of ``ckpt``, strictly: missing, surplus or misshapen weights raise.
+
+    With ``entries_out`` (a dict) nothing is read: the models stay empty (meta device), the checks run
+    on the header's shapes, and each component's entries go into the dict for
+    :func:`studio.loading.materialize` to read later.
+    """
+    empty = entries_out is not None
     models: dict[str, Any] = {}
     consumed: set[str] = set()
     missing: list[str] = []
@@ -841,7 +848,8 @@ def load_components(ckpt: Checkpoint, spec: Spec, family: str, dtype: torch.dtyp
                 missing.append(entry.ldm)
                 continue
             consumed.add(key)
-            result = _from_ldm(entry, ckpt.get(key), expected)
+            tensor = torch.empty(ckpt.shapes[key], device="meta") if empty else ckpt.get(key)
+            result = _from_ldm(entry, tensor, expected)
             if isinstance(result, str):
                 misshapen.append(f"{key} is {result}")
                 continue
@@ -849,6 +857,10 @@ def load_components(ckpt: Checkpoint, spec: Spec, family: str, dtype: torch.dtyp
                 state[k] = t.to(dtype) if t.is_floating_point() else t
         if missing or misshapen:
             break
+        if empty:
+            entries_out[name] = entries
+            models[name] = model.eval()
+            continue
         model.load_state_dict(state, strict=True, assign=True)
         for module in model.modules():  # non-persistent float buffers follow the weights' dtype
             for bname, buf in module._buffers.items():
@@ -910,6 +922,7 @@ def load_single_file(
     trust_pickle: bool = False,
     config: str | os.PathLike | None = None,
     prediction_type: str | None = None,
+    empty: bool = False,
 ) -> Any:
     """Load an original-layout SD 1.x / SD 2.x / SDXL checkpoint as a diffusers pipeline, offline.
 
@@ -923,6 +936,9 @@ def load_single_file(
     ``parameterization: v`` or, lacking one, when the file name contains '768' or 'v-pred';
     otherwise the 512 base model (epsilon). ``prediction_type`` ('epsilon' or 'v_prediction')
     overrides every guess and any embedded scheduler config.
+
+    ``empty``: the components are built and checked against the header but hold no weights (meta
+    device); ``pipe._studio_entries`` says where each one's are (staged loading, studio.loading).
     """
     path = Path(path)
     if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
@@ -957,8 +973,9 @@ def load_single_file(
                           f"pass --config a diffusers folder that has them")
     tokenizers = {name: _tokenizer(name, files, spec.source) for name, files in spec.tokenizers.items()}
     scheduler = _scheduler(spec.configs["scheduler"], spec.source, prediction_type)
+    entries: dict[str, list[Entry]] | None = {} if empty else None
     try:
-        models = load_components(ckpt, spec, family, dtype)
+        models = load_components(ckpt, spec, family, dtype, entries_out=entries)
     finally:
         ckpt.close()
     import diffusers
@@ -972,6 +989,8 @@ def load_single_file(
     else:
         kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe = pipe_cls(**kwargs)
+    if empty:
+        pipe._studio_entries = entries
     log.info("loaded %s as %s from %s", path, family, spec.source)
     return pipe
 

@@ -214,6 +214,11 @@ def test_estimates_grow_with_what_the_run_holds():
     assert at(sd15) < at(sd15, checkpointing=False) < at(sd15, resolution=768, checkpointing=False)
     assert at(sd15) < at(sd15, batch=2) and at(sd15) < at(sdxl)
     assert at(sd15) > 4 * sd15.total  # the fp32 weights at least
+    # staged (the CPU trainer): the denoiser's stage, not every weight at once
+    staged = at(sd15, staged=True)
+    assert 4 * sd15.params["unet"] < staged < at(sd15)
+    assert staged < at(sd15, staged=True, text_in_loop=True) and staged <= at(sd15, staged=True, generate=True)
+    assert at(sd15, staged=True, generate=True) > 4 * sd15.total
 
 
 # ---------------------------------------------------------------------------------------------
@@ -228,9 +233,10 @@ def test_real_size_file_trains_exports_and_generates(name, resolution, tmp_path,
 
     from studio.trainers.memory import GIB, available_bytes, estimate_bytes
 
-    # SDXL at 512 px (1024 on CPU is hours a step) needs about 16.6 GiB in fp32: said, not built, where it
-    # cannot fit (the trainer's preflight would refuse it the same way after a 14 GB build)
-    need = estimate_bytes(_full_size(name), resolution=resolution, batch=1, checkpointing=True)
+    # SDXL at 512 px (1024 on CPU is hours a step): said, not built, where its staged estimate cannot fit
+    # (the trainer's preflight would refuse it the same way after a 14 GB build)
+    need = estimate_bytes(_full_size(name), resolution=resolution, batch=1, checkpointing=True, staged=True,
+                          text_in_loop=True)  # the subject recipe learns its trigger: the text encoder stays
     if need > available_bytes():
         pytest.skip(f"{name} at {resolution} px needs about {need / GIB:.1f} GiB, {available_bytes() / GIB:.1f} "
                     f"GiB free (STUDIO_MEMORY_LIMIT counts)")
@@ -321,3 +327,79 @@ def test_small_chain_file_info_train_export_vanilla_generate(name, small, tmp_pa
     theirs = _one_step(fresh, 64)
     assert torch.isfinite(theirs).all() and not torch.equal(ours, base)  # two steps moved the LoRA
     torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# staged loading (the trainer's real-size path on the CPU): same weights, same training
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", ["folder", "single_file"])
+def test_staged_loading_reads_the_same_weights_and_frees_them(layout, small):
+    from studio import loading
+
+    spec = str(getattr(small("sd15"), layout))
+    eager = loading.load_pipeline(spec)
+    pipe = loading.load_pipeline(spec, staged=True)
+    assert loading.is_staged(pipe) and loading.resident(pipe) == set()
+    assert all(p.is_meta for p in pipe.unet.parameters())
+    loading.materialize(pipe, ["vae", "text_encoder"])
+    loading.release(pipe, ["vae"])
+    assert loading.resident(pipe) == {"text_encoder"} and all(p.is_meta for p in pipe.vae.parameters())
+    loading.materialize(pipe)
+    for comp in loading.WEIGHTED[:1] + loading.WEIGHTED[2:]:
+        ours, theirs = getattr(pipe, comp).state_dict(), getattr(eager, comp).state_dict()
+        assert set(ours) == set(theirs)
+        assert all(ours[k].dtype == theirs[k].dtype and torch.equal(ours[k], theirs[k]) for k in ours), comp
+    assert not loading.is_staged(loading.load_pipeline("micro", staged=True))  # micro loads whole
+
+
+def test_staged_training_equals_whole_loading(small, tmp_path, monkeypatch):
+    """The trainer's staged path (text encoder and VAE freed after the caches, denoiser loaded after)
+    trains the same LoRA as loading everything at once, samples included (the VAE and text encoder
+    come back for them)."""
+    from safetensors.torch import load_file
+
+    from studio import loading
+    from studio.trainers.config import TrainConfig
+    from studio.trainers.loop import train
+
+    files = small("sd15")
+    images = realsize.upscaled_images(64, out=tmp_path / "img", count=2)
+    seen = []
+    real = loading.load_pipeline
+
+    def run(name: str, staged: bool) -> dict:
+        def load(*a, **kw):
+            pipe = real(*a, **{**kw, "staged": staged and kw.get("staged", False)})
+            seen.append(loading.is_staged(pipe))
+            return pipe
+
+        monkeypatch.setattr(loading, "load_pipeline", load)
+        cfg = TrainConfig(kind="subject", images=str(images), base=str(files.folder), out=str(tmp_path / name),
+                          steps=2, rank=4, batch=1, resolution=64, prior=False, train_trigger=False,
+                          sample_every=1, sample_prompts=["a photo of a sks object"], checkpoint_every=0,
+                          register=False, empty_prompt=0.5)
+        result = train(cfg)
+        assert len(result.samples) == 2
+        return load_file(str(result.adapter_file))
+
+    ours, whole = run("staged", True), run("whole", False)
+    assert seen == [True, False]
+    assert set(ours) == set(whole)
+    for k in ours:
+        torch.testing.assert_close(ours[k], whole[k], rtol=1e-5, atol=1e-6)
+
+
+def test_cpu_checkpointing_covers_the_highest_resolutions_only(small):
+    from studio.loading import load_pipeline
+    from studio.trainers.loop import checkpoint_high_resolutions
+
+    unet = load_pipeline(str(small("sd15").folder), staged=True).unet  # 4 levels; no weights needed
+    on = checkpoint_high_resolutions(unet, 2)
+    tops = {".".join(n.split(".")[:2]) for n in on}
+    assert tops == {"down_blocks.0", "down_blocks.1", "up_blocks.2", "up_blocks.3"}
+    assert "down_blocks.0.attentions.0" in on and "up_blocks.3.attentions.2" in on  # the transformer blocks too
+    assert not unet.mid_block.gradient_checkpointing and not unet.up_blocks[0].gradient_checkpointing
+    assert len(checkpoint_high_resolutions(unet, 4)) == sum(
+        1 for m in unet.modules() if hasattr(m, "gradient_checkpointing"))  # all levels: everything

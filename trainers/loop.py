@@ -132,12 +132,24 @@ def _train(cfg: TrainConfig, out: Path, on_event: EventHandler | None, cancel: t
 
     preflight(cfg.base, resolution=cfg.resolution, batch=cfg.batch or 1,
               prior=cfg.prior if cfg.prior is not None else cfg.kind == "subject", checkpointing=True,
-              device="cpu" if accelerator.device.type == "cpu" else accelerator.device.type)
+              device="cpu" if accelerator.device.type == "cpu" else accelerator.device.type,
+              text_in_loop=cfg.text_encoder or (cfg.train_trigger if cfg.train_trigger is not None
+                                                else recipe.trains_trigger))
     half = _frozen_half(accelerator, cfg.mixed_precision)
+    # Staged on the CPU (a diffusers folder or a .safetensors file): the components are built empty and
+    # read one at a time, the text encoder(s) and VAE first for the caches, then freed, then the
+    # denoiser; the whole fp32 pipeline is never resident at once (docs/realsize.md). Micro loads whole.
     pipe = load_pipeline(cfg.base, device=accelerator.device if cfg.device != "cpu" else "cpu",
-                         dtype={None: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[half])
+                         dtype={None: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[half],
+                         staged=cfg.base != "micro" and accelerator.device.type == "cpu" and half is None)
     if half is not None:  # the VAE only encodes the cache, in fp32 (SDXL's overflows in fp16)
         pipe.vae.to(torch.float32)
+    from studio import loading
+
+    if loading.is_staged(pipe):
+        loading.hand_back_freed_memory()  # freed activations leave the resident memory (studio.loading)
+    texts = [n for n in ("text_encoder", "text_encoder_2") if getattr(pipe, n, None) is not None]
+    loading.materialize(pipe, [*texts, "vae"])  # what the caches need (no-op unless staged)
     plan = recipe.plan(cfg, pipe)  # resolved defaults: steps, lr, rank, batch, prompts, prior
     settings = adapters.AdapterSettings(rank=plan.rank, alpha=cfg.alpha, targets=plan.targets,
                                         text_encoder=cfg.text_encoder, blocks=cfg.block_list(),
@@ -163,10 +175,23 @@ def _train(cfg: TrainConfig, out: Path, on_event: EventHandler | None, cancel: t
         emit(Event("prepare", message=f"class images for prior preservation ({cfg.class_images}, cached)"))
         with accelerator.main_process_first():  # one process generates the class images, the others read them
             pixels = prior_images(pipe, plan.class_prompts, cfg.seed, emit, steps=plan.sample_steps,
-                                  guidance=plan.guidance, size=plan.resolution)
+                                  guidance=plan.guidance, size=plan.resolution,
+                                  before_generating=lambda: loading.materialize(pipe, ["unet"]))
             class_latents = _encode_images(vae, pixels, accelerator.device)
     text_cache = TextCache(pipe, train_text=cfg.text_encoder, live_word=cfg.token if plan.train_trigger else None,
                            decor=cfg.decor_config())
+    if loading.is_staged(pipe):
+        # every prompt the loop can draw, embedded now, so the text encoder(s) can go; not when the text
+        # side trains (a text-encoder adapter, a learned trigger) or tag dropout makes too many prompts
+        possible = None if (cfg.text_encoder or plan.train_trigger) else _possible_prompts(
+            prompts, plan, cfg.empty_prompt, class_latents is not None)
+        if possible is not None:
+            emit(Event("prepare", message=f"caching the embeddings of {len(possible)} prompt(s)"))
+            text_cache.prefill(possible)
+        loading.release(pipe, ["vae"] + (texts if possible is not None else []))
+        emit(Event("prepare", message="loading the denoiser"))
+        loading.materialize(pipe, ["unet"])
+        emit(Event("prepare", message="adapter and optimizer"))
 
     # ---- adapter --------------------------------------------------------------------------------
     for comp in pipe.components.values():  # only the adapter trains: a gradient that reaches the base
@@ -185,12 +210,15 @@ def _train(cfg: TrainConfig, out: Path, on_event: EventHandler | None, cancel: t
     if cfg.init_word and not plan.train_trigger:
         log.warning("--init-word %s has no effect: the trigger embedding is not trained (--train-trigger)", cfg.init_word)
     unet = pipe.unet
-    # at real size the activations dwarf the LoRA (docs/realsize.md); a GPU with room to spare goes without
-    if cfg.gradient_checkpointing or (not plan.micro and (
-            accelerator.device.type != "cuda"
-            or gpu_needs_checkpointing(cfg.base, resolution=plan.resolution, batch=plan.batch, prior=plan.prior,
-                                       weight_bytes=2 if half is not None else 4))):
+    # at real size the activations dwarf the LoRA (docs/realsize.md); a GPU with room to spare goes without;
+    # on the CPU only the blocks of the highest resolutions, where the activations are, recompute
+    if cfg.gradient_checkpointing or (not plan.micro and accelerator.device.type == "cuda"
+                                      and gpu_needs_checkpointing(cfg.base, resolution=plan.resolution,
+                                                                  batch=plan.batch, prior=plan.prior,
+                                                                  weight_bytes=2 if half is not None else 4)):
         unet.enable_gradient_checkpointing()
+    elif not plan.micro and accelerator.device.type != "cuda":
+        checkpoint_high_resolutions(unet, CPU_CHECKPOINT_LEVELS)
     te_params = [p for n, p in _named_trainable(pipe) if not n.startswith("unet.")]
     unet_params = [p for n, p in _named_trainable(pipe) if n.startswith("unet.")]
     groups = [{"params": unet_params, "lr": plan.lr}]
@@ -289,7 +317,10 @@ def _train(cfg: TrainConfig, out: Path, on_event: EventHandler | None, cancel: t
             emit(Event("checkpoint", step=step, total=plan.steps, message=f"checkpoint at step {step}"))
         if (cfg.samples and cfg.sample_every and step % cfg.sample_every == 0 and step < plan.steps
                 and accelerator.is_main_process):
+            away = [n for n in loading.WEIGHTED if n not in loading.resident(pipe)]
+            loading.materialize(pipe, away)  # staged: the text encoder(s) and VAE back for the samples
             samples += _samples(pipe, cfg, plan, out, step, emit)
+            loading.release(pipe, away)
             unet.train()
 
     # ---- export ---------------------------------------------------------------------------------
@@ -305,6 +336,7 @@ def _train(cfg: TrainConfig, out: Path, on_event: EventHandler | None, cancel: t
         meta["final_loss"] = f"{_mean_tail(losses):.6f}" if losses else ""
         result_file = adapters.save_adapter(pipe, out, "default", metadata=meta)
         if cfg.samples:
+            loading.materialize(pipe)
             samples += _samples(pipe, cfg, plan, out, step, emit)
         shutil.rmtree(ckpt_dir, ignore_errors=True)
         (out / "train_config.json").write_text(cfg.to_json())
@@ -315,6 +347,34 @@ def _train(cfg: TrainConfig, out: Path, on_event: EventHandler | None, cancel: t
     return TrainResult(out=out, adapter_file=result_file, steps=step, seconds=seconds,
                        final_loss=_mean_tail(losses) if losses else None, images=len(data),
                        skipped=[(str(p), r) for p, r in data.skipped], samples=samples)
+
+
+# Resolution levels of the denoiser whose blocks recompute their activations in the backward pass on the
+# CPU: SD 1.5 at 512 px keeps most of its activations at the two highest (64x64 and 32x32 latents); the
+# lower ones cost about as much compute and little memory (docs/realsize.md)
+CPU_CHECKPOINT_LEVELS = 2
+
+
+def checkpoint_high_resolutions(unet: Any, levels: int) -> list[str]:
+    """Gradient checkpointing on the blocks of the ``levels`` highest resolutions of ``unet`` only.
+
+    diffusers' ``enable_gradient_checkpointing`` turns it on everywhere; here it is then turned off in
+    the blocks of lower resolutions (a down block's level is its index, an up block's is counted from
+    the other end, the mid block is the lowest). Returns the names of the checkpointed modules.
+    """
+    unet.enable_gradient_checkpointing()
+    n = len(unet.down_blocks)
+    on = []
+    for name, module in unet.named_modules():
+        if not name or not hasattr(module, "gradient_checkpointing"):
+            continue
+        top, _, rest = name.partition(".")
+        index = int(rest.split(".")[0]) if top in ("down_blocks", "up_blocks") else n - 1
+        level = index if top == "down_blocks" else n - 1 - index if top == "up_blocks" else n - 1
+        module.gradient_checkpointing = level < levels
+        if module.gradient_checkpointing:
+            on.append(name)
+    return on
 
 
 def _time_ids(data: Any, idx: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
@@ -359,6 +419,27 @@ def _pick(prompt: str | tuple[str, str], dropout: float, gen: torch.Generator, t
         return prompt[0]  # draws nothing more: runs without tag dropout keep their random streams
     kept = [t for t in tags if (keep and keep in t.split()) or float(torch.rand(1, generator=gen)) >= tag_dropout]
     return ",".join(kept).strip() or prompt[1]
+
+
+def _possible_prompts(prompts: list[str | tuple[str, str]], plan: Any, empty_rate: float,
+                      prior: bool) -> list[str] | None:
+    """Every prompt the loop can draw (:func:`_pick`, :func:`_empty_or`, class prompts), in a fixed order;
+    None when tag dropout makes them too many to list (any subset of a caption's tags)."""
+    out: dict[str, None] = {}
+    for p in prompts:
+        if isinstance(p, str):
+            out[p] = None
+            continue
+        if plan.tag_dropout and len(p[0].split(",")) >= 2:
+            return None
+        out[p[0]] = out[p[1]] = None
+    if empty_rate:
+        out[""] = None
+    if prior:
+        out.update(dict.fromkeys(plan.class_prompts))
+        if plan.prior_uncond:
+            out[""] = None
+    return list(out)
 
 
 def _empty_or(prompt: str, rate: float, gen: torch.Generator) -> str:
@@ -503,6 +584,14 @@ class TextCache:
         self.live_word = live_word
         self.decor = decor  # a studio.text.decor.DecorConfig: the prompts' embeddings are projected (DECOR)
         self.cache: dict[str, torch.Tensor] = {}
+        self.complete = False  # every prompt the run can draw is cached (prefill)
+
+    def prefill(self, prompts: list[str]) -> None:
+        """Embed ``prompts`` now, one at a time; afterwards a prompt outside them is an error (the text
+        encoder may be gone: staged loading frees it once every prompt the loop can draw is here)."""
+        for p in prompts:
+            self.embed_pooled([p])
+        self.complete = True
 
     def _live(self, prompt: str) -> bool:
         return self.train_text or (self.live_word is not None and self.live_word in prompt.split())
@@ -537,6 +626,9 @@ class TextCache:
             return self._encode(prompts)
         live = sorted({p for p in prompts if self._live(p)})
         missing = sorted({p for p in prompts if p not in self.cache and p not in live})
+        if missing and self.complete:
+            raise StudioError(f"prompt(s) {missing[:3]} were not among the prompts cached before training "
+                              f"(a loop defect: the run cannot encode them any more)")
         if missing:
             with torch.no_grad():
                 emb, pooled = self._encode(missing)
@@ -553,11 +645,14 @@ class TextCache:
 
 
 def prior_images(pipe: Any, prompts: list[str], seed: int, emit: EventHandler, *, steps: int,
-                 guidance: float, size: int | None = None) -> list[torch.Tensor]:
+                 guidance: float, size: int | None = None,
+                 before_generating: Callable[[], None] | None = None) -> list[torch.Tensor]:
     """Class images for prior preservation: generated by the base model once, cached on disk.
 
     ``size``: their side in pixels, the training resolution (their latents join the instance
     latents in one batch); None or the model's native size: the pipeline's default.
+    ``before_generating``: called once before any image is generated (a staged pipeline loads its
+    denoiser there; with the images on disk it is never called).
     """
     import hashlib
 
@@ -576,6 +671,8 @@ def prior_images(pipe: Any, prompts: list[str], seed: int, emit: EventHandler, *
     folder = studio_home() / "cache" / "class-images" / key
     have = sorted(folder.glob("*.png")) if folder.is_dir() else []
     if len(have) < n:
+        if before_generating is not None:
+            before_generating()
         folder.mkdir(parents=True, exist_ok=True)
         g = torch.Generator().manual_seed(seed + 7919)
         todo = n - len(have)

@@ -6,13 +6,17 @@ the diffusers folder's headers), estimates the peak resident memory of the run a
 :class:`StudioError` that names what would fit (batch, resolution, gradient checkpointing)
 when the estimate is above the memory the machine has free.
 
-The estimate is weights in fp32 (the trainer trains on fp32 weights on the CPU) plus the
-denoiser's activations, which grow with batch x latent pixels, scaled by the UNet's size for the
-families. It is coarse: the only calibration so far is SD 1.5 at 512 px, batch 1, with
-checkpointing (estimate 6.0 GiB, measured peak RSS 6.3 GiB with the loading; docs/realsize.md);
-the cost without checkpointing is an unmeasured 5x. Measure before trusting it near the limit.
-It is checked on the CPU only: GPU memory is the device's business (fp16, 8-bit
-optimizers) and a CUDA out-of-memory error already says what happened.
+On the CPU the trainer loads in stages (studio.loading ``staged``): the text encoder(s) and
+the VAE for the caches, then, once they are freed, the denoiser. The estimate is so the larger
+of the two stages: fp32 text encoders and VAE plus one VAE encode at the resolution; or the fp32
+denoiser (and the text encoder(s) where the text side trains: a learned trigger, a text-encoder
+adapter) plus its activations, which grow with batch x latent pixels, scaled by the UNet's size
+for the families; with prior preservation whose class images must be generated, the whole
+pipeline at once. Calibrated on SD 1.5 at 512 px, batch 1, checkpointing (docs/realsize.md:
+estimate vs measured there); other sizes are scaled, not measured: measure before trusting it
+near the limit. It is checked on the CPU only: GPU memory is the device's business (fp16, 8-bit
+optimizers) and a CUDA out-of-memory error already says what happened; ``staged=False`` is the
+whole-pipeline estimate that the GPU's checkpointing decision uses.
 """
 
 from __future__ import annotations
@@ -31,11 +35,18 @@ log = logging.getLogger(__name__)
 GIB = 1024**3
 # Denoiser activations kept for the backward pass, in bytes per latent pixel per sample of an
 # SD 1.5-sized UNet (860M parameters), fp32, SDPA; other UNets are scaled by their parameter count.
-# "checkpointing" is consistent with the SD 1.5 512 px run (docs/realsize.md); "none" is a guess.
+# "checkpointing" is consistent with the SD 1.5 512 px run (docs/realsize.md: staged, checkpointing on the
+# two highest resolutions, estimate 4.54 GiB, measured peak 4.50 GiB); "none" is a guess.
 ACT_BYTES_PER_LATENT_PX = {"checkpointing": 220_000, "none": 1_100_000}
 SD15_UNET_PARAMS = 859_520_964
-# the interpreter, torch, diffusers and the data caches, beside the model
+# the interpreter, torch, diffusers and the data caches, beside the model (whole loading, GPU estimate)
 OVERHEAD_BYTES = int(1.2 * GIB)
+# staged loading (the CPU trainer): the interpreter and libraries, about 0.4 GiB measured before any
+# weight, plus the allocator's slack
+STAGED_OVERHEAD_BYTES = int(0.5 * GIB)
+# one image through the VAE encoder (no gradients), per pixel: SD 1.5's caching stage peaked at
+# 2.18 GiB at 512 px with 0.77 GiB of fp32 text encoder + VAE and 0.4 GiB of interpreter
+VAE_ENCODE_BYTES_PER_PX = 4096
 NATIVE = {"sd1": 512, "sd2": 768, "sdxl": 1024}
 
 
@@ -133,13 +144,25 @@ def parse_size(text: str) -> int:
     return int(float(m[1]) * 1024 ** " kmgt".index(m[2] or " "))
 
 
-def estimate_bytes(size: ModelSize, *, resolution: int, batch: int, checkpointing: bool) -> int:
-    """Estimated peak resident memory of a LoRA training run on ``size`` (fp32 weights on the CPU)."""
-    weights = 4 * size.total
+def estimate_bytes(size: ModelSize, *, resolution: int, batch: int, checkpointing: bool, staged: bool = False,
+                   text_in_loop: bool = False, generate: bool = False) -> int:
+    """Estimated peak resident memory of a LoRA training run on ``size`` (fp32 weights on the CPU).
+
+    ``staged``: the CPU trainer's loading (module docstring): the larger stage. ``text_in_loop``: the
+    text encoder(s) stay through training (learned trigger, text-encoder adapter). ``generate``: class
+    images are generated first (the whole pipeline at once). Without ``staged``: every weight at once.
+    """
     latent_px = (resolution // 8) ** 2
+    unet = size.params.get("unet", SD15_UNET_PARAMS)
     per_px = ACT_BYTES_PER_LATENT_PX["checkpointing" if checkpointing else "none"]
-    acts = int(per_px * latent_px * batch * size.params.get("unet", SD15_UNET_PARAMS) / SD15_UNET_PARAMS)
-    return weights + acts + OVERHEAD_BYTES
+    acts = int(per_px * latent_px * batch * unet / SD15_UNET_PARAMS)
+    if not staged:
+        return 4 * size.total + acts + OVERHEAD_BYTES
+    text = sum(n for name, n in size.params.items() if name.startswith("text_encoder"))
+    caching = 4 * (text + size.params.get("vae", 0)) + VAE_ENCODE_BYTES_PER_PX * resolution**2
+    training = 4 * (unet + (text if text_in_loop else 0)) + acts
+    generating = 4 * size.total if generate else 0
+    return max(caching, training, generating) + STAGED_OVERHEAD_BYTES
 
 
 def gpu_needs_checkpointing(spec: str, *, resolution: int | None, batch: int, prior: bool,
@@ -163,13 +186,13 @@ def gpu_needs_checkpointing(spec: str, *, resolution: int | None, batch: int, pr
     return need > 0.9 * free
 
 
-def _fits(size: ModelSize, budget: int, resolution: int, batch: int) -> tuple[int, int] | None:
+def _fits(size: ModelSize, budget: int, resolution: int, batch: int, **kw) -> tuple[int, int] | None:
     """The largest (resolution, batch) with checkpointing, at most the asked ones, that fits."""
     res = resolution
     while res >= 256:
         b = batch
         while b >= 1:
-            if estimate_bytes(size, resolution=res, batch=b, checkpointing=True) <= budget:
+            if estimate_bytes(size, resolution=res, batch=b, checkpointing=True, **kw) <= budget:
                 return res, b
             b //= 2
         res -= 64
@@ -177,11 +200,13 @@ def _fits(size: ModelSize, budget: int, resolution: int, batch: int) -> tuple[in
 
 
 def preflight(spec: str, *, resolution: int | None, batch: int, prior: bool, checkpointing: bool,
-              device: str = "cpu") -> int | None:
+              device: str = "cpu", text_in_loop: bool = False) -> int | None:
     """Raise a StudioError naming what would fit when a run on ``spec`` cannot fit in memory.
 
-    ``batch`` counts instance images; prior preservation doubles what the denoiser sees. Returns
-    the estimate in bytes (None when there is nothing to estimate: micro, hub ids, GPU runs).
+    ``batch`` counts instance images; prior preservation doubles what the denoiser sees (and its
+    class images may have to be generated: the whole pipeline at once). ``text_in_loop``: the text
+    encoder(s) stay loaded through training. Returns the estimate in bytes (None when there is
+    nothing to estimate: micro, hub ids, GPU runs).
     """
     if device != "cpu":
         return None
@@ -190,17 +215,19 @@ def preflight(spec: str, *, resolution: int | None, batch: int, prior: bool, che
         return None
     res = resolution or NATIVE.get(size.family, 512)
     seen = batch * (2 if prior else 1)
-    need = estimate_bytes(size, resolution=res, batch=seen, checkpointing=checkpointing)
+    kw = {"staged": True, "text_in_loop": text_in_loop, "generate": prior}
+    need = estimate_bytes(size, resolution=res, batch=seen, checkpointing=checkpointing, **kw)
     have = available_bytes()
     log.info("memory: about %.1f GiB needed (%s, %d px, %d image(s) per step, checkpointing %s), %.1f GiB free",
              need / GIB, size.family, res, seen, "on" if checkpointing else "off", have / GIB)
     if need <= have:
         return need
-    weights = 4 * size.total + OVERHEAD_BYTES
+    text = sum(n for name, n in size.params.items() if name.startswith("text_encoder"))
+    weights = 4 * (size.total if prior else size.params.get("unet", 0) + (text if text_in_loop else 0))
     msg = (f"--base {spec}: this run needs about {need / GIB:.1f} GiB of memory ({weights / GIB:.1f} GiB of fp32 "
-           f"weights, the rest activations for {seen} image(s) of {res} px"
+           f"weights at once, the rest activations for {seen} image(s) of {res} px"
            f"{' with prior preservation' if prior else ''}); {have / GIB:.1f} GiB are free")
-    fit = _fits(size, have, res, seen)
+    fit = _fits(size, have, res, seen, **kw)
     if fit is None:
         raise StudioError(f"{msg}. Nothing fits: even the weights alone exceed it; train on a machine with more "
                           f"memory (or a GPU), or free memory")
@@ -214,4 +241,4 @@ def preflight(spec: str, *, resolution: int | None, batch: int, prior: bool, che
     if r < res:
         advice.append(f"--resolution {r}")
     raise StudioError(f"{msg}. What would fit: {' '.join(advice) or 'the same run with gradient checkpointing'} "
-                      f"(about {estimate_bytes(size, resolution=r, batch=b, checkpointing=True) / GIB:.1f} GiB)")
+                      f"(about {estimate_bytes(size, resolution=r, batch=b, checkpointing=True, **kw) / GIB:.1f} GiB)")
