@@ -145,12 +145,14 @@ def main() -> None:
     mem_plain = mem_studio = None
     for r, k in enumerate(per):  # peak memory from each side's first round (later ones reuse the allocator)
         with PeakRSS() as mem:
-            t_plain += plain_loop(args.base, args.images, k, args.batch, args.rank, args.seed + r)
+            tp = plain_loop(args.base, args.images, k, args.batch, args.rank, args.seed + r)
         mem_plain = mem_plain or mem
         with PeakRSS() as mem:
-            t_studio += studio_loop(args.base, args.images, k, args.batch, args.rank, args.seed + r)
+            ts = studio_loop(args.base, args.images, k, args.batch, args.rank, args.seed + r)
         mem_studio = mem_studio or mem
-        print(f"  round {r + 1}/{rounds}: {k} steps each, running ratio {t_plain / t_studio:.2f}", flush=True)
+        t_plain, t_studio = t_plain + tp, t_studio + ts
+        print(f"  round {r + 1}/{rounds}: {k} steps each, plain {k * args.batch / tp:.1f} / studio "
+              f"{k * args.batch / ts:.1f} images/s ({tp / ts:.2f}x), running ratio {t_plain / t_studio:.2f}", flush=True)
     n = args.steps * args.batch
     print(f"{args.base}, {args.steps} steps x batch {args.batch} in {rounds} alternating rounds, "
           f"LoRA rank {args.rank} on attention, no prior, {torch.get_num_threads()} threads")
