@@ -295,20 +295,10 @@ class _TensorFile:
               "BOOL": torch.bool}
 
     def __init__(self, path: Path) -> None:
-        import struct
+        from studio.single_file import read_header_entries
 
         self.path = path
-        with open(path, "rb") as fh:
-            head = fh.read(8)
-            if len(head) != 8:
-                raise StudioError(f"{path}: not a .safetensors file (too short); re-download or re-save it")
-            (n,) = struct.unpack("<Q", head)
-            try:
-                header = json.loads(fh.read(n))
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise StudioError(f"{path}: not a .safetensors file (bad header); re-download or re-save it") from exc
-        self.base = 8 + n
-        self.header = {k: v for k, v in header.items() if k != "__metadata__"}
+        self.header, _, self.base = read_header_entries(path)  # checked: offsets inside the file
 
     def keys(self) -> list[str]:
         return list(self.header)
@@ -421,10 +411,9 @@ def materialize(pipe: Any, names: Any = WEIGHTED) -> None:
             _materialize_file(model, name, staged)
         else:
             _materialize_folder(model, name, staged)
-        for mod in model.modules():  # buffers the files do not hold follow the weights' dtype
-            for bname, buf in mod._buffers.items():
-                if buf is not None and buf.is_floating_point() and buf.dtype != staged.dtype:
-                    mod._buffers[bname] = buf.to(staged.dtype)
+        from studio.single_file import cast_float_buffers
+
+        cast_float_buffers(model, staged.dtype)
         staged.resident.add(name)
         log.debug("materialized %s of %s", name, staged.path)
 

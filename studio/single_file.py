@@ -485,6 +485,13 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, tuple[int, ...]], di
     Checks what the format promises: an 8-byte header length, a JSON header, and tensor data
     that lies inside the file; anything else is a StudioError naming the file.
     """
+    entries, metadata, _ = read_header_entries(path)
+    return {name: tuple(int(d) for d in info["shape"]) for name, info in entries.items()}, metadata
+
+
+def read_header_entries(path: str | os.PathLike) -> tuple[dict[str, dict], dict[str, str], int]:
+    """:func:`read_header`'s checked header, whole: each tensor's entry (dtype, shape, data_offsets),
+    the metadata, and the offset of the data block (tensor offsets count from there)."""
     path = Path(path)
     size = path.stat().st_size
     with path.open("rb") as fh:
@@ -524,7 +531,15 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, tuple[int, ...]], di
         raise _invalid(path, "it holds no tensors")
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise _invalid(path, "metadata is not a string map")
-    return shapes, metadata
+    return header, metadata, 8 + n
+
+
+def cast_float_buffers(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Float buffers that the weight files do not hold (non-persistent ones) follow the weights' dtype."""
+    for module in model.modules():
+        for bname, buf in module._buffers.items():
+            if buf is not None and buf.is_floating_point() and buf.dtype != dtype:
+                module._buffers[bname] = buf.to(dtype)
 
 
 def open_checkpoint(path: str | os.PathLike, *, trust_pickle: bool = False) -> Checkpoint:
@@ -862,10 +877,7 @@ def load_components(ckpt: Checkpoint, spec: Spec, family: str, dtype: torch.dtyp
             models[name] = model.eval()
             continue
         model.load_state_dict(state, strict=True, assign=True)
-        for module in model.modules():  # non-persistent float buffers follow the weights' dtype
-            for bname, buf in module._buffers.items():
-                if buf is not None and buf.is_floating_point() and buf.dtype != dtype:
-                    module._buffers[bname] = buf.to(dtype)
+        cast_float_buffers(model, dtype)
         model.eval()
         models[name] = model
     fix = "pass --config a diffusers folder that matches this checkpoint's architecture"
