@@ -4,7 +4,16 @@
 
 Orders (studio/adapters/tlora/layer.py): ``weight`` builds W0 T + s Delta once per step and runs one
 matmul/conv; ``dense`` builds T and applies it to the activations before the base layer; ``cores``
-contracts the activations with the cores one by one. Steps run round robin (every row sees the same\nmachine load); prints the median s/step per row and the ratio to LoRA.
+contracts the activations with the cores one by one. An order with ``/per-layer`` (e.g. ``auto/per-layer``)
+builds each layer's transform on its own instead of all layers' in a few batched products per forward
+(studio/adapters/tlora/batched.py, the default). The LoRA row runs the trainer's lean LoRA layers
+(studio/adapters/fast.py), as `studio train` does. Steps run round robin (every row sees the same
+machine load); prints the median s/step per row, wall and CPU time, and the ratios to LoRA.
+
+``--trainer N`` times the studio trainer itself instead (`studio train --kind subject` on the bundled
+subject set with the recipe's defaults: batch 4, the output-preservation prior, a learned trigger),
+LoRA against TLoRA (batched and per layer), ``--rounds`` alternating runs of N steps each, timed from
+the end of step 2 to the end of the last.
 """
 
 from __future__ import annotations
@@ -23,9 +32,16 @@ def build(method: str, order: str | None, args: argparse.Namespace, options: dic
 
     pipe = load_pipeline("micro", device="cpu", dtype="fp32")
     params = add_adapter(pipe, method, AdapterSettings(rank=args.rank, targets=args.targets, options=options), "a")
+    if method == "lora":
+        from studio.adapters import fast
+
+        fast.speed_up(pipe.unet)  # what the trainer runs
     if order:
+        order, _, per_layer = order.partition("/")
         for _, layer in tuner_layers(pipe.unet):
             layer.order = order
+        if per_layer:
+            pipe.unet._tlora_builder.enabled = False
     from studio.trainers.loop import _optimizer
 
     opt = _optimizer(no_decay_groups([{"params": params, "lr": 1e-4}]), torch.device("cpu"))  # the trainer's
@@ -35,14 +51,67 @@ def build(method: str, order: str | None, args: argparse.Namespace, options: dic
     t = torch.randint(0, 1000, (args.batch,), generator=g)
     cond = torch.randn(args.batch, 77, pipe.unet.config.cross_attention_dim, generator=g)
 
-    def step() -> float:
-        t0 = time.perf_counter()
+    def step() -> tuple[float, float]:
+        t0, c0 = time.perf_counter(), time.process_time()
         pipe.unet(x, t, cond).sample.pow(2).mean().backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0, time.process_time() - c0
 
     return step
+
+
+def trainer_step(method: str, per_layer: bool, steps: int, seed: int) -> tuple[float, float]:
+    """Wall and CPU seconds per step of one `studio train --kind subject` run (recipe defaults)."""
+    import tempfile
+    from pathlib import Path
+
+    from studio.adapters.tlora import batched
+    from studio.trainers.config import TrainConfig
+    from studio.trainers.loop import train
+
+    marks: dict[str, tuple[float, float]] = {}
+
+    def on_event(ev) -> None:
+        if ev.phase == "train" and ev.step in (2, ev.total):
+            marks["a" if ev.step == 2 else "b"] = (time.perf_counter(), time.process_time())
+
+    root = Path(__file__).resolve().parents[1]
+    batched.StepBuilder.default_enabled = not per_layer
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            cfg = TrainConfig.from_dict(dict(kind="subject", method=method, base="micro", seed=seed,
+                                             images=str(root / "assets/samples/subject-heart-red"),
+                                             out=str(Path(tmp) / "a"), steps=steps, checkpoint_every=0,
+                                             register=False, samples=False))
+            train(cfg, on_event=on_event)
+    finally:
+        batched.StepBuilder.default_enabled = True
+    n = steps - 2
+    return (marks["b"][0] - marks["a"][0]) / n, (marks["b"][1] - marks["a"][1]) / n
+
+
+def trainer_main(args: argparse.Namespace) -> None:
+    rows = {"lora (trainer)": ("lora", False), "tlora (trainer)": ("tlora", False),
+            "tlora per-layer (trainer)": ("tlora", True)}
+    wall: dict[str, list[float]] = {k: [] for k in rows}
+    cpu: dict[str, list[float]] = {k: [] for k in rows}
+    for r in range(args.rounds):
+        for k, (method, per_layer) in rows.items():
+            w, c = trainer_step(method, per_layer, args.trainer, r)
+            wall[k].append(w)
+            cpu[k].append(c)
+            print(f"  round {r + 1}/{args.rounds} {k}: {w:.4f} s/step wall, {c:.4f} cpu", flush=True)
+    _report(wall, cpu, "lora (trainer)")
+
+
+def _report(wall: dict[str, list[float]], cpu: dict[str, list[float]], ref: str) -> None:
+    # CPU time beside wall time: on a shared machine other jobs stretch wall time far more than CPU time
+    med = {k: sorted(v)[len(v) // 2] for k, v in wall.items()}
+    med_cpu = {k: sorted(v)[len(v) // 2] for k, v in cpu.items()}
+    print(f"{'row':<26} {'s/step':>8} {'x LoRA':>7} {'cpu s/step':>11} {'x LoRA':>7}")
+    for k, v in med.items():
+        print(f"{k:<26} {v:8.4f} {v / med[ref]:7.2f} {med_cpu[k]:11.4f} {med_cpu[k] / med_cpu[ref]:7.2f}")
 
 
 def main() -> None:
@@ -53,25 +122,33 @@ def main() -> None:
     ap.add_argument("--targets", default="all")
     ap.add_argument("--transform-rank", type=int, default=4)
     ap.add_argument("--residual", default="lora")
-    ap.add_argument("--orders", default="auto,weight,dense,cores")
+    ap.add_argument("--orders", default="auto,weight,dense,auto/per-layer",
+                    help="comma-separated: auto, weight, dense, cores, each optionally /per-layer")
     ap.add_argument("--residual-rank", type=int, default=4)
+    ap.add_argument("--trainer", type=int, default=0, metavar="N",
+                    help="time the studio trainer (recipe defaults) for N steps per run instead")
+    ap.add_argument("--rounds", type=int, default=3, help="with --trainer: alternating runs per row")
     args = ap.parse_args()
+    from studio.machine import describe
+
+    print(describe())
+    if args.trainer:
+        trainer_main(args)
+        return
     torch.manual_seed(0)
     opts = {"transform_rank": args.transform_rank, "residual": args.residual, "residual_rank": args.residual_rank}
     rows = {f"lora r{args.rank}": build("lora", None, args, {})}
     for order in args.orders.split(","):
         rows[f"tlora {order}"] = build("tlora", order, args, opts)
-    times: dict[str, list[float]] = {k: [] for k in rows}
+    wall: dict[str, list[float]] = {k: [] for k in rows}
+    cpu: dict[str, list[float]] = {k: [] for k in rows}
     for i in range(args.steps + 2):  # round robin: every row sees the same machine load
         for k, step in rows.items():
-            dt = step()
+            dt, dc = step()
             if i >= 2:  # warm-up steps are not counted
-                times[k].append(dt)
-    med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
-    lora = med[f"lora r{args.rank}"]
-    print(f"{'row':<16} {'s/step':>8} {'x LoRA':>7}")
-    for k, v in med.items():
-        print(f"{k:<16} {v:8.4f} {v / lora:7.2f}")
+                wall[k].append(dt)
+                cpu[k].append(dc)
+    _report(wall, cpu, f"lora r{args.rank}")
 
 
 if __name__ == "__main__":

@@ -339,3 +339,64 @@ def test_mixer_fuses_a_tlora_with_a_learned_trigger(tmp_path):
         torch.testing.assert_close(_unet_out(fresh), want, atol=1e-4, rtol=1e-4)
         with torch.no_grad():
             torch.testing.assert_close(fresh.text_encoder(ids)[0], te_want, atol=1e-5, rtol=1e-5)
+
+
+def _loss_and_grads(pipe, params, batched: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    pipe.unet._tlora_builder.enabled = batched
+    g = _gen(1)
+    x = torch.randn(2, 4, 16, 16, generator=g)
+    cond = torch.randn(2, 77, pipe.unet.config.cross_attention_dim, generator=g)
+    for p in params:
+        p.grad = None
+    loss = pipe.unet(x, torch.tensor([10, 500]), cond).sample.pow(2).mean()
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in params]
+
+
+@pytest.mark.parametrize("residual", ["lora", "tr"])
+def test_batched_build_gives_the_per_layer_values_and_gradients(residual):
+    from studio.adapters.core import tuner_layers
+
+    pipe = tiny_pipeline("sd1")
+    params = _trained(pipe, residual=residual)
+    builder = pipe.unet._tlora_builder
+    with torch.no_grad():
+        _unet_out(pipe)  # a first call: every layer learns its order, then the weight order is batched too
+    for layer in (layer for _, layer in tuner_layers(pipe.unet)):
+        assert layer._batched is None  # dropped when the forward ends
+    ref_loss, ref_grads = _loss_and_grads(pipe, params, batched=False)
+    before = builder.built
+    loss, grads = _loss_and_grads(pipe, params, batched=True)
+    assert builder.built == before + 1
+    orders = {layer.last_order for _, layer in tuner_layers(pipe.unet)}
+    assert orders == {"weight", "dense"}  # both paths ran from the batched build
+    assert torch.allclose(loss, ref_loss, rtol=1e-5, atol=1e-7)
+    for a, b in zip(grads, ref_grads):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_batched_build_stands_aside_when_it_must():
+    pipe = tiny_pipeline("sd1")
+    params = _trained(pipe)
+    builder = pipe.unet._tlora_builder
+    n = builder.built
+    from studio.adapters import set_enabled
+
+    set_enabled(pipe, False)  # disabled adapters: nothing to build
+    with torch.no_grad():
+        off = _unet_out(pipe)
+    set_enabled(pipe, True)
+    assert builder.built == n
+    pipe.unet.enable_gradient_checkpointing()  # a recomputation must run the forward's own ops
+    pipe.unet.train()
+    loss, _ = _loss_and_grads(pipe, params, batched=True)
+    assert builder.built == n and torch.isfinite(loss)
+    pipe.unet.disable_gradient_checkpointing()
+    merge(pipe)  # merged: the base layer runs
+    with torch.no_grad():
+        merged = _unet_out(pipe)
+    assert builder.built == n
+    unmerge(pipe)
+    with torch.no_grad():
+        assert torch.allclose(_unet_out(pipe), merged, atol=1e-5) and builder.built == n + 1
+    assert not torch.allclose(merged, off)

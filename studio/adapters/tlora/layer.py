@@ -60,6 +60,10 @@ class TLoraLayer(nn.Module, BaseTunerLayer):
         self.merged_adapters: list[str] = []
         self._w0: torch.Tensor | None = None  # the base weight while adapters are merged (exact unmerge)
         self.order = DEFAULT_ORDER
+        self.last_order: str | None = None  # the order the last call took (the batched build reads it)
+        # ("T", adapter) / ("W", adapter) -> this forward's transform / adapted weight, built for all
+        # layers at once by studio.adapters.tlora.batched while the model's forward runs; None outside it
+        self._batched: dict[tuple[str, str], torch.Tensor] | None = None
         self.conv = isinstance(base_layer, nn.Conv2d)
         self.in_features, self.out_features, self.taps = layer_dims(base_layer)
         self._active_adapter = adapter_name
@@ -168,13 +172,28 @@ class TLoraLayer(nn.Module, BaseTunerLayer):
             return base._conv_forward(x, weight, base.bias)
         return F.linear(x, weight, base.bias)
 
+    def _transform(self, adapter: str, dtype: torch.dtype) -> torch.Tensor:
+        """T of ``adapter``: this forward's batched build when there is one, else built here."""
+        built = self._batched.get(("T", adapter)) if self._batched else None
+        if built is not None:
+            return built.to(dtype)
+        return tf.tr_matrix(self.transform_cores(adapter, dtype))
+
+    def _transformed_weight(self, adapter: str, w0: torch.Tensor) -> torch.Tensor:
+        """``W0 T + s Delta`` of ``adapter`` in W0's shape and dtype."""
+        built = self._batched.get(("W", adapter)) if self._batched else None
+        if built is not None:
+            return built
+        wt = tf.transformed_weight(w0, self._transform(adapter, w0.dtype))
+        return wt + self.base_scale[adapter] * self.residual_matrix(adapter).reshape(w0.shape).to(w0.dtype)
+
     def _apply_transform(self, adapter: str, x: torch.Tensor, order: str) -> torch.Tensor:
-        cores = self.transform_cores(adapter, x.dtype)
         if order == "dense":
-            t = tf.tr_matrix(cores)
+            t = self._transform(adapter, x.dtype)
             if self.conv:  # T over the channels as one batched product: a 1x1 conv took the slow kernel here
                 return torch.matmul(t, x.flatten(2)).view_as(x)
             return F.linear(x, t)
+        cores = self.transform_cores(adapter, x.dtype)
         if self.conv:
             return tf.tr_apply(cores, x.movedim(1, -1)).movedim(-1, 1)
         return tf.tr_apply(cores, x)
@@ -215,15 +234,14 @@ class TLoraLayer(nn.Module, BaseTunerLayer):
             return base(x, *args, **kwargs)
         if self.merged or not active:
             return base(x, *args, **kwargs)
-        order = self.pick_order(x)
+        order = self.last_order = self.pick_order(x)
         if order == "weight":
             # one matmul/conv with W0 + sum m (W0 T - W0 + s Delta); a LoRA residual folds in too: its
             # (out x r)(r x in) product is cheaper than the two extra thin products and their backward
             w0 = base.weight
             w = None
             for a in active:
-                wt = tf.transformed_weight(w0, tf.tr_matrix(self.transform_cores(a, w0.dtype)))
-                wt = wt + self.base_scale[a] * self.residual_matrix(a).reshape(w0.shape).to(w0.dtype)
+                wt = self._transformed_weight(a, w0)
                 if len(active) == 1 and self.multiplier[a] == 1.0:
                     w = wt  # the common case, two ops fewer
                 else:

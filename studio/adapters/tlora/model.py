@@ -68,6 +68,9 @@ class TLoraModel(BaseTuner):
         config = self.peft_config[adapter_name]
         fresh = not config.factors
         super().inject_adapter(model, adapter_name, *args, **kwargs)
+        from studio.adapters.tlora import batched
+
+        batched.install(model)  # every layer's transform from a few batched products per forward
         if not config.factors:
             raise StudioError(f"TLoRA: none of the {len(config.skipped)} target layers can take it "
                               f"({', '.join(config.skipped[:3])}...: widths that do not factor); choose other targets")
