@@ -449,3 +449,15 @@ def test_ldm_unets_quantize_export_and_load(tmp_path, family):
     kwargs = {"batch_size": 1} if family == "ldm-uncond" else {"prompt": ["a red circle"], "guidance_scale": 2.0}
     img = q(num_inference_steps=3, output_type="np", **kwargs).images
     assert bool(np.isfinite(np.asarray(img)).all())
+
+
+def test_quantize_flag_picks_the_weight_zero_point():
+    from studio.cli import build_parser
+    from studio.commands.quantize import config_from_args
+
+    parse = build_parser().parse_args
+    assert config_from_args(parse(["quantize", "--base", "micro", "--out", "x"])).weight_sym8 is True
+    cfg = config_from_args(parse(["quantize", "--base", "micro", "--weight-zero-point", "asym", "--out", "x"]))
+    assert cfg.weight_sym8 is False
+    with pytest.raises(SystemExit):
+        parse(["quantize", "--base", "micro", "--weight-zero-point", "middle", "--out", "x"])

@@ -40,6 +40,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="denoising steps of the calibration grid (default: the model's, 20 on micro)")
     p.add_argument("--guidance", type=float, default=None, help="guidance of the trajectories (default: the model's)")
     p.add_argument("--prompts", default=None, metavar="FILE", help="prompts for the trajectories, one per line")
+    p.add_argument("--weight-zero-point", default="sym" if d.weight_sym8 else "asym", choices=["sym", "asym"],
+                   help="8-bit weights: sym fixes each output channel's zero point at the middle code (the int8 "
+                        "kernels then need no zero-point correction: faster), asym takes min/max zero points as "
+                        "the paper does (default sym; 4-bit weights are asymmetric either way)")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of prompts and noise")
     p.add_argument("--device", default=None, help="cpu, cuda (default: cuda if present)")
     p.add_argument("--out", required=True, metavar="DIR", help="a new folder for the quantized model")
@@ -54,7 +58,8 @@ def config_from_args(args: argparse.Namespace):
     return QuantConfig(wbits=args.wbits, abits=args.abits, method=args.method, rank=args.rank, epochs=args.epochs,
                        samples=args.samples, batch=args.batch, lr=args.lr, act_lr=args.act_lr,
                        calib_samples=args.calib_samples, steps=args.steps, guidance=args.guidance, seed=args.seed,
-                       device=args.device, prompts=args.prompts)
+                       device=args.device, prompts=args.prompts,
+                       weight_sym8=getattr(args, "weight_zero_point", "sym") == "sym")
 
 
 def run(args: argparse.Namespace) -> int:
