@@ -235,7 +235,11 @@ def form_defaults(base: str, kind: str, method: str) -> dict[str, Any]:
 
 
 _FLOAT_FIELDS = ("prior_weight", "prior_uncond", "trigger_lr", "snr_gamma", "caption_dropout", "tag_dropout")
-_INT_FIELDS = ("batch", "resolution", "class_images", "sample_every", "checkpoint_every", "seed", "warmup")
+_INT_FIELDS = ("batch", "resolution", "class_images", "sample_every", "checkpoint_every", "seed", "warmup",
+               "transform_rank", "residual_rank")
+_ZERO_IS_DEFAULT = ("batch", "resolution", "transform_rank", "residual_rank")
+# fields of one method only: the form drops them for the others (TrainConfig refuses them there)
+_METHOD_FIELDS = {"transform_rank": "tlora", "residual": "tlora", "residual_rank": "tlora"}
 
 
 def train_config(*, source: str, sample_set: str, uploads: Sequence[str] | None, kind: str, name: str, token: str,
@@ -277,7 +281,9 @@ def train_config(*, source: str, sample_set: str, uploads: Sequence[str] | None,
         "steps": num(steps, int), "rank": num(rank, int), "lr": num(lr, float),
     }
     for k, v in (advanced or {}).items():
-        if v is None or v == "" or (k in ("batch", "resolution") and not v) or v == "recipe default":
+        if v is None or v == "" or (k in _ZERO_IS_DEFAULT and not v) or v == "recipe default":
+            continue
+        if k in _METHOD_FIELDS and _METHOD_FIELDS[k] != (method or "lora"):
             continue
         if k == "sample_prompts":
             v = [line.strip() for line in str(v).splitlines() if line.strip()]
@@ -378,6 +384,14 @@ def _train_panel(ctx: UIContext) -> None:
                                                  elem_id="train-caption-dropout")
                     tag_dropout = gr.Textbox(label="Tag dropout (0-1, comma-separated captions)",
                                              placeholder="recipe default", elem_id="train-tag-dropout")
+                with gr.Row():  # read only when the method is tlora (docs/tlora.md)
+                    transform_rank = gr.Number(None, label="TLoRA transform rank (0: default 4)", precision=0,
+                                               minimum=0, elem_id="train-transform-rank")
+                    residual = gr.Dropdown(["recipe default", "lora", "tr"], value="recipe default",
+                                           label="TLoRA residual", elem_id="train-residual",
+                                           info="lora: TLoRA* (default); tr: a tensor ring")
+                    residual_rank = gr.Number(None, label="TLoRA residual rank (0: default 4)", precision=0,
+                                              minimum=0, elem_id="train-residual-rank")
                 with gr.Row():
                     sample_every = gr.Number(0, label="Samples every N steps (0: at the end)", precision=0, minimum=0)
                     checkpoint_every = gr.Number(50, label="Checkpoint every N steps", precision=0, minimum=0)
@@ -451,7 +465,8 @@ def _train_panel(ctx: UIContext) -> None:
                 "prior_weight": prior_weight, "prior_target": prior_target, "prior_uncond": prior_uncond,
                 "class_prompt": class_prompt,
                 "train_trigger": train_trigger, "trigger_lr": trigger_lr, "snr_gamma": snr_gamma,
-                "subject_word": subject_word, "caption_dropout": caption_dropout, "tag_dropout": tag_dropout}
+                "subject_word": subject_word, "caption_dropout": caption_dropout, "tag_dropout": tag_dropout,
+                "transform_rank": transform_rank, "residual": residual, "residual_rank": residual_rank}
 
     def on_start(values: dict):
         v = {k: values[c] for k, c in form.items()}

@@ -60,6 +60,19 @@ def test_train_form_advanced_recipe_fields():
         ui.train_config(**_form(), advanced={"prior_weight": "lots"})
 
 
+def test_train_form_tlora_options():
+    """TLoRA's options reach the config with --method tlora and are dropped for other methods."""
+    adv = {"transform_rank": 2, "residual": "tr", "residual_rank": 8}
+    c, _ = ui.train_config(**_form(method="tlora"), advanced=adv)
+    assert (c.method, c.transform_rank, c.residual, c.residual_rank) == ("tlora", 2, "tr", 8)
+    assert c.adapter_options() == {"transform_rank": 2, "residual": "tr", "residual_rank": 8}
+    d, _ = ui.train_config(**_form(method="tlora"), advanced={"transform_rank": 0, "residual": "recipe default",
+                                                              "residual_rank": None})
+    assert (d.transform_rank, d.residual, d.residual_rank) == (None, None, None)
+    e, _ = ui.train_config(**_form(method="lora"), advanced=adv)  # a LoRA job would refuse them
+    assert (e.transform_rank, e.residual, e.residual_rank) == (None, None, None)
+
+
 def test_train_form_with_uploads(tmp_path):
     from PIL import Image
 
