@@ -108,24 +108,46 @@ def plot(rows: list[dict], png: str) -> None:
 
 
 def _plot_pil(rows: list[dict], png: str) -> None:
+    """The plot drawn with PIL: log-scale parameter axis with ticks, fidelity axis from the data's
+    floor, the default LoRA's fidelity - 0.02 and half its size as guide lines."""
     import math
 
     from PIL import Image, ImageDraw
 
-    w, h, m = 640, 420, 60
+    w, h, left, bottom, top, right = 720, 460, 70, 60, 30, 20
     img = Image.new("RGB", (w, h), "white")
     d = ImageDraw.Draw(img)
-    d.rectangle([m, 20, w - 20, h - m], outline="black")
     xs = [math.log10(r["params"]) for r in rows]
-    lo, hi = min(xs) - 0.1, max(xs) + 0.1
-    for r, lx in zip(rows, xs):
-        x = m + (lx - lo) / (hi - lo) * (w - m - 20)
-        y = h - m - r["subject_fidelity"] * (h - m - 20)
+    lo, hi = math.floor(min(xs) * 2) / 2, math.ceil(max(xs) * 2) / 2
+    y_lo = min(0.5, math.floor(min(r["subject_fidelity"] for r in rows) * 10) / 10)
+    px = lambda lx: left + (lx - lo) / (hi - lo) * (w - left - right)  # noqa: E731
+    py = lambda f: h - bottom - (f - y_lo) / (1.0 - y_lo) * (h - bottom - top)  # noqa: E731
+    d.rectangle([left, top, w - right, h - bottom], outline="black")
+    for k in range(int(lo * 2), int(hi * 2) + 1):  # ticks every half decade
+        x = px(k / 2)
+        d.line([x, h - bottom, x, h - bottom + 5], fill="black")
+        d.text((x - 18, h - bottom + 8), f"{10 ** (k / 2):,.0f}", fill="black")
+    f = y_lo
+    while f <= 1.0001:
+        d.line([left - 5, py(f), left, py(f)], fill="black")
+        d.text((left - 35, py(f) - 6), f"{f:.1f}", fill="black")
+        f += 0.1
+    ref = next((r for r in rows if r["row"] == "lora-r16"), None)
+    if ref:  # the issue's criterion: at most half the default LoRA's size, fidelity within 0.02 of it
+        gray = (150, 150, 150)
+        d.line([left, py(ref["subject_fidelity"] - 0.02), w - right, py(ref["subject_fidelity"] - 0.02)], fill=gray)
+        d.line([px(math.log10(ref["params"] / 2)), top, px(math.log10(ref["params"] / 2)), h - bottom], fill=gray)
+        d.text((left + 4, py(ref["subject_fidelity"] - 0.02) + 2), "default LoRA - 0.02", fill=gray)
+        d.text((px(math.log10(ref["params"] / 2)) + 3, top + 3), "half its size", fill=gray)
+    order = sorted(range(len(rows)), key=lambda i: xs[i])
+    for n, i in enumerate(order):
+        r = rows[i]
+        x, y = px(xs[i]), py(r["subject_fidelity"])
         color = (220, 110, 0) if r["row"].startswith("tlora") else (30, 90, 200)
         d.ellipse([x - 4, y - 4, x + 4, y + 4], fill=color)
-        d.text((x + 6, y - 6), r["row"], fill=color)
-    d.text((m, h - m + 8), f"stored parameters, log10 {lo:.1f} .. {hi:.1f}", fill="black")
-    d.text((4, 4), "subject_fidelity (0..1)", fill="black")
+        d.text((x + 6, y - 16 if n % 2 else y + 4), r["row"], fill=color)  # alternate sides: neighbours overlap less
+    d.text((left, h - bottom + 26), "stored parameters (log scale)", fill="black")
+    d.text((4, 8), "subject_fidelity (best lr of the search); orange: TLoRA", fill="black")
     img.save(png)
 
 
