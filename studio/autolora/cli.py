@@ -59,9 +59,19 @@ def register(sub: argparse._SubParsersAction) -> None:
                                                                "adapters are left out")
     g.add_argument("--out", default=None, metavar="FILE", help="gate file (default: assets/autolora/gates"
                                                                ".safetensors)")
-    g.add_argument("--steps", type=int, default=200, help="training steps (default 200)")
-    g.add_argument("--hinge-weight", type=float, default=0.1, help="weight of the hinge term (0: denoising only)")
+    from studio.autolora.gates import GateTrainSettings
+
+    gd = GateTrainSettings()
+    g.add_argument("--steps", type=int, default=gd.steps, help=f"training steps (default {gd.steps})")
+    g.add_argument("--batch", type=int, default=gd.batch, help=f"images per step (default {gd.batch})")
+    g.add_argument("--lr", type=float, default=gd.lr, help=f"Adam learning rate of the gates (default {gd.lr:g})")
+    g.add_argument("--hinge-weight", type=float, default=gd.hinge_weight,
+                   help=f"weight of the hinge term (default {gd.hinge_weight:g}; 0: denoising only)")
+    g.add_argument("--margin", type=float, default=gd.margin, help=f"the hinge's margin (default {gd.margin:g})")
+    g.add_argument("--eval-every", type=int, default=gd.eval_every,
+                   help=f"validation loss every this many steps (default {gd.eval_every})")
     g.add_argument("--timestep", action="store_true", help="gates also read the denoising fraction")
+    g.add_argument("--half", action="store_true", help="write fp16 values (half the file; the loader reads both)")
     g.add_argument("--seed", type=int, default=0)
     g.set_defaults(func=run_gates)
 
@@ -186,9 +196,10 @@ def run_gates(args: argparse.Namespace) -> int:
     index = load_zoo(args.zoo or DEFAULT_ZOO)
     pipe = load_pipeline(index.get("base", "micro"))
     entries = [e for e in index["adapters"] if not e["heldout"]]
-    gates, report = train_gates(pipe, entries, GateConfig(timestep=args.timestep),
-                                GateTrainSettings(steps=args.steps, hinge_weight=args.hinge_weight, seed=args.seed))
-    out = save_gates(gates, args.out or DEFAULT_GATES, base_hash=model_hash(pipe), extra=report)
-    print(f"{out}: gates trained in {report['seconds']} s (denoising loss {report['denoise_first20']} -> "
-          f"{report['denoise_last20']})")
+    settings = GateTrainSettings(steps=args.steps, batch=args.batch, lr=args.lr, hinge_weight=args.hinge_weight,
+                                 margin=args.margin, eval_every=args.eval_every, seed=args.seed)
+    gates, report = train_gates(pipe, entries, GateConfig(timestep=args.timestep), settings)
+    out = save_gates(gates, args.out or DEFAULT_GATES, base_hash=model_hash(pipe), extra=report, half=args.half)
+    print(f"{out}: gates trained in {report['seconds']} s (validation denoising loss {report['val_start']} -> "
+          f"{report['val_end']}; plain sum {report['val_plain_sum']}, adapter 1 alone {report['val_adapter1_alone']})")
     return 0

@@ -55,14 +55,24 @@ class LayerGate(nn.Module):
         self.w_out = nn.Parameter(torch.ones(()))
         self.w_t = nn.Parameter(torch.zeros(channels)) if config.timestep else None
 
-    def forward(self, y0: torch.Tensor, ys: torch.Tensor, fraction: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(gated output, gates) for base output ``y0 (..., C)`` and adapter outputs ``ys (K, ..., C)``."""
+    def forward(self, y0: torch.Tensor, ys: torch.Tensor,
+                fraction: float | torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gated output, gates) for base output ``y0 (B, ..., C)`` and adapter outputs ``ys (K, B, ..., C)``.
+
+        ``fraction``: the denoising fraction, one number for the whole batch (generation) or one per
+        sample, shape ``(B,)`` (training draws a timestep per sample).
+        """
         c = y0.shape[-1]
         y0n = F.layer_norm(y0, (c,))
         yin = F.layer_norm(ys, (c,))
         b = self.b
         if self.w_t is not None and fraction is not None:
-            b = b + self.w_t * (float(fraction) - 0.5)
+            if isinstance(fraction, torch.Tensor) and fraction.dim() > 0:
+                if fraction.numel() != y0.shape[0]:
+                    raise ValueError(f"{fraction.numel()} per-sample fractions for a batch of {y0.shape[0]}")
+                b = b + self.w_t * (fraction.to(y0).view(-1, *([1] * (y0.dim() - 1))) - 0.5)
+            else:
+                b = b + self.w_t * (float(fraction) - 0.5)
         # the formula of functional.gate_values/gated_sum regrouped for fewer passes over (K, ..., C):
         # z = w_lora*LN(y_i) + LN(y0)*(w_base + w_cross*LN(y_i)) + b, and w_out (one per layer) after the sum
         z = torch.addcmul(b + self.w_base * y0n, yin, self.w_lora + self.w_cross * y0n)
@@ -105,14 +115,23 @@ def _base(m: nn.Module) -> nn.Module:
     return m.get_base_layer() if hasattr(m, "get_base_layer") else m
 
 
-def save_gates(gates: GateSet, path: str | os.PathLike, *, base_hash: str, extra: dict | None = None) -> Path:
-    """Write a gate file (fp32, config and layer list in the header) atomically."""
+def save_gates(gates: GateSet, path: str | os.PathLike, *, base_hash: str, extra: dict | None = None,
+               half: bool = False) -> Path:
+    """Write a gate file (fp32, or fp16 with ``half``; config and layer list in the header) atomically.
+
+    :func:`load_gates` reads either: fp16 values load into the fp32 gates.
+    """
     from studio.autolora.encoder import write_module_file
 
     header = {"studio.kind": GATES_KIND, "studio.base_hash": base_hash,
               "config": json.dumps(dataclasses.asdict(gates.config)), "layers": json.dumps(gates.layers),
               "extra": json.dumps(extra or {})}
-    return write_module_file(gates, path, header)
+    if not half:
+        return write_module_file(gates, path, header)
+    from studio.fileio import write_safetensors
+
+    tensors = {k: v.detach().to(torch.float16).contiguous().clone() for k, v in gates.state_dict().items()}
+    return write_safetensors(Path(path), tensors, header)
 
 
 def load_gates(path: str | os.PathLike, pipe: Any = None) -> GateSet:
@@ -154,13 +173,21 @@ class _GatedLayer:
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
         x = args[0]
-        h = torch.einsum("...i,kri->k...r", x, self.down)  # every adapter's down projection at once
-        ys = torch.einsum("k...r,kor->k...o", h, self.up) * self.owner.scales.to(x).view(-1, *([1] * (h.dim() - 1)))
+        active = self.owner.active
+        down, up, scales = self.down, self.up, self.owner.scales
+        if active is not None:  # a subset of the stacked adapters (gate training: one pair of many)
+            down, up, scales = down[active], up[active], scales[active]
+        h = torch.einsum("...i,kri->k...r", x, down)  # every adapter's down projection at once
+        ys = torch.einsum("k...r,kor->k...o", h, up) * scales.to(x).view(-1, *([1] * (h.dim() - 1)))
         if self.gate is None:
             return output + ys.sum(0)
         out, g = self.gate(output, ys, self.owner.fraction if self.gate.w_t is not None else None)
         if self.owner.record:
-            self.owner.gate_sums += g.detach().flatten(1).mean(1).double().cpu()
+            sums = g.detach().flatten(1).mean(1).double().cpu()
+            if active is None:
+                self.owner.gate_sums += sums
+            else:
+                self.owner.gate_sums[active] += sums
             self.owner.gate_counts += 1
         return out
 
@@ -174,13 +201,18 @@ class GatedFusion:
     """
 
     def __init__(self, pipe: Any, files: Sequence[str | os.PathLike], gates: GateSet | None,
-                 weights: Sequence[float] | None = None, *, record: bool = True) -> None:
+                 weights: Sequence[float] | None = None, *, record: bool = True, clock: bool = True) -> None:
         self.pipe = pipe
         self.files = [Path(f) for f in files]
         self.gates = gates
         self.scales = torch.tensor(list(weights) if weights is not None else [1.0] * len(files), dtype=torch.float32)
         self.record = record
-        self.fraction = 0.0
+        # the denoising fraction the timestep gates read: from the denoiser's timestep hook when ``clock``;
+        # else the caller sets it (gate training: a tensor of one fraction per sample)
+        self.fraction: float | torch.Tensor = 0.0
+        self.clock = clock
+        # indices of the adapters that run (None: all); the others cost nothing, unlike a zero weight
+        self.active: torch.Tensor | None = None
         self.layers: list[_GatedLayer] = []
         self.gate_sums = torch.zeros(len(files), dtype=torch.float64)
         self.gate_counts = 0
@@ -221,7 +253,7 @@ class GatedFusion:
                 gate = self.gates.get(path) if self.gates is not None else None
                 unknown += gate is None and self.gates is not None
                 self.layers.append(_GatedLayer(layer, path, per[path], len(self.files), gate, self))
-            if self.gates is not None and any(g.w_t is not None for g in self.gates.gates.values()):
+            if self.clock and self.gates is not None and any(g.w_t is not None for g in self.gates.gates.values()):
                 listen(self.pipe, self._tick)
                 self._listening = True
         except BaseException:
@@ -269,6 +301,20 @@ class GateTrainSettings:
     margin: float = 0.05  # the hinge asks MSE(pred, adapter 2's caption's prediction) >= margin
     images: int = 8
     seed: int = 0
+    val_pairs: int = 12  # fixed validation draws (pair, images, noise, timesteps), each a batch of ``batch``
+    eval_every: int = 50  # validation loss every this many steps (and at the start and the end)
+
+
+@dataclasses.dataclass
+class _Draw:
+    """One batch: pair (i, j), image indices of i, noise, timesteps, and caption indices of j (for the hinge)."""
+
+    i: int
+    j: int
+    idx: torch.Tensor
+    jdx: torch.Tensor
+    noise: torch.Tensor
+    t: torch.Tensor
 
 
 def zoo_prompt(entry: dict[str, Any], caption: str) -> str:
@@ -280,6 +326,44 @@ def zoo_prompt(entry: dict[str, Any], caption: str) -> str:
     return re.sub(rf"\b{entry['shape']}\b", f"{entry.get('trigger', 'sks')} shape", caption, count=1)
 
 
+def _zoo_data(pipe: Any, entries: Sequence[dict[str, Any]], images: int, seed: int
+              ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Each entry's freshly rendered images as latents and its training prompts as text embeddings."""
+    import tempfile
+
+    import numpy as np
+    from PIL import Image
+
+    from studio.autolora.zoo import Concept, _render
+
+    vae, tok, te = pipe.vae, pipe.tokenizer, pipe.text_encoder
+    latents, emb = [], []
+    with torch.no_grad(), tempfile.TemporaryDirectory() as tmp:
+        for n, e in enumerate(entries):
+            folder = Path(tmp) / e["name"]
+            _render(Concept(e["kind"], e["shape"], e["color"], e["texture"]), folder, images, seed * 7919 + n)
+            pngs = sorted(folder.glob("*.png"))
+            x = torch.stack([torch.from_numpy(np.asarray(Image.open(p).convert("RGB"))).permute(2, 0, 1) for p in pngs])
+            x = x.float() / 127.5 - 1.0
+            latents.append(vae.encode(x).latent_dist.mean * vae.config.scaling_factor)
+            prompts = [zoo_prompt(e, p.with_suffix(".txt").read_text().strip()) for p in pngs]
+            ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                      return_tensors="pt").input_ids
+            emb.append(te(ids)[0])
+    return latents, emb
+
+
+def training_noise_scheduler(pipe: Any) -> Any:
+    """The forward process the gates train on: DDPM over the base's training schedule (as the trainer's).
+
+    Not ``pipe.scheduler``: a sampler such as DPM-Solver (micro's) adds noise by its own step table and
+    gives wrong noise levels for arbitrary training timesteps.
+    """
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler.from_config(pipe.scheduler.config)
+
+
 def train_gates(pipe: Any, entries: Sequence[dict[str, Any]], config: GateConfig = GateConfig(),
                 settings: GateTrainSettings = GateTrainSettings()) -> tuple[GateSet, dict[str, Any]]:
     """Train one gate set for the pipeline's base on pairs of the given zoo adapters (base and adapters frozen).
@@ -287,76 +371,96 @@ def train_gates(pipe: Any, entries: Sequence[dict[str, Any]], config: GateConfig
     Each step draws a pair (1, 2): the gated fusion of both denoises adapter 1's images under its
     prompt (epsilon MSE), and a hinge keeps that prediction at least ``margin`` away from the
     prediction for adapter 2's prompt on the same noisy input (so the gates do not let adapter 2's
-    concept take over). Only the gate parameters train.
+    concept take over). Only the gate parameters train; only the pair's adapters run (the others
+    are stacked but skipped). Each sample's gates read its own timestep (``config.timestep``).
+
+    A fixed validation set (``val_pairs`` draws) gives the denoising loss at the start, every
+    ``eval_every`` steps and at the end, beside two references on the same draws: the plain sum
+    of the pair (a static merge at 1/1) and adapter 1 alone. The report holds the curve.
     """
     import random
-    import tempfile
     import time
 
-    import numpy as np
-    from PIL import Image
-
     from studio.adapters.core import denoiser
-    from studio.autolora.zoo import Concept, _render
 
     if len(entries) < 2:
         raise StudioError("gate training needs at least 2 zoo adapters")
     rng = random.Random(settings.seed)
     torch.manual_seed(settings.seed)
-    unet, vae = denoiser(pipe), pipe.vae
-    for m in (unet, vae, pipe.text_encoder):
+    unet = denoiser(pipe)
+    for m in (unet, pipe.vae, pipe.text_encoder):
         m.requires_grad_(False)
-    latents, prompts = [], []
-    with torch.no_grad(), tempfile.TemporaryDirectory() as tmp:
-        for n, e in enumerate(entries):
-            folder = Path(tmp) / e["name"]
-            _render(Concept(e["kind"], e["shape"], e["color"], e["texture"]), folder, settings.images,
-                    settings.seed * 7919 + n)
-            pngs = sorted(folder.glob("*.png"))
-            x = torch.stack([torch.from_numpy(np.asarray(Image.open(p).convert("RGB"))).permute(2, 0, 1) for p in pngs])
-            x = x.float() / 127.5 - 1.0
-            latents.append(vae.encode(x).latent_dist.mean * vae.config.scaling_factor)
-            caps = [p.with_suffix(".txt").read_text().strip() for p in pngs]
-            prompts.append([zoo_prompt(e, c) for c in caps])
-        tok, te = pipe.tokenizer, pipe.text_encoder
-        emb = [te(tok(ps, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                      return_tensors="pt").input_ids)[0] for ps in prompts]
+    latents, emb = _zoo_data(pipe, entries, settings.images, settings.seed)
+    # the training noise schedule, as the trainer's: the pipeline's sampler (DPM-Solver on micro) adds
+    # noise by its own step table and gives wrong noise levels for arbitrary training timesteps
+    sched = training_noise_scheduler(pipe)
+    total = sched.config.num_train_timesteps
+
+    def draw() -> _Draw:
+        i, j = rng.sample(range(len(entries)), 2)
+        idx = torch.tensor([rng.randrange(latents[i].shape[0]) for _ in range(settings.batch)])
+        jdx = torch.tensor([rng.randrange(emb[j].shape[0]) for _ in range(settings.batch)])
+        return _Draw(i, j, idx, jdx, torch.randn_like(latents[i][idx]), torch.randint(0, total, (settings.batch,)))
+
+    val = [draw() for _ in range(settings.val_pairs)]
+
+    def predict(fusion: GatedFusion, d: _Draw, active: list[int], prompt_of: int | None = None) -> torch.Tensor:
+        fusion.active = torch.tensor(active)
+        fusion.fraction = 1.0 - d.t.float() / total  # per sample, the clock's convention (0: the first step)
+        noisy = sched.add_noise(latents[d.i][d.idx], d.noise, d.t)
+        ctx = emb[d.i][d.idx] if prompt_of is None else emb[prompt_of][d.jdx]
+        return unet(noisy, d.t, encoder_hidden_states=ctx).sample
+
+    def val_loss(fusion: GatedFusion, pair: bool = True) -> float:
+        with torch.no_grad():
+            return sum(float(F.mse_loss(predict(fusion, d, [d.i, d.j] if pair else [d.i]), d.noise))
+                       for d in val) / len(val)
+
+    files = [e["file"] for e in entries]
+    ones = [1.0] * len(entries)
+    plain = GatedFusion(pipe, files, None, ones, record=False, clock=False).apply()
+    try:
+        refs = {"plain_sum": val_loss(plain), "adapter1_alone": val_loss(plain, pair=False)}
+    finally:
+        plain.remove()
     gates = GateSet.for_pipeline(pipe, config)
     opt = torch.optim.Adam(gates.parameters(), lr=settings.lr)
-    sched = pipe.scheduler
-    fusion = GatedFusion(pipe, [e["file"] for e in entries], gates, [0.0] * len(entries), record=False).apply()
+    fusion = GatedFusion(pipe, files, gates, ones, record=False, clock=False).apply()
     t0 = time.time()
-    hist = []
+    hist: list[float] = []
+    curve: list[tuple[int, float]] = []
+    log.info("gates: validation loss (%d draws of %d): plain sum %.4f, adapter 1 alone %.4f", len(val),
+             settings.batch, refs["plain_sum"], refs["adapter1_alone"])
     try:
-        for _ in range(settings.steps):
-            i, j = rng.sample(range(len(entries)), 2)
-            scales = torch.zeros(len(entries))
-            scales[i] = scales[j] = 1.0
-            fusion.scales = scales
-            idx = torch.tensor([rng.randrange(latents[i].shape[0]) for _ in range(settings.batch)])
-            x0 = latents[i][idx]
-            noise = torch.randn_like(x0)
-            t = torch.randint(0, sched.config.num_train_timesteps, (settings.batch,))
-            noisy = sched.add_noise(x0, noise, t)
-            fusion.fraction = float(1.0 - t.float().mean() / sched.config.num_train_timesteps)
-            pred = unet(noisy, t, encoder_hidden_states=emb[i][idx]).sample
-            loss = F.mse_loss(pred, noise)
-            den = float(loss)
+        for step in range(settings.steps + 1):
+            if step % settings.eval_every == 0 or step == settings.steps:
+                curve.append((step, round(val_loss(fusion), 5)))
+                recent = hist[-settings.eval_every:]
+                log.info("gates: step %d/%d, validation loss %.4f, training loss (last %d) %s, %.0f s", step,
+                         settings.steps, curve[-1][1], len(recent),
+                         f"{sum(recent) / len(recent):.4f}" if recent else "-", time.time() - t0)
+            if step == settings.steps:
+                break
+            d = draw()
+            pred = predict(fusion, d, [d.i, d.j])
+            loss = F.mse_loss(pred, d.noise)
+            hist.append(float(loss.detach()))
             if settings.hinge_weight > 0:
-                jdx = torch.tensor([rng.randrange(emb[j].shape[0]) for _ in range(settings.batch)])
                 with torch.no_grad():
-                    other = unet(noisy, t, encoder_hidden_states=emb[j][jdx]).sample
+                    other = predict(fusion, d, [d.i, d.j], prompt_of=d.j)
                 loss = loss + settings.hinge_weight * F.relu(settings.margin - F.mse_loss(pred, other))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            hist.append(den)
     finally:
         fusion.remove()
     report = {"steps": settings.steps, "seconds": round(time.time() - t0, 1), "pairs_from": len(entries),
               "denoise_first20": round(sum(hist[:20]) / max(1, len(hist[:20])), 4),
               "denoise_last20": round(sum(hist[-20:]) / max(1, len(hist[-20:])), 4),
+              "val_curve": curve, "val_start": curve[0][1], "val_end": curve[-1][1],
+              "val_plain_sum": round(refs["plain_sum"], 5), "val_adapter1_alone": round(refs["adapter1_alone"], 5),
               "settings": dataclasses.asdict(settings), "config": dataclasses.asdict(config)}
-    log.info("gates: %d steps in %.0f s, denoising loss %.4f -> %.4f", settings.steps, report["seconds"],
-             report["denoise_first20"], report["denoise_last20"])
+    log.info("gates: %d steps in %.0f s, validation loss %.4f -> %.4f (plain sum %.4f, adapter 1 alone %.4f)",
+             settings.steps, report["seconds"], report["val_start"], report["val_end"], refs["plain_sum"],
+             refs["adapter1_alone"])
     return gates, report
