@@ -262,6 +262,7 @@ def generate(pipe: Any, params: GenerationParams, *, extra_info: dict[str, str] 
     if params.sampler:
         set_sampler(pipe, params.sampler)
     info = dict(extra_info or {})
+    mix = None
     with contextlib.ExitStack() as stack:
         if params.adapters:
             mix = stack.enter_context(Mixer(pipe, params.adapters))
@@ -271,7 +272,13 @@ def generate(pipe: Any, params: GenerationParams, *, extra_info: dict[str, str] 
             # on the prompt-embedding path: the adapters above act inside the text encoders as usual
             stack.enter_context(decor_applied(pipe, decor))
             info.update(infotext_fields(decor))
-        return _run(pipe, params, seeds_all, width, height, info, callback)
+        images = _run(pipe, params, seeds_all, width, height, info, callback)
+        gates = mix.gate_means() if mix is not None else {}
+    if gates:  # known only after the run: each gated adapter's mean gate (AutoLoRA), as the UI shows it
+        text = _quote(", ".join(f"{name}: {g:.3f}" for name, g in gates.items()))
+        for im in images:
+            im.info["parameters"] = im.info["parameters"].replace(", Version: ", f", Gates: {text}, Version: ", 1)
+    return images
 
 
 def _run(pipe: Any, params: GenerationParams, seeds_all: list[int], width: int, height: int,

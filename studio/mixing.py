@@ -888,6 +888,13 @@ class Mixer:
         self.remove()
 
     # ------------------------------------------------------------------ recording
+    def gate_means(self) -> dict[str, float]:
+        """Each gated adapter's mean gate over the denoising calls so far (AutoLoRA; empty without gated adapters)."""
+        if self.gated is None:
+            return {}
+        names = [a.name for a in self.adapters if a.spec.gated and a.spec.weight != 0]
+        return dict(zip(names, self.gated.mean_gates(), strict=True))
+
     def infotext_fields(self) -> dict[str, str]:
         """A1111's ``Lora hashes`` plus the studio's ``Adapters`` (exact specs) and ``Adapter hashes`` (sha256)."""
         if not self.adapters:

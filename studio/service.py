@@ -618,6 +618,26 @@ def list_adapters(query: str = "") -> list[dict[str, Any]]:
     return out
 
 
+def find_adapters(prompt: str, k: int = 2) -> dict[str, Any]:
+    """AutoLoRA's search for the Generate tab: the top-``k`` adapters for ``prompt`` by their weights.
+
+    Returns ``{"hits": [{name, score, match, target}], "source", "threshold", "gates"}``: ``target``
+    is what a mix row takes (the library name, or the file of a zoo adapter when the library has
+    none the encoder reads), ``match`` whether the score clears the encoder's threshold (below it
+    the adapter is listed but not suggested), ``gates`` whether a gate file exists for a gated mix.
+    """
+    from studio.autolora.gates import DEFAULT_GATES
+    from studio.autolora.retrieval import retrieve
+
+    hits, source, pipe = retrieve(prompt, int(k))
+    threshold = float(pipe.studio_match_threshold)
+    return {
+        "hits": [{"name": h.name, "score": round(h.score, 4), "match": h.score >= threshold,
+                  "target": h.name if source.startswith("library") else h.path} for h in hits],
+        "source": source, "threshold": round(threshold, 4), "gates": DEFAULT_GATES.is_file(),
+    }
+
+
 def import_adapters(files: Iterable[str | os.PathLike]) -> tuple[list[str], list[tuple[str, str]]]:
     """Add uploaded adapter files (.safetensors) to the library: (added names, [(file, reason)]).
 

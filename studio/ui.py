@@ -685,15 +685,19 @@ def sampling_defaults(base: str) -> dict[str, Any]:
 def mix_specs(slots: Sequence[Any]) -> list[str]:
     """Spec strings ``NAME:WEIGHT[@START-END]`` of the filled adapter rows.
 
-    ``slots``: (name, weight, start, end) per row, flattened, as the Generate tab's rows hold them.
+    ``slots``: (name, weight, start, end) per row, flattened, as the Generate tab's rows hold them. A
+    name written ``gated:NAME`` (what the Auto search fills in) is fused with AutoLoRA's gates.
     """
     from studio.mixing import AdapterSpec
 
     specs = []
     for i in range(0, len(slots), 4):
         target, weight, start, end = slots[i:i + 4]
-        if (target or "").strip():
-            specs.append(str(AdapterSpec(target.strip(), float(weight), float(start), float(end))))
+        target = (target or "").strip()
+        gated = target.startswith("gated:")
+        target = target[len("gated:"):].strip() if gated else target
+        if target:
+            specs.append(str(AdapterSpec(target, float(weight), float(start), float(end), gated=gated)))
     return specs
 
 
@@ -708,6 +712,51 @@ def sweep_text(slots: Sequence[Any], which: str | None, weights: str) -> str:
     text = f"{chosen}={','.join(w.strip() for w in (weights or '').split(',') if w.strip())}"
     parse_sweep(text)  # a clear error for bad weights, before anything is queued
     return text
+
+
+def parse_prompt_text(prompt: str | None) -> str:
+    """The prompt as the model sees it: ``<lora:...>`` tags taken out."""
+    from studio.mixing import parse_prompt
+
+    return parse_prompt(prompt or "")[0]
+
+
+def auto_rows(found: dict[str, Any], gated: bool, slots: Sequence[Any]) -> tuple[list[Any], list[bool], str]:
+    """The mix after an Auto search: matching adapters fill free rows (``gated:NAME`` for a gated fusion).
+
+    ``found``: :func:`studio.service.find_adapters`' answer; ``slots``: the rows as the Generate tab
+    holds them. Returns (the rows' values, which rows are shown, a Markdown note with every hit,
+    its score and what was done with it).
+    """
+    values = list(slots)
+    names = [(values[i] or "").strip() for i in range(0, len(values), 4)]
+    plain = {n[len("gated:"):] if n.startswith("gated:") else n for n in names if n}
+    use_gates = gated and found.get("gates", False)
+    lines = ["| adapter | score | |", "|---|---|---|"]
+    for hit in found["hits"]:
+        target = hit["target"]
+        if not hit["match"]:
+            what = f"below the match threshold {found['threshold']:.3f}: not added"
+        elif target in plain:
+            what = "already in the mix"
+        else:
+            free = next((i for i, n in enumerate(names) if not n), None)
+            if free is None:
+                what = f"not added: the mix holds {len(names)} adapters"
+            else:
+                names[free] = ("gated:" if use_gates else "") + target
+                values[4 * free:4 * free + 4] = [names[free], 1.0, 0.0, 1.0]
+                plain.add(target)
+                what = "added, gated" if use_gates else "added at weight 1"
+        lines.append(f"| `{hit['name']}` | {hit['score']:.3f} | {what} |")
+    if not found["hits"]:
+        lines = ["No adapter found."]
+    note = f"Searched the {found['source']}.\n\n" + "\n".join(lines)
+    if gated and not found.get("gates", False):
+        note += "\n\nNo gate file yet (`studio autolora gates` trains one): the adapters mix with fixed weights."
+    elif use_gates:
+        note += "\n\nEach gated adapter's mean gate appears in the image parameters (`Gates:`) after generation."
+    return values, [bool(n) for n in names], note
 
 
 def image_caption(info: str) -> str:
@@ -785,6 +834,15 @@ def _generate_panel(ctx: UIContext) -> None:
                     drop.click(lambda: ("", 1.0, 0.0, 1.0, gr.update(visible=False)), None, [*slot, row],
                                show_progress="hidden", api_visibility="private")
                 mix_note = gr.Markdown("No adapters: the base model alone.", elem_id="generate-mix")
+            with gr.Accordion("Auto: find adapters for the prompt (AutoLoRA)", open=False):
+                with gr.Row():
+                    auto_k = gr.Slider(1, MIX_SLOTS, value=2, step=1, label="Adapters to find",
+                                       elem_id="generate-auto-k")
+                    auto_gated = gr.Checkbox(True, label="Gated fusion", elem_id="generate-auto-gated",
+                                             info="AutoLoRA's learned gates instead of fixed weights")
+                auto = gr.Button("Find adapters", elem_id="generate-auto")
+                auto_note = gr.Markdown("Finds library adapters by what their weights draw, names or not "
+                                        "(docs/autolora.md).", elem_id="generate-auto-note")
             with gr.Accordion("Weight sweep and base model", open=False):
                 with gr.Row():
                     sweep_which = gr.Dropdown([], label="Adapter to sweep", allow_custom_value=True,
@@ -846,6 +904,20 @@ def _generate_panel(ctx: UIContext) -> None:
         return out
 
     add.click(add_adapter, [pick, *slots], [*slots, *rows], **private)
+
+    def on_auto(prompt_: str, k: float, gated: bool, *slot_values: Any):
+        """Search the adapters for the prompt and put the matching ones in free rows."""
+        keep = [gr.skip()] * (5 * MIX_SLOTS)
+        try:
+            found = service.find_adapters(parse_prompt_text(prompt_), int(k))
+        except StudioError as exc:
+            gr.Warning(str(exc))
+            return (*keep, f"**Error:** {exc}")
+        values, shown, note = auto_rows(found, gated, slot_values)
+        return (*values, *[gr.update(visible=v) for v in shown], note)
+
+    auto.click(on_auto, [prompt, auto_k, auto_gated, *slots], [*slots, *rows, auto_note],
+               api_name="generate_auto", show_progress="minimal")
     ctx.shared["generate.add_adapter"] = (add_adapter, slots, [*slots, *rows])
 
     def library_names():

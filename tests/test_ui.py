@@ -102,7 +102,7 @@ def test_build_app_has_its_tabs():
     labels = {c["props"].get("label") for c in config["components"]}
     assert {"Trigger word", "Class word (subjects)", "Method", "Steps", "Rank", "Learning rate", "Prompt",
             "Negative prompt", "Search", "Weight", "New name", "DECOR: unwanted words",
-            "DECOR strength (alpha)"} <= labels
+            "DECOR strength (alpha)", "Adapters to find", "Gated fusion"} <= labels
     assert any(c.get("type") == "accordion" and c["props"].get("label") == "Advanced" for c in config["components"])
     # gallery clicks get their gr.SelectData: gradio finds it by a type hint it must be able to resolve
     import gradio as gr

@@ -1,0 +1,93 @@
+"""AutoLoRA in the Generate tab: the Auto search filling the mix, gated rows, mean gates in the infotext."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from studio import service, ui
+from studio.errors import StudioError
+
+
+@pytest.fixture(scope="module")
+def micro(one_thread):
+    from studio.loading import load_pipeline
+
+    return load_pipeline("micro")
+
+
+def _found(*hits, gates=True):
+    return {"hits": [{"name": n, "score": s, "match": m, "target": t} for n, s, m, t in hits],
+            "source": "library /h", "threshold": 0.2, "gates": gates}
+
+
+def test_auto_rows_fill_free_rows_with_matches_only():
+    slots = ["heart", 0.8, 0.0, 1.0, "", 1.0, 0.0, 1.0, "", 1.0, 0.0, 1.0, "", 1.0, 0.0, 1.0]
+    found = _found(("zigzag", 0.61, True, "zigzag"), ("heart", 0.44, True, "heart"), ("dots", 0.1, False, "dots"))
+    values, shown, note = ui.auto_rows(found, True, slots)
+    assert values[:8] == ["heart", 0.8, 0.0, 1.0, "gated:zigzag", 1.0, 0.0, 1.0]  # the user's row is kept
+    assert shown == [True, True, False, False]
+    assert "| `zigzag` | 0.610 | added, gated |" in note and "already in the mix" in note
+    assert "below the match threshold 0.200: not added" in note
+    assert ui.mix_specs(values) == ["heart:0.8", "gated:zigzag:1"]
+    # without a gate file, or with the toggle off, the same search adds plain rows
+    values, _, note = ui.auto_rows(_found(("zigzag", 0.61, True, "zigzag"), gates=False), True, slots)
+    assert values[4] == "zigzag" and "No gate file yet" in note
+    values, _, note = ui.auto_rows(_found(("zigzag", 0.61, True, "zigzag")), False, slots)
+    assert values[4] == "zigzag" and "added at weight 1" in note
+
+
+def test_auto_rows_when_the_mix_is_full_or_nothing_is_found():
+    full = sum(([f"a{i}", 1.0, 0.0, 1.0] for i in range(ui.MIX_SLOTS)), [])
+    values, shown, note = ui.auto_rows(_found(("zigzag", 0.61, True, "zigzag")), True, full)
+    assert values == full and all(shown) and f"not added: the mix holds {ui.MIX_SLOTS} adapters" in note
+    _, shown, note = ui.auto_rows(_found(), True, ["", 1.0, 0.0, 1.0])
+    assert shown == [False] and "No adapter found." in note
+
+
+def test_gated_rows_in_mix_specs():
+    assert ui.mix_specs(["gated:heart", 0.5, 0.0, 1.0]) == ["gated:heart:0.5"]
+    with pytest.raises(StudioError, match="gated adapter"):
+        ui.mix_specs(["gated:heart", 1.0, 0.5, 1.0])  # the gates decide when: no window
+
+
+def test_find_adapters_searches_the_zoo_when_the_library_is_empty():
+    found = service.find_adapters("a zigzag star", 3)
+    assert found["source"].startswith("zoo") and len(found["hits"]) == 3
+    assert all(h["target"].endswith(".safetensors") or h["target"] for h in found["hits"])
+    scores = [h["score"] for h in found["hits"]]
+    assert scores == sorted(scores, reverse=True)
+    assert all(h["match"] == (h["score"] >= found["threshold"]) for h in found["hits"])
+    with pytest.raises(StudioError, match="empty"):
+        service.find_adapters("   ", 2)
+
+
+def test_generation_records_each_gated_adapters_mean_gate(micro, tmp_path, monkeypatch):
+    from studio.adapters import AdapterSettings, add_adapter, remove_adapter, save_adapter
+    from studio.autolora import gates as gates_mod
+    from studio.generation import GenerationParams, generate, model_hash
+
+    files = []
+    for i in range(2):
+        params = add_adapter(micro, "lora", AdapterSettings(rank=4, targets="attention"), f"a{i}")
+        g = torch.Generator().manual_seed(7 + i)
+        with torch.no_grad():
+            for p in params:
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+        files.append(save_adapter(micro, tmp_path / f"a{i}", f"a{i}", metadata={"base_family": "sd1"}))
+        remove_adapter(micro, f"a{i}")
+    gates = gates_mod.GateSet.for_pipeline(micro)
+    path = gates_mod.save_gates(gates, tmp_path / "gates.safetensors", base_hash=model_hash(micro))
+    monkeypatch.setattr(gates_mod, "DEFAULT_GATES", path)
+    p = GenerationParams(prompt="a red circle", seed=3, num=1, steps=2,
+                         adapters=[f"gated:{files[0]}", f"{files[1]}:0.5"])
+    info = generate(micro, p)[0].info["parameters"]
+    m = re.search(r'Gates: "a0: ([0-9.]+)"', info)
+    assert m is not None, info
+    assert 0.0 < float(m.group(1)) < 1.0  # a real sigmoid's mean, not a placeholder
+    assert info.index("Gates:") < info.index("Version:")
+    plain = generate(micro, GenerationParams(prompt="a red circle", seed=3, num=1, steps=2,
+                                             adapters=[f"{files[1]}:0.5"]))[0].info["parameters"]
+    assert "Gates:" not in plain
