@@ -70,6 +70,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--margin", type=float, default=gd.margin, help=f"the hinge's margin (default {gd.margin:g})")
     g.add_argument("--eval-every", type=int, default=gd.eval_every,
                    help=f"validation loss every this many steps (default {gd.eval_every})")
+    g.add_argument("--compose-share", type=float, default=gd.compose_share,
+                   help="share of steps on a (subject, style) zoo pair rendered together under both prompts "
+                        "(not the paper's; default 0)")
     g.add_argument("--timestep", action="store_true", help="gates also read the denoising fraction")
     g.add_argument("--half", action="store_true", help="write fp16 values (half the file; the loader reads both)")
     g.add_argument("--seed", type=int, default=0)
@@ -197,7 +200,8 @@ def run_gates(args: argparse.Namespace) -> int:
     pipe = load_pipeline(index.get("base", "micro"))
     entries = [e for e in index["adapters"] if not e["heldout"]]
     settings = GateTrainSettings(steps=args.steps, batch=args.batch, lr=args.lr, hinge_weight=args.hinge_weight,
-                                 margin=args.margin, eval_every=args.eval_every, seed=args.seed)
+                                 margin=args.margin, eval_every=args.eval_every, seed=args.seed,
+                                 compose_share=args.compose_share)
     gates, report = train_gates(pipe, entries, GateConfig(timestep=args.timestep), settings)
     out = save_gates(gates, args.out or DEFAULT_GATES, base_hash=model_hash(pipe), extra=report, half=args.half)
     print(f"{out}: gates trained in {report['seconds']} s (validation denoising loss {report['val_start']} -> "

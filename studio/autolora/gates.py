@@ -303,18 +303,23 @@ class GateTrainSettings:
     seed: int = 0
     val_pairs: int = 12  # fixed validation draws (pair, images, noise, timesteps), each a batch of ``batch``
     eval_every: int = 50  # validation loss every this many steps (and at the start and the end)
+    # share of steps that draw a (subject, style) pair of the zoo and denoise renders of the subject in the
+    # style under both prompts (not the paper's; 0: the paper's single-concept draws only)
+    compose_share: float = 0.0
 
 
 @dataclasses.dataclass
 class _Draw:
-    """One batch: pair (i, j), image indices of i, noise, timesteps, and caption indices of j (for the hinge)."""
+    """One batch: a target set's images ``idx`` (latents and prompts), the adapters that run, noise,
+    timesteps; for a single-concept draw the pair's other adapter ``other`` and its caption indices ``jdx``."""
 
-    i: int
-    j: int
+    target: int
+    active: list[int]
     idx: torch.Tensor
-    jdx: torch.Tensor
     noise: torch.Tensor
     t: torch.Tensor
+    other: int | None = None
+    jdx: torch.Tensor | None = None
 
 
 def zoo_prompt(entry: dict[str, Any], caption: str) -> str:
@@ -326,31 +331,56 @@ def zoo_prompt(entry: dict[str, Any], caption: str) -> str:
     return re.sub(rf"\b{entry['shape']}\b", f"{entry.get('trigger', 'sks')} shape", caption, count=1)
 
 
-def _zoo_data(pipe: Any, entries: Sequence[dict[str, Any]], images: int, seed: int
-              ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Each entry's freshly rendered images as latents and its training prompts as text embeddings."""
-    import tempfile
-
+def _encode_set(pipe: Any, folder: Path, prompt: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """A rendered folder's images as latents and ``prompt(caption)`` of each as text embeddings."""
     import numpy as np
     from PIL import Image
 
-    from studio.autolora.zoo import Concept, _render
-
     vae, tok, te = pipe.vae, pipe.tokenizer, pipe.text_encoder
-    latents, emb = [], []
+    pngs = sorted(folder.glob("*.png"))
+    x = torch.stack([torch.from_numpy(np.asarray(Image.open(p).convert("RGB"))).permute(2, 0, 1) for p in pngs])
+    lat = vae.encode(x.float() / 127.5 - 1.0).latent_dist.mean * vae.config.scaling_factor
+    prompts = [prompt(p.with_suffix(".txt").read_text().strip()) for p in pngs]
+    ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+              return_tensors="pt").input_ids
+    return lat, te(ids)[0]
+
+
+def _zoo_data(pipe: Any, entries: Sequence[dict[str, Any]], images: int, seed: int, compose: bool = False
+              ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[tuple[int, int]]]:
+    """Target sets as (latents, text embeddings): each entry's freshly rendered images under its training
+    prompts (set n = entry n); with ``compose``, then one set per (subject, style) pair of the entries:
+    the subject's shape and colour in the style's texture, "a COLOR sks shape on a BG background in sks
+    style" (the compose suite's form). Returns latents, embeddings and the pairs of the compose sets."""
+    import tempfile
+
+    from studio.autolora.zoo import Concept, _render
+    from studio.micro.cli import render_set
+
+    latents, emb, pairs = [], [], []
     with torch.no_grad(), tempfile.TemporaryDirectory() as tmp:
         for n, e in enumerate(entries):
             folder = Path(tmp) / e["name"]
             _render(Concept(e["kind"], e["shape"], e["color"], e["texture"]), folder, images, seed * 7919 + n)
-            pngs = sorted(folder.glob("*.png"))
-            x = torch.stack([torch.from_numpy(np.asarray(Image.open(p).convert("RGB"))).permute(2, 0, 1) for p in pngs])
-            x = x.float() / 127.5 - 1.0
-            latents.append(vae.encode(x).latent_dist.mean * vae.config.scaling_factor)
-            prompts = [zoo_prompt(e, p.with_suffix(".txt").read_text().strip()) for p in pngs]
-            ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                      return_tensors="pt").input_ids
-            emb.append(te(ids)[0])
-    return latents, emb
+            lat, em = _encode_set(pipe, folder, lambda c, e=e: zoo_prompt(e, c))
+            latents.append(lat)
+            emb.append(em)
+        if compose:
+            subjects = [n for n, e in enumerate(entries) if e["kind"] == "subject"]
+            styles = [n for n, e in enumerate(entries) if e["kind"] == "style"]
+            for si in subjects:
+                for sj in styles:
+                    subj, style = entries[si], entries[sj]
+                    folder = Path(tmp) / f"{subj['name']}+{style['name']}"
+                    render_set(folder, max(2, images // 2), seed * 7919 + 100003 + 1000 * si + sj,
+                               shape=subj["shape"], color=subj["color"], texture=style["texture"],
+                               caption="content", overwrite=True)
+                    lat, em = _encode_set(pipe, folder, lambda c, a=subj, b=style: f"{zoo_prompt(a, c)} in "
+                                                                                  f"{b.get('trigger', 'sks')} style")
+                    latents.append(lat)
+                    emb.append(em)
+                    pairs.append((si, sj))
+    return latents, emb, pairs
 
 
 def training_noise_scheduler(pipe: Any) -> Any:
@@ -374,6 +404,10 @@ def train_gates(pipe: Any, entries: Sequence[dict[str, Any]], config: GateConfig
     concept take over). Only the gate parameters train; only the pair's adapters run (the others
     are stacked but skipped). Each sample's gates read its own timestep (``config.timestep``).
 
+    With ``compose_share`` > 0, that share of the steps instead draws a (subject, style) pair of the
+    entries and denoises renders of the subject in the style under the composed prompt, both
+    adapters on, no hinge (so the gates also see prompts that ask for both concepts).
+
     A fixed validation set (``val_pairs`` draws) gives the denoising loss at the start, every
     ``eval_every`` steps and at the end, beside two references on the same draws: the plain sum
     of the pair (a static merge at 1/1) and adapter 1 alone. The report holds the curve.
@@ -390,37 +424,50 @@ def train_gates(pipe: Any, entries: Sequence[dict[str, Any]], config: GateConfig
     unet = denoiser(pipe)
     for m in (unet, pipe.vae, pipe.text_encoder):
         m.requires_grad_(False)
-    latents, emb = _zoo_data(pipe, entries, settings.images, settings.seed)
+    latents, emb, pairs = _zoo_data(pipe, entries, settings.images, settings.seed, settings.compose_share > 0)
+    if settings.compose_share > 0 and not pairs:
+        raise StudioError("gate training with compose draws needs subject and style adapters among the zoo's")
     # the training noise schedule, as the trainer's: the pipeline's sampler (DPM-Solver on micro) adds
     # noise by its own step table and gives wrong noise levels for arbitrary training timesteps
     sched = training_noise_scheduler(pipe)
     total = sched.config.num_train_timesteps
 
+    def batch_of(target: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        idx = torch.tensor([rng.randrange(latents[target].shape[0]) for _ in range(settings.batch)])
+        return idx, torch.randn_like(latents[target][idx]), torch.randint(0, total, (settings.batch,))
+
     def draw() -> _Draw:
         i, j = rng.sample(range(len(entries)), 2)
-        idx = torch.tensor([rng.randrange(latents[i].shape[0]) for _ in range(settings.batch)])
+        idx, noise, t = batch_of(i)
         jdx = torch.tensor([rng.randrange(emb[j].shape[0]) for _ in range(settings.batch)])
-        return _Draw(i, j, idx, jdx, torch.randn_like(latents[i][idx]), torch.randint(0, total, (settings.batch,)))
+        return _Draw(i, [i, j], idx, noise, t, other=j, jdx=jdx)
+
+    def draw_compose() -> _Draw:
+        k = rng.randrange(len(pairs))
+        idx, noise, t = batch_of(len(entries) + k)
+        return _Draw(len(entries) + k, list(pairs[k]), idx, noise, t)
 
     val = [draw() for _ in range(settings.val_pairs)]
+    val_both = [draw_compose() for _ in range(settings.val_pairs)] if pairs else []
 
-    def predict(fusion: GatedFusion, d: _Draw, active: list[int], prompt_of: int | None = None) -> torch.Tensor:
+    def predict(fusion: GatedFusion, d: _Draw, active: list[int], prompt_of_other: bool = False) -> torch.Tensor:
         fusion.active = torch.tensor(active)
         fusion.fraction = 1.0 - d.t.float() / total  # per sample, the clock's convention (0: the first step)
-        noisy = sched.add_noise(latents[d.i][d.idx], d.noise, d.t)
-        ctx = emb[d.i][d.idx] if prompt_of is None else emb[prompt_of][d.jdx]
+        noisy = sched.add_noise(latents[d.target][d.idx], d.noise, d.t)
+        ctx = emb[d.other][d.jdx] if prompt_of_other else emb[d.target][d.idx]
         return unet(noisy, d.t, encoder_hidden_states=ctx).sample
 
-    def val_loss(fusion: GatedFusion, pair: bool = True) -> float:
+    def val_loss(fusion: GatedFusion, draws: list[_Draw], alone: bool = False) -> float:
         with torch.no_grad():
-            return sum(float(F.mse_loss(predict(fusion, d, [d.i, d.j] if pair else [d.i]), d.noise))
-                       for d in val) / len(val)
+            return sum(float(F.mse_loss(predict(fusion, d, d.active[:1] if alone else d.active), d.noise))
+                       for d in draws) / max(1, len(draws))
 
     files = [e["file"] for e in entries]
     ones = [1.0] * len(entries)
     plain = GatedFusion(pipe, files, None, ones, record=False, clock=False).apply()
     try:
-        refs = {"plain_sum": val_loss(plain), "adapter1_alone": val_loss(plain, pair=False)}
+        refs = {"plain_sum": val_loss(plain, val), "adapter1_alone": val_loss(plain, val, alone=True),
+                "both_plain_sum": val_loss(plain, val_both)}
     finally:
         plain.remove()
     gates = GateSet.for_pipeline(pipe, config)
@@ -429,25 +476,29 @@ def train_gates(pipe: Any, entries: Sequence[dict[str, Any]], config: GateConfig
     t0 = time.time()
     hist: list[float] = []
     curve: list[tuple[int, float]] = []
-    log.info("gates: validation loss (%d draws of %d): plain sum %.4f, adapter 1 alone %.4f", len(val),
-             settings.batch, refs["plain_sum"], refs["adapter1_alone"])
+    curve_both: list[tuple[int, float]] = []
+    log.info("gates: validation loss (%d draws of %d): plain sum %.4f, adapter 1 alone %.4f%s", len(val),
+             settings.batch, refs["plain_sum"], refs["adapter1_alone"],
+             f"; compose draws: plain sum {refs['both_plain_sum']:.4f}" if val_both else "")
     try:
         for step in range(settings.steps + 1):
             if step % settings.eval_every == 0 or step == settings.steps:
-                curve.append((step, round(val_loss(fusion), 5)))
+                curve.append((step, round(val_loss(fusion, val), 5)))
+                if val_both:
+                    curve_both.append((step, round(val_loss(fusion, val_both), 5)))
                 recent = hist[-settings.eval_every:]
-                log.info("gates: step %d/%d, validation loss %.4f, training loss (last %d) %s, %.0f s", step,
-                         settings.steps, curve[-1][1], len(recent),
-                         f"{sum(recent) / len(recent):.4f}" if recent else "-", time.time() - t0)
+                log.info("gates: step %d/%d, validation loss %.4f%s, training loss (last %d) %s, %.0f s", step,
+                         settings.steps, curve[-1][1], f" (compose draws {curve_both[-1][1]:.4f})" if val_both else "",
+                         len(recent), f"{sum(recent) / len(recent):.4f}" if recent else "-", time.time() - t0)
             if step == settings.steps:
                 break
-            d = draw()
-            pred = predict(fusion, d, [d.i, d.j])
+            d = draw_compose() if pairs and rng.random() < settings.compose_share else draw()
+            pred = predict(fusion, d, d.active)
             loss = F.mse_loss(pred, d.noise)
             hist.append(float(loss.detach()))
-            if settings.hinge_weight > 0:
+            if settings.hinge_weight > 0 and d.other is not None:
                 with torch.no_grad():
-                    other = predict(fusion, d, [d.i, d.j], prompt_of=d.j)
+                    other = predict(fusion, d, d.active, prompt_of_other=True)
                 loss = loss + settings.hinge_weight * F.relu(settings.margin - F.mse_loss(pred, other))
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -459,6 +510,7 @@ def train_gates(pipe: Any, entries: Sequence[dict[str, Any]], config: GateConfig
               "denoise_last20": round(sum(hist[-20:]) / max(1, len(hist[-20:])), 4),
               "val_curve": curve, "val_start": curve[0][1], "val_end": curve[-1][1],
               "val_plain_sum": round(refs["plain_sum"], 5), "val_adapter1_alone": round(refs["adapter1_alone"], 5),
+              "val_both_curve": curve_both, "val_both_plain_sum": round(refs["both_plain_sum"], 5),
               "settings": dataclasses.asdict(settings), "config": dataclasses.asdict(config)}
     log.info("gates: %d steps in %.0f s, validation loss %.4f -> %.4f (plain sum %.4f, adapter 1 alone %.4f)",
              settings.steps, report["seconds"], report["val_start"], report["val_end"], refs["plain_sum"],
