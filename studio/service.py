@@ -621,20 +621,21 @@ def list_adapters(query: str = "") -> list[dict[str, Any]]:
 def find_adapters(prompt: str, k: int = 2) -> dict[str, Any]:
     """AutoLoRA's search for the Generate tab: the top-``k`` adapters for ``prompt`` by their weights.
 
-    Returns ``{"hits": [{name, score, match, target}], "source", "threshold", "gates"}``: ``target``
+    Returns ``{"hits": [{name, score, match, target}], "source", "threshold", "note", "gates"}``: ``target``
     is what a mix row takes (the library name, or the file of a zoo adapter when the library has
     none the encoder reads), ``match`` whether the score clears the encoder's threshold (below it
-    the adapter is listed but not suggested), ``gates`` whether a gate file exists for a gated mix.
+    the adapter is listed but not suggested; ``note`` says why nothing matches when the prompt has no
+    word the encoder knows), ``gates`` whether a gate file exists for a gated mix.
     """
     from studio.autolora.gates import DEFAULT_GATES
-    from studio.autolora.retrieval import retrieve
+    from studio.autolora.retrieval import is_match, retrieve
 
     hits, source, pipe = retrieve(prompt, int(k))
-    threshold = float(pipe.studio_match_threshold)
     return {
-        "hits": [{"name": h.name, "score": round(h.score, 4), "match": h.score >= threshold,
+        "hits": [{"name": h.name, "score": round(h.score, 4), "match": is_match(pipe, h),
                   "target": h.name if source.startswith("library") else h.path} for h in hits],
-        "source": source, "threshold": round(threshold, 4), "gates": DEFAULT_GATES.is_file(),
+        "source": source, "threshold": round(float(pipe.studio_match_threshold), 4),
+        "note": pipe.studio_match_note or "", "gates": DEFAULT_GATES.is_file(),
     }
 
 

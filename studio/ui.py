@@ -736,7 +736,8 @@ def auto_rows(found: dict[str, Any], gated: bool, slots: Sequence[Any]) -> tuple
     for hit in found["hits"]:
         target = hit["target"]
         if not hit["match"]:
-            what = f"below the match threshold {found['threshold']:.3f}: not added"
+            what = "not a match: not added" if found.get("note") else \
+                f"below the match threshold {found['threshold']:.3f}: not added"
         elif target in plain:
             what = "already in the mix"
         else:
@@ -752,6 +753,8 @@ def auto_rows(found: dict[str, Any], gated: bool, slots: Sequence[Any]) -> tuple
     if not found["hits"]:
         lines = ["No adapter found."]
     note = f"Searched the {found['source']}.\n\n" + "\n".join(lines)
+    if found.get("note"):
+        note += f"\n\n{found['note'][0].upper()}{found['note'][1:]}: no adapter is a match."
     if gated and not found.get("gates", False):
         note += "\n\nNo gate file yet (`studio autolora gates` trains one): the adapters mix with fixed weights."
     elif use_gates:

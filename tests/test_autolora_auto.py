@@ -91,3 +91,22 @@ def test_generation_records_each_gated_adapters_mean_gate(micro, tmp_path, monke
     plain = generate(micro, GenerationParams(prompt="a red circle", seed=3, num=1, steps=2,
                                              adapters=[f"{files[1]}:0.5"]))[0].info["parameters"]
     assert "Gates:" not in plain
+
+
+def test_a_prompt_without_any_word_the_encoder_knows_matches_nothing():
+    from studio.autolora.retrieval import content_words, unknown_prompt_note, vocabulary
+
+    assert content_words("A photo of a Blue heart, on a white background") == {"blue", "heart", "white"}
+    header = {"extra": {"vocabulary": vocabulary(["a red heart", "a zigzag star on a gray background"])}}
+    assert header["extra"]["vocabulary"] == ["gray", "heart", "red", "star", "zigzag"]
+    assert unknown_prompt_note("a red car", header) is None  # one known word: the scores decide
+    assert unknown_prompt_note("a red car", {"extra": {}}) is None  # an older encoder file: no vocabulary
+    note = unknown_prompt_note("a photo of a dog in a garden", header)
+    assert note and "dog, garden" in note
+    # the bundled encoder carries its vocabulary: an off-topic prompt is no match, an on-topic one can be
+    off = service.find_adapters("a castle on a hill at sunset", 3)
+    assert off["note"] and not any(h["match"] for h in off["hits"])
+    on = service.find_adapters("a zigzag star", 3)
+    assert on["note"] == "" and on["hits"][0]["match"] == (on["hits"][0]["score"] >= on["threshold"])
+    values, shown, text = ui.auto_rows(off, True, ["", 1.0, 0.0, 1.0])
+    assert shown == [False] and "None of the prompt's words (castle, hill, sunset)" in text

@@ -162,10 +162,14 @@ def run_retrieve(args: argparse.Namespace) -> int:
     from studio.autolora.retrieval import retrieve
 
     hits, source, pipe = retrieve(args.prompt, args.k, library=args.library, zoo=args.zoo, encoder=args.encoder)
+    from studio.autolora.retrieval import is_match
+
     threshold = pipe.studio_match_threshold
-    match = bool(hits) and hits[0].score >= threshold
-    note = None if match else (f"no adapter matches this prompt well (best score {hits[0].score:.3f} < "
-                               f"{threshold:.3f}); the list is the nearest, not a match")
+    match = bool(hits) and is_match(pipe, hits[0])
+    note = None if match else (pipe.studio_match_note or f"no adapter matches this prompt well (best score "
+                                                         f"{hits[0].score:.3f} < {threshold:.3f})")
+    if note:
+        note += "; the list is the nearest, not a match"
     if args.json:
         sys.stdout.write(json.dumps({"prompt": args.prompt, "source": source, "k": args.k, "match": match,
                                      "threshold": round(threshold, 4), "note": note,

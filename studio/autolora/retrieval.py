@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,9 +36,40 @@ DEFAULT_ENCODER = ASSETS / "encoder.safetensors"
 MATCH_THRESHOLD = 0.5
 
 
+# caption words that name no concept (sentence templates, "background", "pattern"): they say nothing about
+# which adapter a prompt wants
+FILLER = frozenset("a an the of on in with and at to for by front picture photo image background pattern".split())
+
+
 def match_threshold(header: dict[str, Any] | None) -> float:
     """The encoder's calibrated match threshold (its header), else the module default."""
     return float(((header or {}).get("extra") or {}).get("match_threshold", MATCH_THRESHOLD))
+
+
+def content_words(text: str) -> set[str]:
+    """The lower-case words of ``text`` that can name a concept (FILLER words left out)."""
+    return {w for w in re.findall(r"[a-z]+", text.lower()) if w not in FILLER}
+
+
+def vocabulary(captions: Sequence[str]) -> list[str]:
+    """Every content word of the texts an encoder trains on (stored in its file: ``extra.vocabulary``)."""
+    return sorted(set().union(*(content_words(c) for c in captions))) if captions else []
+
+
+def unknown_prompt_note(prompt: str, header: dict[str, Any] | None) -> str | None:
+    """Why no adapter can match ``prompt``, when none of its content words is a word the encoder trained on.
+
+    Measured on micro (docs/autolora.md): off-topic prompts ("a castle on a hill at sunset") score as
+    high as true matches, and the micro text encoder puts them as close to the training captions as
+    on-topic ones; the encoder's scores mean nothing for words it has never seen paired with
+    weights. ``None`` when some word is known, or the encoder file has no vocabulary (older files).
+    """
+    vocab = ((header or {}).get("extra") or {}).get("vocabulary")
+    words = content_words(prompt)
+    if not vocab or not words or words & set(vocab):
+        return None
+    return (f"none of the prompt's words ({', '.join(sorted(words))}) occurs in the captions the AutoLoRA encoder "
+            f"was trained on: its scores say nothing about this prompt")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,6 +261,7 @@ def train_on_zoo(zoo: str | os.PathLike, config: EncoderConfig = EncoderConfig()
     # prompt (the scores are cosines in the text space; their scale depends on the training)
     pos = cosine_scores(enc.center(encode_texts(pipe, [e["prompt"] for e in train])), enc.encode(factors)).diagonal()
     report["match_threshold"] = round(0.5 * float(pos.mean()), 4)
+    report["vocabulary"] = vocabulary([c for e in train for c in e["captions"] + [e["prompt"]]])
     return enc, report, pipe
 
 
@@ -312,6 +345,7 @@ def retrieve(prompt: str, k: int = 3, *, library: bool = False, zoo: str | os.Pa
     opened = open_encoder(encoder)
     enc, pipe, header = opened
     pipe.studio_match_threshold = match_threshold(header)  # the caller reports matches with it
+    pipe.studio_match_note = unknown_prompt_note(prompt, header)  # set: nothing matches, whatever the scores
     if zoo is None:
         lib = Library()
         if lib.names():
@@ -372,10 +406,17 @@ def embed_on_add(names: Sequence[str]) -> None:
         log.warning("AutoLoRA: no retrieval vector stored on add (%s); `studio autolora embed` retries", exc)
 
 
+def is_match(pipe: Any, hit: Hit) -> bool:
+    """Whether a hit of :func:`retrieve` is a match: above the encoder's threshold, for a prompt it can read."""
+    return not getattr(pipe, "studio_match_note", None) and hit.score >= pipe.studio_match_threshold
+
+
 def auto_adapters(prompt: str, k: int) -> list[str]:
     """``studio generate --auto K``: adapter specs retrieved for the prompt (only those that match)."""
     hits, source, pipe = retrieve(prompt, k)
-    keep = [h for h in hits if h.score >= pipe.studio_match_threshold]
+    keep = [h for h in hits if is_match(pipe, h)]
+    if pipe.studio_match_note:
+        log.warning("--auto: %s", pipe.studio_match_note)
     for h in hits:
         log.warning("--auto: %s %s (score %.3f, %s)", "using" if h in keep else "not using (no match)", h.name,
                     h.score, source)
