@@ -1,14 +1,16 @@
 """AutoLoRA gated fusion against static merges: the compose table of docs/autolora.md ("Gated fusion").
 
-    python bench/autolora_gates.py styles --out DIR                  # the extra style adapters (trigger zwx)
+    python bench/autolora_gates.py styles --out DIR     # the extra adapters: styles (trigger zwx), longer subjects
     python bench/autolora_gates.py compose --styles DIR --gates NAME=FILE [--gates NAME=FILE ...] \
-        [--pairs heart-zigzag,crescent-checkered] [--weights 0.5,0.7,1] [--n N] [--json out.jsonl]
+        [--pairs heart-zigzag,hexagon-zigzag] [--weights 0.5,0.7,1] [--no-static] [--n N] [--json out.jsonl]
     python bench/autolora_gates.py single --styles DIR --gates NAME=FILE [...] [--json out.jsonl]
 
-``styles`` trains small style adapters that no gate file has seen, with their own trigger ``zwx``
-(the committed zoo has no held-out style, and every zoo adapter's trigger is ``sks``): the zoo's
-recipe (rank 4 on attention, 100 steps, 8 rendered images, no prior, no trigger embedding,
-``studio train``) on freshly rendered sets of the two textures the base model never learned.
+``styles`` trains small adapters that no gate file has seen: style adapters with their own trigger
+``zwx`` (the committed zoo has no held-out style, and every zoo adapter's trigger is ``sks``) with
+the zoo's recipe (rank 4 on attention, 100 steps, 8 rendered images, no prior, no trigger
+embedding, ``studio train``) on freshly rendered sets of the two textures the base model never
+learned, and subject adapters with the same recipe run for 400 steps (the zoo's 100-step held-out
+subjects are too weak to compose).
 
 ``compose`` loads micro and the judge once and runs the compose suite (studio/evals/compose.py,
 the code of ``studio eval compose``) for each pair of (held-out zoo subject, extra style): every
@@ -231,7 +233,7 @@ def main() -> None:
         c = sub.add_parser(name)
         c.add_argument("--styles", required=True, help="the folder `styles --out` wrote")
         c.add_argument("--gates", action="append", default=[], metavar="NAME=FILE")
-        c.add_argument("--pairs", default="heart-zigzag,crescent-checkered", help=f"of {', '.join(PAIRS)}")
+        c.add_argument("--pairs", default="heart-zigzag,hexagon-zigzag", help=f"of {', '.join(PAIRS)}")
         c.add_argument("--weights", default="0.5,0.7,1", help="static grid, per adapter")
         c.add_argument("--no-static", action="store_true", help="compose: only the gated rows")
         c.add_argument("--n", type=int, default=None, help="images per row (default: the suite's)")
