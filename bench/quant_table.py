@@ -11,6 +11,12 @@ calibrate, distil, export); the process's CPU time is kept beside it because oth
 shared machine stretch wall time far more than CPU time. Every cell is written to
 ``DIR/<cell>.json`` as it finishes, so the run resumes, and two processes with disjoint cells can
 share a DIR; ``--table`` only prints the markdown table of the cells in DIR.
+
+``--reseed 1,2,3,4 --work DIR2`` evaluates the models already exported under DIR2 (one folder per
+cell, as ``--work`` keeps them) again at more noise seeds, each against the FP model at the same
+seed, and prints per-seed drops and FIDs with their means (the cells in --results are seed 0):
+
+    python bench/quant_table.py --results DIR --work DIR2 --reseed 1,2,3,4 --cells efficientdm-W4A8 ptq-minmax-W4A8
 """
 
 from __future__ import annotations
@@ -135,6 +141,38 @@ def table(results: Path) -> str:
     return "\n".join(lines)
 
 
+def reseed(results: Path, work: Path, cells: list[str], seeds: list[int], n: int, judge: Any) -> str:
+    """Re-evaluate exported cells at more noise seeds; a markdown table of drop / FID per seed and the means."""
+    from studio.evals.suites import GenSettings, quant_reference, quant_suite
+    from studio.loading import load_pipeline
+
+    out = results / "seeds"
+    out.mkdir(exist_ok=True)
+    for seed in seeds:
+        settings = GenSettings(seed=seed)
+        ref = None  # the FP side at this seed, only when a cell still needs it
+        for cell in cells:
+            f = out / f"{cell}-seed{seed}.json"
+            if f.exists():
+                continue
+            if not (work / cell).is_dir():
+                raise SystemExit(f"{work / cell}: no exported model; run the table with --work {work} first")
+            ref = ref or quant_reference(load_pipeline("micro", dtype="fp32"), judge, n=n, settings=settings)
+            r = quant_suite(load_pipeline(str(work / cell)), ref, judge, n=n, settings=settings)
+            _write(f, {"cell": cell, "seed": seed, "n": n, "fp_joint": ref.accuracy["joint"],
+                       "accuracy_drop": r["accuracy_drop"], "judge_fid": r["judge_fid"]})
+    lines = ["| cell | " + " | ".join(f"seed {s}" for s in [0, *seeds]) + " | mean drop | mean FID |",
+             "|---" * (len(seeds) + 4) + "|"]
+    for cell in cells:
+        got = [json.loads((results / f"{cell}.json").read_text())] if (results / f"{cell}.json").exists() else [None]
+        got += [json.loads((out / f"{cell}-seed{s}.json").read_text()) for s in seeds]
+        have = [d for d in got if d is not None]
+        cols = ["-" if d is None else f"{d['accuracy_drop']:+.3f} / {d['judge_fid']:.2f}" for d in got]
+        lines.append(f"| {cell} | " + " | ".join(cols) + f" | {sum(d['accuracy_drop'] for d in have) / len(have):+.4f}"
+                     f" | {sum(d['judge_fid'] for d in have) / len(have):.3f} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--results", required=True, metavar="DIR", help="folder of per-cell JSON results (resumable)")
@@ -145,6 +183,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="extra rows with another distillation budget, e.g. efficientdm:1")
     ap.add_argument("--work", default=None, metavar="DIR", help="where the exported models go (default: a temp dir)")
     ap.add_argument("--table", action="store_true", help="only print the table of the cells already in --results")
+    ap.add_argument("--reseed", default="", metavar="SEEDS",
+                    help="re-evaluate the models exported under --work at these noise seeds (e.g. 1,2,3,4)")
+    ap.add_argument("--cells", nargs="*", default=[], help="with --reseed: the cells, e.g. efficientdm-W4A8")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     results = Path(args.results)
@@ -159,6 +200,12 @@ def main(argv: list[str] | None = None) -> int:
 
     sys.stdout.write(describe() + "\n")
     judge, settings = load_judge(None), GenSettings()
+    if args.reseed:
+        if not args.work or not args.cells:
+            raise SystemExit("--reseed needs --work (the exported models) and --cells")
+        seeds = [int(x) for x in args.reseed.split(",") if x.strip()]
+        sys.stdout.write(reseed(results, Path(args.work), args.cells, seeds, args.n, judge) + "\n")
+        return 0
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="quant-table-"))
     torch.manual_seed(0)
     ref = _reference(results, args.n, settings, judge)
