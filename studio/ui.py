@@ -841,8 +841,10 @@ def _generate_panel(ctx: UIContext) -> None:
                 with gr.Row():
                     auto_k = gr.Slider(1, MIX_SLOTS, value=2, step=1, label="Adapters to find",
                                        elem_id="generate-auto-k")
-                    auto_gated = gr.Checkbox(True, label="Gated fusion", elem_id="generate-auto-gated",
-                                             info="AutoLoRA's learned gates instead of fixed weights")
+                    # off by default: on micro the trained gates compose worse than fixed weights (docs/autolora.md)
+                    auto_gated = gr.Checkbox(False, label="Gated fusion", elem_id="generate-auto-gated",
+                                             info="AutoLoRA's learned gates instead of fixed weights (on micro they "
+                                                  "mix worse than weight 1: docs/autolora.md)")
                 auto = gr.Button("Find adapters", elem_id="generate-auto")
                 auto_note = gr.Markdown("Finds library adapters by what their weights draw, names or not "
                                         "(docs/autolora.md).", elem_id="generate-auto-note")
