@@ -340,3 +340,25 @@ def test_gate_training_lowers_the_validation_loss(micro):
     assert [s for s, _ in report["val_curve"]] == [0, 40]
     assert report["val_end"] < report["val_start"]
     assert any(float(g.b.detach().sub(3.0).abs().max()) > 0 for g in gates.gates.values())
+
+
+def test_generation_records_each_gated_adapters_mean_gate(micro, tmp_path, monkeypatch):
+    import re
+
+    from studio.autolora import gates as gates_mod
+    from studio.generation import GenerationParams, generate, model_hash
+
+    files = _lora_files(micro, tmp_path, 2)
+    path = gates_mod.save_gates(gates_mod.GateSet.for_pipeline(micro), tmp_path / "gates.safetensors",
+                                base_hash=model_hash(micro))
+    monkeypatch.setattr(gates_mod, "DEFAULT_GATES", path)
+    p = GenerationParams(prompt="a red circle", seed=3, num=1, steps=2,
+                         adapters=[f"gated:{files[0]}", f"{files[1]}:0.5"])
+    info = generate(micro, p)[0].info["parameters"]
+    m = re.search(r'Gates: "g0: ([0-9.]+)"', info)
+    assert m is not None, info
+    assert 0.0 < float(m.group(1)) < 1.0  # a real sigmoid's mean, not a placeholder
+    assert info.index("Gates:") < info.index("Version:")
+    plain = generate(micro, GenerationParams(prompt="a red circle", seed=3, num=1, steps=2,
+                                             adapters=[f"{files[1]}:0.5"]))[0].info["parameters"]
+    assert "Gates:" not in plain
