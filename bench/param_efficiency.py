@@ -8,6 +8,11 @@ the same learning-rate grid (the best lr by subject_fidelity is kept), then runs
 `studio eval subject --json`. Prints stored parameters (every tensor of the adapter file, the
 learned trigger included), subject_fidelity, prompt_fidelity, base_drift and s/step per row, and
 plots fidelity against parameters. Finished runs are reused (delete --out to start over).
+
+    python bench/param_efficiency.py --rows lora-r16,tlora-t4-lora4 --train-seeds 0,1,2 --eval-seeds 0,1
+
+repeats rows over training seeds (seed 0: the grid's run) and eval noise seeds, and prints the
+means: one run per cell cannot resolve differences of 0.02 (docs/tlora.md).
 """
 
 from __future__ import annotations
@@ -151,6 +156,29 @@ def _plot_pil(rows: list[dict], png: str) -> None:
     img.save(png)
 
 
+def repeat_row(name: str, lr: str, args: argparse.Namespace, subject_dir: Path, shape: str) -> dict:
+    """One row at one lr over ``--train-seeds`` x ``--eval-seeds``: per training seed the mean over eval
+    seeds, then the mean over training seeds (training seed 0 is the grid's own run and result)."""
+    per_train = []
+    for ts in (int(x) for x in args.train_seeds.split(",")):
+        out = Path(args.out) / (f"{name}-lr{lr}" if ts == 0 else f"{name}-lr{lr}-seed{ts}")
+        log = Path(args.out) / f"{out.name}.log"
+        if not any(out.glob("*.safetensors")):
+            studio("train", "--kind", "subject", "--images", str(subject_dir), "--base", "micro", "--out", str(out),
+                   "--steps", str(args.steps), "--lr", lr, "--no-register", "--checkpoint-every", "0", "--seed",
+                   str(ts), *ROWS[name], log=log)
+        evals = []
+        for es in (int(x) for x in args.eval_seeds.split(",")):
+            f = out / ("result.json" if ts == 0 and es == 0 else f"eval{es}.json")
+            if not f.is_file():  # base_drift is the grid's (eval seed 0 of training seed 0); skipped here
+                f.write_text(studio("eval", "subject", "--base", "micro", "--adapter", str(out), "--subject", shape,
+                                    "--seed", str(es), "--drift-n", "0", "--json", log=log))
+            evals.append(json.loads(f.read_text()))
+        per_train.append({k: sum(e[k] for e in evals) / len(evals) for k in ("subject_fidelity", "prompt_fidelity")})
+    mean = {k: sum(t[k] for t in per_train) / len(per_train) for k in ("subject_fidelity", "prompt_fidelity")}
+    return {"row": name, "lr": float(lr), "per_train_seed": per_train, **mean}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=1000)
@@ -158,10 +186,21 @@ def main() -> None:
     ap.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated rows of: {', '.join(ROWS)}")
     ap.add_argument("--out", default="out/param-efficiency")
     ap.add_argument("--png", default="docs/images/param_efficiency.png")
+    ap.add_argument("--train-seeds", default="", help="repeat the rows over these training seeds (e.g. 0,1,2) "
+                    "and --eval-seeds, and print means instead of the grid (no plot)")
+    ap.add_argument("--eval-seeds", default="0,1", help="with --train-seeds: eval noise seeds per adapter")
     args = ap.parse_args()
     subject_dir = sorted(Path("assets/samples").glob("*subject*"))[0]
     shape = re.sub(r"[-_].*", "", subject_dir.name.split("subject", 1)[1].lstrip("-_"))
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    if args.train_seeds:
+        for name in args.rows.split(","):
+            for lr in args.lrs.split(","):
+                r = repeat_row(name, lr, args, subject_dir, shape)
+                per = " ".join(f"{t['subject_fidelity']:.3f}/{t['prompt_fidelity']:.3f}" for t in r["per_train_seed"])
+                print(f"{name:<16} lr {lr:<6} training seeds {args.train_seeds}: subject/prompt per seed {per}  "
+                      f"mean subject {r['subject_fidelity']:.3f} prompt {r['prompt_fidelity']:.3f}", flush=True)
+        return
     best = []
     for name in args.rows.split(","):
         runs = [run_row(name, lr, args, subject_dir, shape) for lr in args.lrs.split(",")]

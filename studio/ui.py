@@ -227,11 +227,14 @@ def _warn_all(lines: Sequence[str], limit: int = 5) -> None:
 def form_defaults(base: str, kind: str, method: str) -> dict[str, Any]:
     """Steps, rank and learning rate the recipe would pick, shown in the form instead of blanks."""
     from studio.adapters.methods import get_method
-    from studio.trainers.recipes import MICRO_DEFAULTS, REAL_DEFAULTS
+    from studio.trainers.recipes import MICRO_DEFAULTS, REAL_DEFAULTS, recipe_lr
 
-    recipe = (MICRO_DEFAULTS if (base or "micro").strip() == "micro" else REAL_DEFAULTS)[kind]
+    micro = (base or "micro").strip() == "micro"
+    recipe = (MICRO_DEFAULTS if micro else REAL_DEFAULTS)[kind]
     m = get_method(method)
-    return {"steps": recipe["steps"], "rank": recipe.get("rank", m.default_rank), "lr": m.default_lr}
+    # the recipe's own learning rate (micro scales the method's; the form once showed, and so trained at,
+    # the unscaled one: half the CLI's learning rate)
+    return {"steps": recipe["steps"], "rank": recipe.get("rank", m.default_rank), "lr": recipe_lr(m, kind, micro)}
 
 
 _FLOAT_FIELDS = ("prior_weight", "prior_uncond", "trigger_lr", "snr_gamma", "caption_dropout", "tag_dropout")

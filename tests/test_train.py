@@ -457,3 +457,14 @@ def test_empty_prompt_trains_images_on_the_empty_prompt(images, tiny_dirs, tmp_p
     classes = [b for b in seen if b == ["a shape", "a shape"]]
     assert len(classes) == 3 and len(instance) == 3
     assert all(p == "" for b in instance for p in b) if rate else all("sks" in p for b in instance for p in b)
+
+
+def test_recipe_learning_rates():
+    """The recipe's lr without --lr: micro doubles a method's own, except where a method keeps its own."""
+    from studio.adapters import get_method
+    from studio.trainers.recipes import recipe_lr
+
+    assert recipe_lr(get_method("lora"), "subject", micro=True) == pytest.approx(2e-3)
+    assert recipe_lr(get_method("tlora"), "subject", micro=True) == pytest.approx(1e-3)  # docs/tlora.md
+    assert recipe_lr(get_method("tlora"), "style", micro=True) == pytest.approx(2e-3)
+    assert recipe_lr(get_method("lora"), "subject", micro=False) == pytest.approx(1e-3)

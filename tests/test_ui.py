@@ -89,7 +89,10 @@ def test_train_form_with_uploads(tmp_path):
 
 
 def test_form_defaults():
-    assert ui.form_defaults("micro", "subject", "lora") == {"steps": 1000, "rank": 16, "lr": 1e-3}
+    # the learning rate the CLI's recipe trains with (micro doubles LoRA's, keeps TLoRA's own)
+    assert ui.form_defaults("micro", "subject", "lora") == {"steps": 1000, "rank": 16, "lr": 2e-3}
+    assert ui.form_defaults("micro", "subject", "tlora")["lr"] == 1e-3
+    assert ui.form_defaults("micro", "style", "tlora")["lr"] == 2e-3
     assert ui.form_defaults("./sd15", "style", "loha") == {"steps": 1000, "rank": 8, "lr": 2e-3}
 
 

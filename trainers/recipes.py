@@ -63,12 +63,22 @@ MICRO_DEFAULTS = {"subject": dict(steps=1000, batch=4, rank=16, targets="all", l
                                    # trigger instead of subtracting it), the bare trigger prompt a quarter of
                                    # the steps and tag dropout (the caption's colour word explains the colour
                                    # more often): mean subject fidelity over seeds and sets 0.68 -> 0.85
-                                   prior_uncond=0.2, caption_dropout=0.25, tag_dropout=0.5),
+                                   prior_uncond=0.2, caption_dropout=0.25, tag_dropout=0.5,
+                                   # TLoRA at its own 1e-3: subject fidelity as at 2e-3 (0.831 vs 0.828),
+                                   # prompt fidelity 0.743 vs 0.699, lower at 2e-3 for each of 3 training
+                                   # seeds (bench/param_efficiency.py --train-seeds, docs/tlora.md)
+                                   method_lr_scale={"tlora": 1.0}),
                   # style: the same machinery; without the output-preservation prior the style leaks into
                   # every prompt (base drift 0.57), with it 0.07 (docs/training.md)
                   "style": dict(steps=800, batch=4, rank=16, targets="all", lr_scale=2.0, trigger_lr=2e-3,
                                 prior_weight=3.0, prior=True, train_trigger=True)}
 REAL_DEFAULTS = {"subject": dict(steps=500, batch=1), "style": dict(steps=1000, batch=1)}
+
+
+def recipe_lr(method: Any, kind: str, micro: bool) -> float:
+    """The learning rate a recipe trains ``method`` with when --lr is not given (the CLI and the UI's form)."""
+    d = (MICRO_DEFAULTS if micro else REAL_DEFAULTS)[kind]
+    return method.default_lr * d.get("method_lr_scale", {}).get(method.name, d.get("lr_scale", 1.0))
 
 
 class Recipe:
@@ -93,7 +103,7 @@ class Recipe:
             raise StudioError(f"--resolution {res}: must be a multiple of {f} for this model")
         class_word = cfg.class_word or ("shape" if micro else "object")
         return Plan(
-            steps=cfg.steps or d["steps"], lr=cfg.lr or method.default_lr * d.get("lr_scale", 1.0),
+            steps=cfg.steps or d["steps"], lr=cfg.lr or recipe_lr(method, self.kind, micro),
             rank=cfg.rank or d.get("rank", method.default_rank), targets=cfg.targets or d.get("targets", "attention"),
             batch=cfg.batch or d["batch"], resolution=res, vae_factor=f,
             prior=d.get("prior", self.default_prior()) if cfg.prior is None else cfg.prior,
