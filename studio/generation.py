@@ -272,17 +272,17 @@ def generate(pipe: Any, params: GenerationParams, *, extra_info: dict[str, str] 
             # on the prompt-embedding path: the adapters above act inside the text encoders as usual
             stack.enter_context(decor_applied(pipe, decor))
             info.update(infotext_fields(decor))
-        images = _run(pipe, params, seeds_all, width, height, info, callback)
+        images = _run(pipe, params, seeds_all, width, height, callback)
         gates = mix.gate_means() if mix is not None else {}
     if gates:  # known only after the run: each gated adapter's mean gate (AutoLoRA), as the UI shows it
-        text = _quote(", ".join(f"{name}: {g:.3f}" for name, g in gates.items()))
-        for im in images:
-            im.info["parameters"] = im.info["parameters"].replace(", Version: ", f", Gates: {text}, Version: ", 1)
+        info["Gates"] = ", ".join(f"{name}: {g:.3f}" for name, g in gates.items())
+    for s, im in zip(seeds_all, images, strict=True):
+        im.info["parameters"] = infotext(params, s, im.width, im.height, pipe, info)
     return images
 
 
 def _run(pipe: Any, params: GenerationParams, seeds_all: list[int], width: int, height: int,
-         info: dict[str, str], callback: Any) -> list[Image.Image]:
+         callback: Any) -> list[Image.Image]:
     kind = type(pipe).__name__
     images: list[Image.Image] = []
     device = getattr(pipe, "device", torch.device("cpu"))
@@ -305,9 +305,7 @@ def _run(pipe: Any, params: GenerationParams, seeds_all: list[int], width: int, 
             if callback is not None and kind != "LDMTextToImagePipeline":
                 kwargs["callback_on_step_end"] = callback
             out = pipe([params.prompt] * len(seeds), **kwargs).images
-        for s, im in zip(seeds, out):
-            im.info["parameters"] = infotext(params, s, im.width, im.height, pipe, info)
-            images.append(im)
+        images.extend(out)
     return images
 
 

@@ -685,6 +685,14 @@ def sampling_defaults(base: str) -> dict[str, Any]:
     return model_defaults(SimpleNamespace(studio_source=SimpleNamespace(kind="micro", path=str(MICRO_DIR))))
 
 
+def _row_target(name: str | None) -> tuple[str, bool]:
+    """A mix row's adapter and whether it is gated: ``gated:NAME`` (what the Auto search fills in)."""
+    name = (name or "").strip()
+    if name.startswith("gated:"):
+        return name[len("gated:"):].strip(), True
+    return name, False
+
+
 def mix_specs(slots: Sequence[Any]) -> list[str]:
     """Spec strings ``NAME:WEIGHT[@START-END]`` of the filled adapter rows.
 
@@ -696,9 +704,7 @@ def mix_specs(slots: Sequence[Any]) -> list[str]:
     specs = []
     for i in range(0, len(slots), 4):
         target, weight, start, end = slots[i:i + 4]
-        target = (target or "").strip()
-        gated = target.startswith("gated:")
-        target = target[len("gated:"):].strip() if gated else target
+        target, gated = _row_target(target)
         if target:
             specs.append(str(AdapterSpec(target, float(weight), float(start), float(end), gated=gated)))
     return specs
@@ -733,7 +739,7 @@ def auto_rows(found: dict[str, Any], gated: bool, slots: Sequence[Any]) -> tuple
     """
     values = list(slots)
     names = [(values[i] or "").strip() for i in range(0, len(values), 4)]
-    plain = {n[len("gated:"):] if n.startswith("gated:") else n for n in names if n}
+    plain = {_row_target(n)[0] for n in names if n}
     use_gates = gated and found.get("gates", False)
     lines = ["| adapter | score | |", "|---|---|---|"]
     for hit in found["hits"]:

@@ -277,7 +277,7 @@ def test_layer_gate_matches_the_reference_formula():
 
 def test_gate_training_noises_with_the_training_schedule(micro):
     """Gate training noises latents by DDPM over the base's training betas, not with the sampler's table."""
-    from studio.autolora.gates import training_noise_scheduler
+    from studio.trainers.loop import training_noise_scheduler
 
     cfg = micro.scheduler.config
     betas = torch.linspace(cfg.beta_start ** 0.5, cfg.beta_end ** 0.5, cfg.num_train_timesteps,

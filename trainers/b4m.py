@@ -316,7 +316,7 @@ def _train(cfg: TrainConfig, out: Path, emit: EventHandler, cancel: threading.Ev
         if isinstance(comp, torch.nn.Module):
             comp.requires_grad_(False)
     text = loop.TextCache(pipe, train_text=False, live_word=None)
-    noise_sched = loop._noise_scheduler(pipe)
+    noise_sched = loop.training_noise_scheduler(pipe)
     snr_w = loop.min_snr_weights(noise_sched, cfg.snr_gamma)
     gen = torch.Generator().manual_seed(cfg.seed * 1000)
     settings = adapters.AdapterSettings(rank=rank, alpha=cfg.alpha, targets=cfg.targets or d["targets"],

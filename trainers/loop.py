@@ -229,7 +229,7 @@ def _train(cfg: TrainConfig, out: Path, on_event: EventHandler | None, cancel: t
     optimizer = _optimizer(adapters.no_decay_groups(groups), accelerator.device, cfg.optimizer)
     lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg.scheduler, cfg.warmup, plan.steps))
     unet, optimizer = accelerator.prepare(unet, optimizer)
-    noise_sched = _noise_scheduler(pipe)
+    noise_sched = training_noise_scheduler(pipe)
     snr_w = min_snr_weights(noise_sched, cfg.snr_gamma)
     n_t = noise_sched.config.num_train_timesteps
     lo, hi = cfg.timesteps()
@@ -546,7 +546,12 @@ def min_snr_weights(noise_sched: Any, gamma: float) -> torch.Tensor | None:
     return clipped / snr
 
 
-def _noise_scheduler(pipe: Any):
+def training_noise_scheduler(pipe: Any) -> Any:
+    """The forward process adapters (and AutoLoRA's gates) train on: DDPM over the base's training schedule.
+
+    Not ``pipe.scheduler``: a sampler such as DPM-Solver (micro's) adds noise by its own step table and
+    gives wrong noise levels for arbitrary training timesteps.
+    """
     from diffusers import DDPMScheduler
 
     return DDPMScheduler.from_config(pipe.scheduler.config)

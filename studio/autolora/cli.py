@@ -159,11 +159,9 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_retrieve(args: argparse.Namespace) -> int:
-    from studio.autolora.retrieval import retrieve
+    from studio.autolora.retrieval import is_match, retrieve
 
     hits, source, pipe = retrieve(args.prompt, args.k, library=args.library, zoo=args.zoo, encoder=args.encoder)
-    from studio.autolora.retrieval import is_match
-
     threshold = pipe.studio_match_threshold
     match = bool(hits) and is_match(pipe, hits[0])
     note = None if match else (pipe.studio_match_note or f"no adapter matches this prompt well (best score "

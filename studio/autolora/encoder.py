@@ -301,12 +301,13 @@ def _is_norm_weight(block: nn.Module, p: torch.Tensor) -> bool:
 # ----------------------------------------------------------------------------- save / load
 
 
-def write_module_file(module: nn.Module, path: str | os.PathLike, header: dict[str, str]) -> Path:
-    """A module's weights (fp32) with ``header`` as a .safetensors file, written atomically."""
+def write_module_file(module: nn.Module, path: str | os.PathLike, header: dict[str, str],
+                      dtype: torch.dtype = torch.float32) -> Path:
+    """A module's weights (fp32, or ``dtype``) with ``header`` as a .safetensors file, written atomically."""
     from studio.fileio import write_safetensors
 
     p = Path(path)
-    tensors = {k: v.detach().to(torch.float32).contiguous().clone() for k, v in module.state_dict().items()}
+    tensors = {k: v.detach().to(dtype).contiguous().clone() for k, v in module.state_dict().items()}
     return write_safetensors(p, tensors, header)
 
 

@@ -126,12 +126,7 @@ def save_gates(gates: GateSet, path: str | os.PathLike, *, base_hash: str, extra
     header = {"studio.kind": GATES_KIND, "studio.base_hash": base_hash,
               "config": json.dumps(dataclasses.asdict(gates.config)), "layers": json.dumps(gates.layers),
               "extra": json.dumps(extra or {})}
-    if not half:
-        return write_module_file(gates, path, header)
-    from studio.fileio import write_safetensors
-
-    tensors = {k: v.detach().to(torch.float16).contiguous().clone() for k, v in gates.state_dict().items()}
-    return write_safetensors(Path(path), tensors, header)
+    return write_module_file(gates, path, header, torch.float16 if half else torch.float32)
 
 
 def load_gates(path: str | os.PathLike, pipe: Any = None) -> GateSet:
@@ -383,17 +378,6 @@ def _zoo_data(pipe: Any, entries: Sequence[dict[str, Any]], images: int, seed: i
     return latents, emb, pairs
 
 
-def training_noise_scheduler(pipe: Any) -> Any:
-    """The forward process the gates train on: DDPM over the base's training schedule (as the trainer's).
-
-    Not ``pipe.scheduler``: a sampler such as DPM-Solver (micro's) adds noise by its own step table and
-    gives wrong noise levels for arbitrary training timesteps.
-    """
-    from diffusers import DDPMScheduler
-
-    return DDPMScheduler.from_config(pipe.scheduler.config)
-
-
 def train_gates(pipe: Any, entries: Sequence[dict[str, Any]], config: GateConfig = GateConfig(),
                 settings: GateTrainSettings = GateTrainSettings()) -> tuple[GateSet, dict[str, Any]]:
     """Train one gate set for the pipeline's base on pairs of the given zoo adapters (base and adapters frozen).
@@ -416,6 +400,7 @@ def train_gates(pipe: Any, entries: Sequence[dict[str, Any]], config: GateConfig
     import time
 
     from studio.adapters.core import denoiser
+    from studio.trainers.loop import training_noise_scheduler
 
     if len(entries) < 2:
         raise StudioError("gate training needs at least 2 zoo adapters")
@@ -427,9 +412,7 @@ def train_gates(pipe: Any, entries: Sequence[dict[str, Any]], config: GateConfig
     latents, emb, pairs = _zoo_data(pipe, entries, settings.images, settings.seed, settings.compose_share > 0)
     if settings.compose_share > 0 and not pairs:
         raise StudioError("gate training with compose draws needs subject and style adapters among the zoo's")
-    # the training noise schedule, as the trainer's: the pipeline's sampler (DPM-Solver on micro) adds
-    # noise by its own step table and gives wrong noise levels for arbitrary training timesteps
-    sched = training_noise_scheduler(pipe)
+    sched = training_noise_scheduler(pipe)  # the trainer's forward process, not the pipeline's sampler
     total = sched.config.num_train_timesteps
 
     def batch_of(target: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
