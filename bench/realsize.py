@@ -102,10 +102,21 @@ def _stamp(device: str) -> float:
 
 
 def child_studio(base: str, images: str, steps: int, resolution: int, device: str = "cpu",
-                 precision: str = "fp32") -> dict:
-    """The studio trainer; step times from its progress events."""
+                 precision: str = "fp32", mmap_mb: float | None = None, levels: int | None = None) -> dict:
+    """The studio trainer; step times from its progress events.
+
+    ``mmap_mb`` / ``levels`` replace the trainer's glibc mmap threshold and its number of checkpointed
+    resolution levels on the CPU (``--frontier``); None keeps the trainer's own.
+    """
+    from studio import loading
+    from studio.trainers import loop
     from studio.trainers.config import TrainConfig
     from studio.trainers.loop import train
+
+    if mmap_mb is not None:
+        loading.MMAP_THRESHOLD = int(mmap_mb * 2**20)
+    if levels is not None:
+        loop.CPU_CHECKPOINT_LEVELS = levels
 
     stamps: list[float] = []
     cpu: list[float] = []  # process CPU seconds: a step's own work, less sensitive to other jobs than wall time
@@ -206,13 +217,39 @@ def child_plain(base: str, images: str, steps: int, resolution: int, device: str
 
 
 def run_child(kind: str, base: str, images: str, steps: int, resolution: int, device: str = "cpu",
-              precision: str = "fp32") -> dict:
+              precision: str = "fp32", variant: tuple[float, int] | None = None) -> dict:
     """One measurement in a fresh process (its own peak memory); the child prints one JSON line."""
     cmd = [sys.executable, __file__, "--child", kind, "--base", base, "--images", images, "--steps", str(steps),
            "--resolution", str(resolution), "--device", device, "--precision", precision]
+    if variant is not None:
+        cmd += ["--variant", f"{variant[0]:g}:{variant[1]}"]
     log.info("running %s", " ".join(cmd))
     out = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _variant(text: str) -> tuple[float, int]:
+    mb, levels = text.split(":")
+    return float(mb), int(levels)
+
+
+def frontier(args: argparse.Namespace, files, images: str) -> None:
+    """The studio trainer per (mmap threshold, checkpoint levels), then the plain loop; one table."""
+    variants = [_variant(v) for v in args.frontier.split(",")]
+    on = (args.device, args.precision)
+    rows = [(f"studio {mb:g} MiB, {levels} level(s)", run_child("studio", str(files.folder), images, args.steps,
+                                                               args.resolution, *on, variant=(mb, levels)))
+            for mb, levels in variants]
+    plain = run_child("plain", str(files.folder), images, args.steps, args.resolution, *on)
+    rows.append(("plain", plain))
+    print(f"{'loop':28s} {'peak GiB':>9s} {'x plain':>8s} {'s/step':>8s} {'x plain':>8s}   "
+          f"(s/step: mean of steps 2..N; steady: of steps 3..N)")
+    for name, r in rows:
+        steady = r["step_s"][1:] or r["step_s"]
+        print(f"{name:28s} {r['peak_rss'] / 2**30:9.2f} {r['peak_rss'] / plain['peak_rss']:8.3f} "
+              f"{_mean(r['step_s']):8.2f} {_mean(r['step_s']) / _mean(plain['step_s']):8.3f}   steady "
+              f"{_mean(steady):.2f} s ({_mean(steady) / _mean(plain['step_s'][1:] or plain['step_s']):.3f}x)"
+              f"   steps {[round(s, 1) for s in r['step_s']]}")
 
 
 def _mean(xs: list[float]) -> float:
@@ -231,14 +268,24 @@ def main() -> None:
                    "both loops use 8-bit AdamW where bitsandbytes is installed")
     p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"],
                    help="fp16/bf16: mixed precision, frozen weights stored in that dtype (CUDA)")
+    p.add_argument("--frontier", metavar="MB:LEVELS,...",
+                   help="instead of the comparison: the studio trainer once per setting of its glibc mmap threshold "
+                        "(MiB) and checkpointed resolution levels, e.g. 1:2,4:2,8:2,1:1 (the trainer's own is 1:2), "
+                        "and the plain loop once, in one run: the memory/time trade of those two knobs")
     p.add_argument("--child", choices=["studio", "plain"], help=argparse.SUPPRESS)
+    p.add_argument("--variant", help=argparse.SUPPRESS)
     p.add_argument("--base", help=argparse.SUPPRESS)
     p.add_argument("--images", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         logging.basicConfig(level=logging.WARNING)
-        fn = child_studio if args.child == "studio" else child_plain
-        print(json.dumps(fn(args.base, args.images, args.steps, args.resolution, args.device, args.precision)))
+        if args.child == "studio":
+            mb, levels = _variant(args.variant) if args.variant else (None, None)
+            print(json.dumps(child_studio(args.base, args.images, args.steps, args.resolution, args.device,
+                                          args.precision, mmap_mb=mb, levels=levels)))
+        else:
+            print(json.dumps(child_plain(args.base, args.images, args.steps, args.resolution, args.device,
+                                         args.precision)))
         return
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from studio.machine import describe
@@ -255,6 +302,9 @@ def main() -> None:
         import torch
 
         print(f"device: {torch.cuda.get_device_name()}, {args.precision}; peak = GPU memory allocated")
+    if args.frontier:
+        frontier(args, files, images)
+        return
     rows["studio"] = run_child("studio", str(files.folder), images, args.steps, args.resolution, *on)
     rows["plain"] = run_child("plain", str(files.folder), images, args.steps, args.resolution, *on)
     print(f"{'loop':8s} {'peak GiB':>12s} {'s/step':>8s} {'CPU s/step':>11s}")

@@ -449,8 +449,8 @@ def release(pipe: Any, names: Any) -> None:
 MMAP_THRESHOLD = 1 << 20
 
 
-def hand_back_freed_memory(threshold: int = MMAP_THRESHOLD) -> bool:
-    """Fix glibc's mmap threshold at ``threshold`` bytes for this process (``mallopt(M_MMAP_THRESHOLD)``).
+def hand_back_freed_memory(threshold: int | None = None) -> bool:
+    """Fix glibc's mmap threshold at ``threshold`` bytes (default :data:`MMAP_THRESHOLD`, read at the call).
 
     Large tensors freed then leave the process's resident memory at once instead of staying in the
     heap. Process-wide and lasting; False where the C library is not glibc.
@@ -458,7 +458,8 @@ def hand_back_freed_memory(threshold: int = MMAP_THRESHOLD) -> bool:
     try:
         import ctypes
 
-        return bool(ctypes.CDLL("libc.so.6").mallopt(-3, int(threshold)))  # -3: M_MMAP_THRESHOLD
+        size = MMAP_THRESHOLD if threshold is None else threshold
+        return bool(ctypes.CDLL("libc.so.6").mallopt(-3, int(size)))  # -3: M_MMAP_THRESHOLD
     except (OSError, AttributeError):
         return False
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from studio.errors import StudioError
+from studio import loading
 from studio.loading import detect_family, load_pipeline, resolve_device, resolve_dtype
 from studio.testing import BUILDERS, tiny_pipeline
 
@@ -63,3 +64,22 @@ def test_unknown_device_and_dtype():
         resolve_device("tpu")
     with pytest.raises(StudioError, match="--dtype"):
         resolve_dtype("int3", torch.device("cpu"))
+
+
+def test_mmap_threshold_is_read_at_the_call(monkeypatch):
+    """The trainer's threshold (bench/realsize.py --frontier sets the module value) reaches mallopt."""
+    import ctypes
+
+    calls = []
+
+    class FakeLibc:
+        def mallopt(self, param, value):
+            calls.append((param, value))
+            return 1
+
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: FakeLibc())
+    assert loading.hand_back_freed_memory() is True
+    monkeypatch.setattr(loading, "MMAP_THRESHOLD", 8 << 20)
+    assert loading.hand_back_freed_memory() is True
+    assert loading.hand_back_freed_memory(3 << 20) is True
+    assert calls == [(-3, 1 << 20), (-3, 8 << 20), (-3, 3 << 20)]
