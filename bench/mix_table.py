@@ -2,7 +2,7 @@
 
     python bench/mix_table.py --subject-adapter DIR --style-adapter DIR --subject heart --texture checkered \
         [--subject-weights 0.6,0.8,1] [--style-weights 0.6,0.8,1] [--alone 1] [--n N] [--drift-n 96] \
-        [--seed 0] [--json out.jsonl] [--threads 1]
+        [--seed 0] [--json out.jsonl] [--threads 1] [--subject-scope both|unet]
 
 Loads the micro model and the judge once, generates the drift set's base images once, and runs
 the compose suite (studio/evals/compose.py) for every (subject weight, style weight) pair, with
@@ -57,6 +57,9 @@ def main() -> None:
     ap.add_argument("--base", default="micro")
     ap.add_argument("--json", default=None, help="write one JSON line per pair here")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared)")
+    ap.add_argument("--subject-scope", choices=["both", "unet"], default="both",
+                    help="the subject adapter's scope in every pair: unet leaves out its text side (learned trigger "
+                         "row, text-encoder LoRA), which carries its training images' texture and colour")
     args = ap.parse_args()
     setup_logging()
     torch.set_num_threads(args.threads)
@@ -74,7 +77,7 @@ def main() -> None:
         pairs = [(args.alone, 0.0), (0.0, args.alone)] + pairs
     for ws, wt in pairs:
         t1 = time.perf_counter()
-        pair = [AdapterSpec(args.subject_adapter, ws), AdapterSpec(args.style_adapter, wt)]
+        pair = [AdapterSpec(args.subject_adapter, ws, scope=args.subject_scope), AdapterSpec(args.style_adapter, wt)]
         r = compose.compose_suite(pipe, judge, pair, subject=args.subject, texture=args.texture,
                                   color=args.color, n=args.n, drift_n=args.drift_n, settings=settings,
                                   reference=ref, roles=roles)
@@ -88,7 +91,7 @@ def main() -> None:
         out.close()
     print(f"# {describe()}; {rows[0]['n']} images per pair, drift {args.drift_n}, seed {args.seed}, "
           f"{settings.steps} steps, guidance {settings.guidance}")
-    print(f"# subject {args.subject_adapter} ({roles.subject_token} {roles.class_word}), style "
+    print(f"# subject {args.subject_adapter} ({roles.subject_token} {roles.class_word}, scope {args.subject_scope}), style "
           f"{args.style_adapter} ({roles.style_token}); leakage content: {list(roles.style_shapes)} "
           f"{list(roles.style_colors)} from {roles.content_source or 'nowhere'}")
     print("| subject w | style w | both | subject | style | prompt | leakage | base drift |")

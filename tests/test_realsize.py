@@ -244,17 +244,22 @@ def test_real_size_file_trains_exports_and_generates(name, resolution, tmp_path,
     assert main(["info", str(files.single_file), "--json"]) == 0
     info = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert info["family"] == FAMILY[name] and info["scheduler"]["prediction_type"] == PREDICTION[name]
-    # the bundled configs (no embedded ones): the tokenizer is the only thing a --config folder adds
+    # the bundled configs (no embedded ones): the tokenizer(s) are the only thing a --config folder adds
     tok_only = tmp_path / "tok"
     tok_only.mkdir()
     import shutil
 
-    shutil.copytree(files.folder / "tokenizer", tok_only / "tokenizer")
+    for sub in ("tokenizer", "tokenizer_2"):  # SDXL's second text encoder has its own
+        if (files.folder / sub).is_dir():
+            shutil.copytree(files.folder / sub, tok_only / sub)
     from studio.single_file import load_single_file
 
     bundled = load_single_file(files.single_file, config=tok_only)
     assert bundled.scheduler.config.prediction_type == PREDICTION[name]  # SD 2.1: from the 768-v file name
     del bundled
+    from studio.loading import trim_memory
+
+    trim_memory()  # this process just held the whole fp32 pipeline: the trainer's preflight reads what is free
     images = realsize.upscaled_images(resolution, out=tmp_path / "images", count=2)
     out = tmp_path / "lora"
     assert main(["train", "--kind", "subject", "--images", str(images), "--base", str(files.single_file),
