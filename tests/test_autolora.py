@@ -256,6 +256,27 @@ def test_gated_spec_in_the_mixer(micro, tmp_path):
     assert torch.equal(mixed, direct)
 
 
+def test_generation_path_equals_the_training_path(micro, tmp_path):
+    """Without autograd the gated layers take their in-place path; it must give the autograd path's output."""
+    from studio.autolora.gates import GatedFusion, GateConfig, GateSet
+
+    files = _lora_files(micro, tmp_path, 3)
+    gates = GateSet.for_pipeline(micro, GateConfig(timestep=True))
+    with torch.no_grad():
+        for i, p in enumerate(gates.parameters()):
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(i)) * 0.5)
+    g = torch.Generator().manual_seed(0)
+    x, ctx = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 8, 64, generator=g)
+    outs, means = [], []
+    for grad in (False, True):
+        with GatedFusion(micro, files, gates, [0.8, 1.0, 0.5]) as fusion, torch.set_grad_enabled(grad):
+            outs.append(micro.unet(x, torch.tensor([300, 300]), encoder_hidden_states=ctx).sample.detach())
+            means.append(fusion.mean_gates())
+    assert torch.allclose(outs[0], outs[1], atol=1e-5, rtol=1e-5)
+    assert means[0] == pytest.approx(means[1], abs=1e-6)
+    assert not torch.allclose(outs[0], _unet_out(micro), atol=1e-3)  # the gates did something
+
+
 def test_layer_gate_matches_the_reference_formula():
     import torch.nn.functional as F
 

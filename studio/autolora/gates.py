@@ -164,11 +164,15 @@ class _GatedLayer:
             self.down[i, : d.shape[0]] = d.to(w)
             self.up[i, :, : d.shape[0]] = u.to(w)
         self.path, self.gate, self.owner = path, gate, owner
+        self._t: tuple[Any, torch.Tensor, torch.Tensor] | None = None  # the generation path's factors and their key
         self.handle = layer.register_forward_hook(self)
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
         x = args[0]
         active = self.owner.active
+        per_sample = isinstance(self.owner.fraction, torch.Tensor) and self.owner.fraction.dim() > 0
+        if active is None and self.gate is not None and not per_sample and not torch.is_grad_enabled():
+            return self._generate(x, output)
         down, up, scales = self.down, self.up, self.owner.scales
         if active is not None:  # a subset of the stacked adapters (gate training: one pair of many)
             down, up, scales = down[active], up[active], scales[active]
@@ -185,6 +189,37 @@ class _GatedLayer:
                 self.owner.gate_sums[active] += sums
             self.owner.gate_counts += 1
         return out
+
+
+    def _generate(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        """The same output as the path above, for generation: no autograd, so the (K, ..., C) temporaries
+        are reused in place, every adapter's down projection is one matmul against the stacked ``(d_in, K*r)``
+        factors and the weights are folded into the up factors; on micro's 64-128-wide layers the per-op
+        overhead is most of a gated layer's cost (docs/autolora.md)."""
+        gate, owner = self.gate, self.owner
+        key = (x.device, id(owner.scales), owner.scales._version)
+        if self._t is None or self._t[0] != key:  # made again only when the weights or the device change
+            k, r = self.down.shape[:2]
+            up_t = self.up.transpose(1, 2) * owner.scales.to(self.up).view(k, 1, 1)
+            self._t = (key, self.down.reshape(k * r, -1).t().contiguous().to(x.device), up_t.contiguous().to(x.device))
+        _, down_all, up_t = self._t
+        k, r = up_t.shape[:2]
+        lead = x.shape[:-1]
+        h = torch.matmul(x, down_all).view(-1, k, r).transpose(0, 1)  # (K, N, r), N = tokens of the batch
+        ys = torch.bmm(h, up_t).view(k, *lead, up_t.shape[-1])  # (K, B, ..., C)
+        c = output.shape[-1]
+        y0n = F.layer_norm(output, (c,))
+        b = gate.b
+        if gate.w_t is not None:
+            b = b + gate.w_t * (float(owner.fraction) - 0.5)
+        # z = LN(y_i) * (w_lora + w_cross*LN(y0)) + (b + w_base*LN(y0)), as LayerGate.forward groups it
+        g = torch.addcmul(torch.addcmul(b, gate.w_base, y0n), F.layer_norm(ys, (c,)),
+                          torch.addcmul(gate.w_lora, gate.w_cross, y0n)).sigmoid_()
+        if owner.record:
+            m = g.mean(dim=tuple(range(1, g.dim())))
+            owner.gate_sums.add_(m if m.device == owner.gate_sums.device else m.cpu())
+            owner.gate_counts += 1
+        return torch.addcmul(output, g.mul_(ys).sum(0), gate.w_out)
 
 
 class GatedFusion:
