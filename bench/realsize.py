@@ -1,6 +1,6 @@
 """Real-size training cost: the studio trainer vs a plain diffusers-example loop (issue 15).
 
-    python bench/realsize.py [--model sd15] [--resolution 512] [--steps 3] [--micro]
+    python bench/realsize.py [--model sd15] [--resolution 512] [--steps 3] [--repeats 1] [--micro]
 
 Builds (or reuses) the seeded full-size model of ``studio realsize make MODEL`` and trains a
 rank-4 LoRA (attention targets, batch 1, no prior preservation, no samples) for ``--steps``
@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -261,6 +262,9 @@ def main() -> None:
     p.add_argument("--model", default="sd15", choices=["sd15", "sd21", "sdxl"])
     p.add_argument("--resolution", type=int, default=512)
     p.add_argument("--steps", type=int, default=3, help="steps per run; s/step averages steps 2..N")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="studio and plain children this many times, alternating; time_ratio is the median of the "
+                        "pairs' ratios, memory_ratio the studio's highest peak over the plain loop's lowest")
     p.add_argument("--width-div", dest="width_div", type=int, default=1,
                    help="divide the model's widths (a quick smoke run of this script; not the real figures)")
     p.add_argument("--micro", action="store_true", help="also time the studio trainer on micro (growth table)")
@@ -305,8 +309,15 @@ def main() -> None:
     if args.frontier:
         frontier(args, files, images)
         return
-    rows["studio"] = run_child("studio", str(files.folder), images, args.steps, args.resolution, *on)
-    rows["plain"] = run_child("plain", str(files.folder), images, args.steps, args.resolution, *on)
+    pairs = []  # alternating studio / plain children: the machine's speed drifts between runs (docs/realsize.md)
+    for _ in range(max(1, args.repeats)):
+        pairs.append((run_child("studio", str(files.folder), images, args.steps, args.resolution, *on),
+                      run_child("plain", str(files.folder), images, args.steps, args.resolution, *on)))
+    rows["studio"], rows["plain"] = pairs[0]
+    time_ratios = [_mean(s["step_s"]) / _mean(p["step_s"]) for s, p in pairs]
+    if len(pairs) > 1:
+        print("studio / plain s/step per alternating pair: " + ", ".join(f"{r:.3f}" for r in time_ratios)
+              + f"; median {statistics.median(time_ratios):.3f}")
     print(f"{'loop':8s} {'peak GiB':>12s} {'s/step':>8s} {'CPU s/step':>11s}")
     for name, r in rows.items():
         print(f"{name:8s} {r['peak_rss'] / 2**30:12.2f} {_mean(r['step_s']):8.3f} {_mean(r.get('step_cpu_s', [])):11.1f}"
@@ -321,8 +332,9 @@ def main() -> None:
               f"{rows['studio']['peak_rss'] / 2**30:.2f} GiB {_mean(rows['studio']['step_s']):.1f} s/step")
     result = {"model": args.model if args.width_div == 1 else f"{args.model}/w{args.width_div}",
               "resolution": args.resolution, "device": args.device, "precision": args.precision,
-              "memory_ratio": round(rows["studio"]["peak_rss"] / rows["plain"]["peak_rss"], 3),
-              "time_ratio": round(_mean(rows["studio"]["step_s"]) / _mean(rows["plain"]["step_s"]), 3),
+              "memory_ratio": round(max(s["peak_rss"] for s, _ in pairs) / min(p["peak_rss"] for _, p in pairs), 3),
+              "time_ratio": round(statistics.median(time_ratios), 3),
+              "time_ratios": [round(r, 3) for r in time_ratios],
               "studio_peak_gib": round(rows["studio"]["peak_rss"] / 2**30, 2),
               "plain_peak_gib": round(rows["plain"]["peak_rss"] / 2**30, 2),
               "studio_s_per_step": round(_mean(rows["studio"]["step_s"]), 4),
