@@ -105,6 +105,20 @@ def _time(fn, wall: list[float], cpu: list[float]) -> None:
     cpu.append(time.process_time() - c0)
 
 
+
+def _print_machine() -> None:
+    """The CPU kind, the load and the integer kernels chosen: the lines every run of this bench starts with."""
+    from studio import kernels
+    from studio.machine import describe
+
+    print(describe())
+    try:
+        print(f"load average (1, 5, 15 min): {', '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    except OSError:
+        pass
+    print(f"kernels: linear {kernels.chosen('linear')}, conv {kernels.chosen('conv')}, "
+          f"quantize {kernels.chosen('quantize')}")
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--w8", default=None, metavar="DIR", help="an exported W8A8 micro model")
@@ -134,18 +148,10 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--resolution and --width-div go with --base")
     args.batch = args.batch or [128, 16]
 
-    from studio import kernels
     from studio.loading import load_pipeline
-    from studio.machine import describe
     from studio.quant.model import weight_memory
 
-    print(describe())
-    try:
-        print(f"load average (1, 5, 15 min): {', '.join(f'{v:.2f}' for v in os.getloadavg())}")
-    except OSError:
-        pass
-    print(f"kernels: linear {kernels.chosen('linear')}, conv {kernels.chosen('conv')}, "
-          f"quantize {kernels.chosen('quantize')}")
+    _print_machine()
     tmp = Path(tempfile.mkdtemp(prefix="quant-bench-"))
     w8 = Path(args.w8) if args.w8 else _make(8, 8, tmp / "w8a8")
     w4 = Path(args.w4) if args.w4 else _make(4, 8, tmp / "w4a8")
@@ -223,20 +229,11 @@ def _main_base(args: argparse.Namespace) -> int:
     """The --base run: FP32 and W8A8 of a real-size UNet, side by side (see the module docstring)."""
     from diffusers import UNet2DConditionModel
 
-    from studio import kernels
-    from studio.machine import describe
-
     base = _resolve_base(args.base, args.width_div)
     config = UNet2DConditionModel.load_config(base / "unet")
     latent = (args.resolution // 8) if args.resolution else int(config["sample_size"])
     batches = args.batch or [2]
-    print(describe())
-    try:
-        print(f"load average (1, 5, 15 min): {', '.join(f'{v:.2f}' for v in os.getloadavg())}")
-    except OSError:
-        pass
-    print(f"kernels: linear {kernels.chosen('linear')}, conv {kernels.chosen('conv')}, "
-          f"quantize {kernels.chosen('quantize')}")
+    _print_machine()
     print(f"base {base}; latents {latent}x{latent} ({latent * 8} px), UNet batch {', '.join(map(str, batches))}")
     tmp = Path(tempfile.mkdtemp(prefix="quant-bench-"))
     try:

@@ -256,9 +256,9 @@ def test_gated_spec_in_the_mixer(micro, tmp_path):
     assert torch.equal(mixed, direct)
 
 
-def test_generation_path_equals_the_training_path(micro, tmp_path):
-    """Without autograd the gated layers take their in-place path; it must give the autograd path's output."""
-    from studio.autolora.gates import GatedFusion, GateConfig, GateSet
+def _timestep_gates(micro, tmp_path):
+    """3 random LoRA files, random timestep gates and one UNet input of batch 2."""
+    from studio.autolora.gates import GateConfig, GateSet
 
     files = _lora_files(micro, tmp_path, 3)
     gates = GateSet.for_pipeline(micro, GateConfig(timestep=True))
@@ -266,7 +266,14 @@ def test_generation_path_equals_the_training_path(micro, tmp_path):
         for i, p in enumerate(gates.parameters()):
             p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(i)) * 0.5)
     g = torch.Generator().manual_seed(0)
-    x, ctx = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 8, 64, generator=g)
+    return files, gates, torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 8, 64, generator=g)
+
+
+def test_generation_path_equals_the_training_path(micro, tmp_path):
+    """Without autograd the gated layers take their in-place path; it must give the autograd path's output."""
+    from studio.autolora.gates import GatedFusion
+
+    files, gates, x, ctx = _timestep_gates(micro, tmp_path)
     outs, means = [], []
     for grad in (False, True):
         with GatedFusion(micro, files, gates, [0.8, 1.0, 0.5]) as fusion, torch.set_grad_enabled(grad):
@@ -315,15 +322,9 @@ def test_gate_training_noises_with_the_training_schedule(micro):
 def test_gates_read_each_samples_timestep_and_skip_inactive_adapters(micro, tmp_path):
     """A batch at two timesteps equals each sample alone (per-sample fractions, no clock override);
     an active subset of stacked adapters equals a fusion of only those."""
-    from studio.autolora.gates import GateConfig, GatedFusion, GateSet
+    from studio.autolora.gates import GatedFusion
 
-    files = _lora_files(micro, tmp_path, 3)
-    gates = GateSet.for_pipeline(micro, GateConfig(timestep=True))
-    with torch.no_grad():
-        for i, p in enumerate(gates.parameters()):
-            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(i)) * 0.5)
-    g = torch.Generator().manual_seed(0)
-    x, ctx = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 8, 64, generator=g)
+    files, gates, x, ctx = _timestep_gates(micro, tmp_path)
     t = torch.tensor([100, 800])
     frac = 1.0 - t.float() / 1000
     fusion = GatedFusion(micro, files, gates, clock=False).apply()
