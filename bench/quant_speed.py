@@ -186,8 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     cross = fp.config.cross_attention_dim
 
     fp_bytes = weight_memory(fp)
-    print(f"\nweight memory (Linear/Conv2d weights; quantized: integer weights + scales + zero points + "
-          f"per-step activation parameters)")
+    print("\nweight memory (Linear/Conv2d weights; quantized: integer weights + scales + zero points + "
+          "per-step activation parameters)")
     print(f"  fp32                {fp_bytes / 2**20:7.2f} MiB  1.000x")
     for name, m in [(k, v) for k, v in models.items() if k.endswith(("int", "asym"))]:
         rt = m.studio_quant_runtime
@@ -199,8 +199,6 @@ def main(argv: list[str] | None = None) -> int:
     for batch in args.batch:
         x = torch.randn(batch, 4, 16, 16)
         e = torch.randn(batch, 77, cross)
-        wall: dict[str, list[float]] = {k: [] for k in models}
-        cpu: dict[str, list[float]] = {k: [] for k in models}
         with torch.no_grad():
             for m in models.values():  # warm-up
                 m(x, torch.tensor(ts[0]), e)
@@ -209,20 +207,30 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\nbatch {batch}: mean abs difference of the outputs: fused vs plain {tag(q8)} "
                   f"{float((y_q - y_plain).abs().mean()):.2e}, {tag(q8)} vs fp32 "
                   f"{float((y_q - y_fp).abs().mean()):.2e}")
-            for r in range(args.rounds):
-                t = torch.tensor(ts[r % len(ts)])
-                for name, m in models.items():
-                    _time(lambda: m(x, t, e), wall[name], cpu[name])
-        base_w = min(statistics.median(wall[k]) for k in fp_rows)
-        base_c = min(statistics.median(cpu[k]) for k in fp_rows)
-        print(f"one denoising step, UNet batch {batch} (median of {args.rounds} interleaved rounds; wall time, "
-              f"and the process's CPU time, which other jobs on a shared machine disturb less; x = the best "
-              f"fp32 row's time / this row's)")
-        for name in models:
-            w, c = statistics.median(wall[name]), statistics.median(cpu[name])
-            print(f"  {name:<20} wall {w * 1e3:8.1f} ms  x{base_w / w:5.2f}   cpu {c * 1e3:8.1f} ms  "
-                  f"x{base_c / c:5.2f}")
+            _timed_rounds(models, x, e, ts, args.rounds, fp_rows,
+                          f"one denoising step, UNet batch {batch} (median of {args.rounds} interleaved rounds; "
+                          f"wall time, and the process's CPU time, which other jobs on a shared machine disturb "
+                          f"less; x = the best fp32 row's time / this row's)")
     return 0
+
+
+def _timed_rounds(models: dict, x: torch.Tensor, e: torch.Tensor, ts: list, rounds: int, fp_rows: list[str],
+                  header: str) -> None:
+    """Time every model once per round, interleaved (load hits all alike), and print the medians against the
+    best fp32 row, with each row's round times."""
+    wall: dict[str, list[float]] = {k: [] for k in models}
+    cpu: dict[str, list[float]] = {k: [] for k in models}
+    for r in range(rounds):
+        t = torch.tensor(ts[r % len(ts)])
+        for name, m in models.items():
+            _time(lambda: m(x, t, e), wall[name], cpu[name])
+    base_w = min(statistics.median(wall[k]) for k in fp_rows)
+    base_c = min(statistics.median(cpu[k]) for k in fp_rows)
+    print(header)
+    for name in models:
+        w, c = statistics.median(wall[name]), statistics.median(cpu[name])
+        print(f"  {name:<20} wall {w * 1e3:9.1f} ms  x{base_w / w:5.2f}   cpu {c * 1e3:9.1f} ms  x{base_c / c:5.2f}"
+              f"   (rounds: {', '.join(f'{v * 1e3:.0f}' for v in wall[name])} ms)")
 
 
 def _main_base(args: argparse.Namespace) -> int:
@@ -291,8 +299,6 @@ def _time_base(args: argparse.Namespace, base: Path, tmp: Path, latent: int, bat
     for batch in batches:
         x = torch.randn(batch, 4, latent, latent)
         e = torch.randn(batch, 77, cross)
-        wall: dict[str, list[float]] = {k: [] for k in models}
-        cpu: dict[str, list[float]] = {k: [] for k in models}
         with torch.no_grad():
             t0 = torch.tensor(ts[0])
             outs = {name: m(x, t0, e).sample for name, m in models.items()}  # warm-up, and the outputs
@@ -304,18 +310,10 @@ def _time_base(args: argparse.Namespace, base: Path, tmp: Path, latent: int, bat
                   f"{float((y_q - y_plain).abs().mean()):.2e}, W8A8 vs fp32 {float((y_q - y_fp).abs().mean()):.2e} "
                   f"(fp32 output mean abs {float(y_fp.abs().mean()):.2e}); process RSS {_rss_gib():.1f} GiB")
             del outs, y_plain, y_fp, y_q
-            for r in range(args.rounds):
-                t = torch.tensor(ts[r % len(ts)])
-                for name, m in models.items():
-                    _time(lambda: m(x, t, e), wall[name], cpu[name])
-        base_w = min(statistics.median(wall[k]) for k in fp_rows)
-        base_c = min(statistics.median(cpu[k]) for k in fp_rows)
-        print(f"one denoising step, UNet batch {batch}, {latent}x{latent} latents (median of {args.rounds} "
-              f"interleaved rounds; wall time, and the process's CPU time; x = the best fp32 row's time / this row's)")
-        for name in models:
-            w, c = statistics.median(wall[name]), statistics.median(cpu[name])
-            print(f"  {name:<20} wall {w * 1e3:9.1f} ms  x{base_w / w:5.2f}   cpu {c * 1e3:9.1f} ms  x{base_c / c:5.2f}"
-                  f"   (rounds: {', '.join(f'{v * 1e3:.0f}' for v in wall[name])} ms)")
+            _timed_rounds(models, x, e, ts, args.rounds, fp_rows,
+                          f"one denoising step, UNet batch {batch}, {latent}x{latent} latents (median of "
+                          f"{args.rounds} interleaved rounds; wall time, and the process's CPU time; x = the best "
+                          f"fp32 row's time / this row's)")
     print(f"peak process RSS {_rss_gib('VmHWM'):.1f} GiB")
     return 0
 
