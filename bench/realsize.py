@@ -115,6 +115,7 @@ def child_studio(base: str, images: str, steps: int, resolution: int, device: st
     from studio.trainers.loop import train
 
     if mmap_mb is not None:
+        os.environ.pop("STUDIO_MMAP_THRESHOLD_MB", None)  # the variant, not the caller's setting
         loading.MMAP_THRESHOLD = int(mmap_mb * 2**20)
     if levels is not None:
         loop.CPU_CHECKPOINT_LEVELS = levels
@@ -297,7 +298,9 @@ def main() -> None:
 
     files = make(args.model, width_div=args.width_div)
     images = str(upscaled_images(args.resolution))
-    print(f"machine: {describe()}  torch threads: {os.environ.get('OMP_NUM_THREADS', 'default')}")
+    print(f"machine: {describe()}  torch threads: {os.environ.get('OMP_NUM_THREADS', 'default')}"
+          + (f"  STUDIO_MMAP_THRESHOLD_MB={os.environ['STUDIO_MMAP_THRESHOLD_MB']}"
+             if os.environ.get("STUDIO_MMAP_THRESHOLD_MB") else ""))
     print(f"model: {args.model} (seeded random weights, {sum(files.parameters.values()) / 1e6:.0f}M parameters), "
           f"{args.resolution} px, batch 1, rank 4 attention LoRA, {args.steps} steps per run")
     rows = {}

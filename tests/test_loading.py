@@ -83,3 +83,11 @@ def test_mmap_threshold_is_read_at_the_call(monkeypatch):
     assert loading.hand_back_freed_memory() is True
     assert loading.hand_back_freed_memory(3 << 20) is True
     assert calls == [(-3, 1 << 20), (-3, 8 << 20), (-3, 3 << 20)]
+    # the user's setting: MiB, 0 leaves glibc's own threshold, nonsense is said
+    monkeypatch.setenv("STUDIO_MMAP_THRESHOLD_MB", "16")
+    assert loading.hand_back_freed_memory() is True and calls[-1] == (-3, 16 << 20)
+    monkeypatch.setenv("STUDIO_MMAP_THRESHOLD_MB", "0")
+    assert loading.hand_back_freed_memory() is False and len(calls) == 4
+    monkeypatch.setenv("STUDIO_MMAP_THRESHOLD_MB", "lots")
+    with pytest.raises(StudioError, match="STUDIO_MMAP_THRESHOLD_MB"):
+        loading.hand_back_freed_memory()
