@@ -270,7 +270,7 @@ def _timestep_gates(micro, tmp_path):
 
 
 def test_generation_path_equals_the_training_path(micro, tmp_path):
-    """Without autograd the gated layers take their in-place path; it must give the autograd path's output."""
+    """Generation (no autograd) and gate training (autograd) give the same output and recorded gates."""
     from studio.autolora.gates import GatedFusion
 
     files, gates, x, ctx = _timestep_gates(micro, tmp_path)

@@ -62,6 +62,11 @@ class LayerGate(nn.Module):
         ``fraction``: the denoising fraction, one number for the whole batch (generation) or one per
         sample, shape ``(B,)`` (training draws a timestep per sample).
         """
+        g = self.values(y0, ys, fraction)
+        return torch.addcmul(y0, (g * ys).sum(0), self.w_out), g
+
+    def values(self, y0: torch.Tensor, ys: torch.Tensor, fraction: float | torch.Tensor | None = None) -> torch.Tensor:
+        """The gates ``(K, B, ..., C)`` alone (see :meth:`forward`)."""
         c = y0.shape[-1]
         y0n = F.layer_norm(y0, (c,))
         yin = F.layer_norm(ys, (c,))
@@ -73,11 +78,11 @@ class LayerGate(nn.Module):
                 b = b + self.w_t * (fraction.to(y0).view(-1, *([1] * (y0.dim() - 1))) - 0.5)
             else:
                 b = b + self.w_t * (float(fraction) - 0.5)
-        # the formula of functional.gate_values/gated_sum regrouped for fewer passes over (K, ..., C):
-        # z = w_lora*LN(y_i) + LN(y0)*(w_base + w_cross*LN(y_i)) + b, and w_out (one per layer) after the sum
-        z = torch.addcmul(b + self.w_base * y0n, yin, self.w_lora + self.w_cross * y0n)
-        g = torch.sigmoid(z)
-        return y0 + self.w_out * (g * ys).sum(0), g
+        # the formula of functional.gate_values/gated_sum regrouped for fewer ops over (K, ..., C) (the per-op
+        # overhead is most of a gated layer's cost on micro's 64-128-wide layers):
+        # z = LN(y_i) * (w_lora + w_cross*LN(y0)) + (b + w_base*LN(y0)), and w_out (one per layer) after the sum
+        z = torch.addcmul(torch.addcmul(b, self.w_base, y0n), yin, torch.addcmul(self.w_lora, self.w_cross, y0n))
+        return torch.sigmoid(z) if torch.is_grad_enabled() else z.sigmoid_()  # z is this call's own temporary
 
 
 def _key(path: str) -> str:
@@ -164,62 +169,47 @@ class _GatedLayer:
             self.down[i, : d.shape[0]] = d.to(w)
             self.up[i, :, : d.shape[0]] = u.to(w)
         self.path, self.gate, self.owner = path, gate, owner
-        self._t: tuple[Any, torch.Tensor, torch.Tensor] | None = None  # the generation path's factors and their key
+        self._t: tuple[Any, torch.Tensor, torch.Tensor] | None = None  # _project's factors and their key
         self.handle = layer.register_forward_hook(self)
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
         x = args[0]
         active = self.owner.active
-        per_sample = isinstance(self.owner.fraction, torch.Tensor) and self.owner.fraction.dim() > 0
-        if active is None and self.gate is not None and not per_sample and not torch.is_grad_enabled():
-            return self._generate(x, output)
-        down, up, scales = self.down, self.up, self.owner.scales
-        if active is not None:  # a subset of the stacked adapters (gate training: one pair of many)
-            down, up, scales = down[active], up[active], scales[active]
-        h = torch.einsum("...i,kri->k...r", x, down)  # every adapter's down projection at once
-        ys = torch.einsum("k...r,kor->k...o", h, up) * scales.to(x).view(-1, *([1] * (h.dim() - 1)))
+        ys = self._project(x) if active is None else self._project_subset(x, active)
         if self.gate is None:
             return output + ys.sum(0)
-        out, g = self.gate(output, ys, self.owner.fraction if self.gate.w_t is not None else None)
+        g = self.gate.values(output, ys, self.owner.fraction if self.gate.w_t is not None else None)
         if self.owner.record:
-            sums = g.detach().flatten(1).mean(1).double().cpu()
+            m = g.detach().mean(dim=tuple(range(1, g.dim())))
+            m = m if m.device == self.owner.gate_sums.device else m.cpu()
             if active is None:
-                self.owner.gate_sums += sums
+                self.owner.gate_sums += m
             else:
-                self.owner.gate_sums[active] += sums
+                self.owner.gate_sums[active] += m
             self.owner.gate_counts += 1
-        return out
+        # LayerGate.forward's sum; without autograd the product reuses this call's own ys (fewer allocations)
+        return torch.addcmul(output, (g * ys if torch.is_grad_enabled() else ys.mul_(g)).sum(0), self.gate.w_out)
 
-
-    def _generate(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
-        """The same output as the path above, for generation: no autograd, so the (K, ..., C) temporaries
-        are reused in place, every adapter's down projection is one matmul against the stacked ``(d_in, K*r)``
-        factors and the weights are folded into the up factors; on micro's 64-128-wide layers the per-op
-        overhead is most of a gated layer's cost (docs/autolora.md)."""
-        gate, owner = self.gate, self.owner
-        key = (x.device, id(owner.scales), owner.scales._version)
-        if self._t is None or self._t[0] != key:  # made again only when the weights or the device change
+    def _project(self, x: torch.Tensor) -> torch.Tensor:
+        """Every adapter's weighted output ``(K, B, ..., C)``: one matmul against the stacked ``(d_in, K*r)``
+        down factors, one batched matmul against the up factors with the weights folded in (made again only
+        when the weights or the device change)."""
+        scales = self.owner.scales
+        key = (x.device, id(scales), scales._version)
+        if self._t is None or self._t[0] != key:
             k, r = self.down.shape[:2]
-            up_t = self.up.transpose(1, 2) * owner.scales.to(self.up).view(k, 1, 1)
+            up_t = self.up.transpose(1, 2) * scales.to(self.up).view(k, 1, 1)
             self._t = (key, self.down.reshape(k * r, -1).t().contiguous().to(x.device), up_t.contiguous().to(x.device))
         _, down_all, up_t = self._t
         k, r = up_t.shape[:2]
-        lead = x.shape[:-1]
         h = torch.matmul(x, down_all).view(-1, k, r).transpose(0, 1)  # (K, N, r), N = tokens of the batch
-        ys = torch.bmm(h, up_t).view(k, *lead, up_t.shape[-1])  # (K, B, ..., C)
-        c = output.shape[-1]
-        y0n = F.layer_norm(output, (c,))
-        b = gate.b
-        if gate.w_t is not None:
-            b = b + gate.w_t * (float(owner.fraction) - 0.5)
-        # z = LN(y_i) * (w_lora + w_cross*LN(y0)) + (b + w_base*LN(y0)), as LayerGate.forward groups it
-        g = torch.addcmul(torch.addcmul(b, gate.w_base, y0n), F.layer_norm(ys, (c,)),
-                          torch.addcmul(gate.w_lora, gate.w_cross, y0n)).sigmoid_()
-        if owner.record:
-            m = g.mean(dim=tuple(range(1, g.dim())))
-            owner.gate_sums.add_(m if m.device == owner.gate_sums.device else m.cpu())
-            owner.gate_counts += 1
-        return torch.addcmul(output, g.mul_(ys).sum(0), gate.w_out)
+        return torch.bmm(h, up_t).view(k, *x.shape[:-1], up_t.shape[-1])
+
+    def _project_subset(self, x: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+        """The same for a subset of the stacked adapters (gate training: one pair of many)."""
+        down, up, scales = self.down[active], self.up[active], self.owner.scales[active]
+        h = torch.einsum("...i,kri->k...r", x, down)
+        return torch.einsum("k...r,kor->k...o", h, up) * scales.to(x).view(-1, *([1] * (h.dim() - 1)))
 
 
 class GatedFusion:
