@@ -408,7 +408,7 @@ def _try_lock(fd: int) -> bool:
         return False
 
 
-class _FileLock:
+class FileLock:
     """An exclusive lock on a file, released by the kernel when the process dies (flock / msvcrt)."""
 
     def __init__(self, path: Path) -> None:
@@ -509,7 +509,7 @@ class Library:
         try:
             leftovers = self.tmp_dir.is_dir() and any(self.tmp_dir.iterdir())
             if leftovers or con.execute("SELECT 1 FROM adapters WHERE state != 'ready' LIMIT 1").fetchone():
-                lock = _FileLock(self.home / LOCK_NAME)
+                lock = FileLock(self.home / LOCK_NAME)
                 locked = False
                 with contextlib.suppress(OSError):  # a read-only home: read what is there
                     locked = lock.acquire(timeout=0)
@@ -531,7 +531,7 @@ class Library:
         except OSError as exc:
             raise StudioError(f"{self.home}: cannot create the library folders ({exc.strerror or exc}); "
                               f"set STUDIO_HOME to a writable folder") from exc
-        lock = _FileLock(self.home / LOCK_NAME)
+        lock = FileLock(self.home / LOCK_NAME)
         try:
             got = lock.acquire(timeout=LOCK_TIMEOUT_S)
         except OSError as exc:

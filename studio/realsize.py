@@ -213,6 +213,22 @@ def make(name: str, out: str | os.PathLike | None = None, *, seed: int = 0, widt
     """
     model = get_model(name)
     root = model_root(name, seed, width_div, out)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    # one build of a folder at a time: a second process waits for the first and then reuses its build
+    # (without the lock it took the first one's half-written folder for an interrupted build and deleted it)
+    from studio.library import FileLock
+
+    lock = FileLock(root.parent / f".{root.name}.lock")
+    if not lock.acquire(timeout=0):
+        log.info("%s: another process is building %s; waiting for it", name, root)
+        lock.acquire(timeout=float("inf"))
+    try:
+        return _make_locked(name, model, root, seed, width_div, force)
+    finally:
+        lock.release()
+
+
+def _make_locked(name: str, model: Any, root: Path, seed: int, width_div: int, force: bool) -> RealsizeFiles:
     done = root / DONE_FILE
     if done.is_file() and not force:
         info = json.loads(done.read_text())

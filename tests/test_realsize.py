@@ -94,6 +94,24 @@ def test_make_reuses_a_complete_build_and_refuses_foreign_folders(small, tmp_pat
         realsize.get_model("sd3")
 
 
+def test_concurrent_builds_of_one_folder_wait_for_each_other(tmp_path):
+    """Two processes building the same folder: the second waits and reuses the first's build (it used to
+    take the half-written folder for an interrupted build, delete it, and make the first one fail)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "sd15"
+    code = ("import sys; from studio import realsize; "
+            "f = realsize.make('sd15', sys.argv[1], width_div=16); print(f.single_file.stat().st_mtime_ns)")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    results = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-500:] for _, err in results]
+    stamps = {stdout.strip() for stdout, _ in results}
+    assert len(stamps) == 1  # one build, read by both
+    assert (out / realsize.DONE_FILE).is_file() and not (out / ".building").exists()
+
+
 def test_cli_make_prints_the_paths(tmp_path, capsys):
     assert main(["realsize", "make", "sd21", "--width-div", "16", "--out", str(tmp_path / "m"), "--json"]) == 0
     info = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
