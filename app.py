@@ -2,7 +2,10 @@
 
 import sys
 
-from studio.ui import main
-
 if __name__ == "__main__":
+    from studio.allocator import reexec_with_allocator
+
+    reexec_with_allocator()  # before torch is imported (studio.allocator)
+    from studio.ui import main
+
     sys.exit(main())

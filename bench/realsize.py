@@ -34,6 +34,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from studio.allocator import ACTIVE_MARK, active, reexec_with_allocator
+
 log = logging.getLogger("bench.realsize")
 
 
@@ -139,7 +141,7 @@ def child_studio(base: str, images: str, steps: int, resolution: int, device: st
         t0 = time.perf_counter()
         train(cfg, on_event=on_event)
     diffs = [b - a for a, b in zip(stamps, stamps[1:])]
-    return {"peak_rss": _peak(device), "step_s": diffs, "total_s": time.perf_counter() - t0,
+    return {"peak_rss": _peak(device), "step_s": diffs, "total_s": time.perf_counter() - t0, "allocator": active(),
             "phases": sampler.phases() if sampler is not None else [],
             "step_cpu_s": [b - a for a, b in zip(cpu, cpu[1:])]}
 
@@ -214,7 +216,7 @@ def child_plain(base: str, images: str, steps: int, resolution: int, device: str
         opt.zero_grad()
         stamps.append(_stamp(device))
         cpu.append(time.process_time())
-    return {"peak_rss": _peak(device), "step_s": [b - a for a, b in zip(stamps, stamps[1:])],
+    return {"peak_rss": _peak(device), "step_s": [b - a for a, b in zip(stamps, stamps[1:])], "allocator": active(),
             "total_s": time.perf_counter() - t0, "step_cpu_s": [b - a for a, b in zip(cpu, cpu[1:])]}
 
 
@@ -223,25 +225,33 @@ def run_child(kind: str, base: str, images: str, steps: int, resolution: int, de
     """One measurement in a fresh process (its own peak memory); the child prints one JSON line."""
     cmd = [sys.executable, __file__, "--child", kind, "--base", base, "--images", images, "--steps", str(steps),
            "--resolution", str(resolution), "--device", device, "--precision", precision]
+    env = dict(os.environ)
     if variant is not None:
         cmd += ["--variant", f"{variant[0]:g}:{variant[1]}"]
+        if variant[2]:
+            env["STUDIO_ALLOCATOR"] = variant[2]
+    if kind == "plain":  # diffusers' script as users run it: glibc's malloc, whatever this shell preloads
+        env["LD_PRELOAD"] = " ".join(p for p in env.get("LD_PRELOAD", "").split()
+                                     if not any(n in p for n in ("tcmalloc", "jemalloc")))
+        env.pop(ACTIVE_MARK, None)
     log.info("running %s", " ".join(cmd))
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _variant(text: str) -> tuple[float, int]:
-    mb, levels = text.split(":")
-    return float(mb), int(levels)
+def _variant(text: str) -> tuple[float, int, str | None]:
+    mb, levels, *alloc = text.split(":")
+    return float(mb), int(levels), (alloc[0] if alloc else None)
 
 
 def frontier(args: argparse.Namespace, files, images: str) -> None:
     """The studio trainer per (mmap threshold, checkpoint levels), then the plain loop; one table."""
     variants = [_variant(v) for v in args.frontier.split(",")]
     on = (args.device, args.precision)
-    rows = [(f"studio {mb:g} MiB, {levels} level(s)", run_child("studio", str(files.folder), images, args.steps,
-                                                               args.resolution, *on, variant=(mb, levels)))
-            for mb, levels in variants]
+    rows = [(f"studio {mb:g} MiB, {levels} lvl" + (f", {alloc}" if alloc else ""),
+             run_child("studio", str(files.folder), images, args.steps, args.resolution, *on,
+                       variant=(mb, levels, alloc)))
+            for mb, levels, alloc in variants]
     plain = run_child("plain", str(files.folder), images, args.steps, args.resolution, *on)
     rows.append(("plain", plain))
     print(f"{'loop':28s} {'peak GiB':>9s} {'x plain':>8s} {'s/step':>8s} {'x plain':>8s}   "
@@ -251,7 +261,7 @@ def frontier(args: argparse.Namespace, files, images: str) -> None:
         print(f"{name:28s} {r['peak_rss'] / 2**30:9.2f} {r['peak_rss'] / plain['peak_rss']:8.3f} "
               f"{_mean(r['step_s']):8.2f} {_mean(r['step_s']) / _mean(plain['step_s']):8.3f}   steady "
               f"{_mean(steady):.2f} s ({_mean(steady) / _mean(plain['step_s'][1:] or plain['step_s']):.3f}x)"
-              f"   steps {[round(s, 1) for s in r['step_s']]}")
+              f"   steps {[round(s, 1) for s in r['step_s']]}   {r.get('allocator', '?')}")
 
 
 def _mean(xs: list[float]) -> float:
@@ -273,10 +283,10 @@ def main() -> None:
                    "both loops use 8-bit AdamW where bitsandbytes is installed")
     p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"],
                    help="fp16/bf16: mixed precision, frozen weights stored in that dtype (CUDA)")
-    p.add_argument("--frontier", metavar="MB:LEVELS,...",
+    p.add_argument("--frontier", metavar="MB:LEVELS[:ALLOCATOR],...",
                    help="instead of the comparison: the studio trainer once per setting of its glibc mmap threshold "
-                        "(MiB) and checkpointed resolution levels, e.g. 1:2,4:2,8:2,1:1 (the trainer's own is 1:2), "
-                        "and the plain loop once, in one run: the memory/time trade of those two knobs")
+                        "(MiB), checkpointed resolution levels and optionally STUDIO_ALLOCATOR (tcmalloc, jemalloc, "
+                        "system), e.g. 1:2:system,0:1:tcmalloc, and the plain loop once, in one run")
     p.add_argument("--child", choices=["studio", "plain"], help=argparse.SUPPRESS)
     p.add_argument("--variant", help=argparse.SUPPRESS)
     p.add_argument("--base", help=argparse.SUPPRESS)
@@ -285,7 +295,8 @@ def main() -> None:
     if args.child:
         logging.basicConfig(level=logging.WARNING)
         if args.child == "studio":
-            mb, levels = _variant(args.variant) if args.variant else (None, None)
+            reexec_with_allocator()  # as the `studio` command does (studio.allocator)
+            mb, levels, _ = _variant(args.variant) if args.variant else (None, None, None)
             print(json.dumps(child_studio(args.base, args.images, args.steps, args.resolution, args.device,
                                           args.precision, mmap_mb=mb, levels=levels)))
         else:
@@ -324,7 +335,7 @@ def main() -> None:
     print(f"{'loop':8s} {'peak GiB':>12s} {'s/step':>8s} {'CPU s/step':>11s}")
     for name, r in rows.items():
         print(f"{name:8s} {r['peak_rss'] / 2**30:12.2f} {_mean(r['step_s']):8.3f} {_mean(r.get('step_cpu_s', [])):11.1f}"
-              f"   steps {[round(s, 1) for s in r['step_s']]}")
+              f"   steps {[round(s, 1) for s in r['step_s']]}   allocator {r.get('allocator', '?')}")
     print("studio peak RSS (GiB) by phase, each phase until the next event: "
           + "; ".join(f"{label} {gib:.2f}" for label, gib in rows["studio"].get("phases", [])))
     if args.micro:

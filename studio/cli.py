@@ -67,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status."""
+    if argv is None:  # the process's own command line: choose its memory allocator first (studio.allocator)
+        from studio.allocator import reexec_with_allocator
+
+        reexec_with_allocator()
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     quiet = "-q" in argv or "--quiet" in argv

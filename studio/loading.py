@@ -475,7 +475,8 @@ def hand_back_freed_memory(threshold: int | None = None) -> bool:
 
 
 def trim_memory() -> None:
-    """Collect garbage and hand freed heap pages back to the system (glibc's malloc_trim; elsewhere a no-op)."""
+    """Collect garbage and hand freed heap pages back to the system (glibc's malloc_trim, tcmalloc's release;
+    elsewhere a no-op)."""
     import gc
 
     gc.collect()
@@ -483,6 +484,10 @@ def trim_memory() -> None:
         import ctypes
 
         ctypes.CDLL("libc.so.6").malloc_trim(0)
+        # under tcmalloc (studio.allocator) glibc's heap is idle; tcmalloc keeps freed pages until told
+        release = getattr(ctypes.CDLL(None), "MallocExtension_ReleaseFreeMemory", None)
+        if release is not None:
+            release()
     except (OSError, AttributeError):
         pass
 

@@ -414,6 +414,53 @@ def test_staged_training_equals_whole_loading(small, tmp_path, monkeypatch):
         torch.testing.assert_close(ours[k], whole[k], rtol=1e-5, atol=1e-6)
 
 
+def test_cpu_checkpointing_keeps_attention_and_the_gradients(small):
+    """The trainer's checkpointing recomputes the checkpointed blocks except their attention kernels, and
+    gives the gradients of no checkpointing."""
+    from peft import LoraConfig
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from studio.adapters import frozen
+    from studio.loading import load_pipeline
+    from studio.trainers.loop import checkpoint_high_resolutions
+
+    unet = load_pipeline(str(small("sd15").folder), dtype="fp32", device="cpu").unet
+    unet.requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=2, lora_alpha=2, init_lora_weights="gaussian",
+                                target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    frozen.keep_less(unet)  # as the trainer runs it
+    torch.manual_seed(0)
+    for n, p in unet.named_parameters():
+        if "lora_B" in n:
+            p.data.normal_(0, 0.05)
+    unet.train()
+    lat, emb = torch.randn(1, 4, 16, 16), torch.randn(1, 8, unet.config.cross_attention_dim)
+    params = [p for p in unet.parameters() if p.requires_grad]
+
+    class Count(TorchDispatchMode):  # outside checkpointing's own mode: sees the kernels that really run
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.calls += func.__name__.startswith("_scaled_dot_product_flash_attention_for_cpu.")
+            return func(*args, **(kwargs or {}))
+
+    def run() -> tuple[list[torch.Tensor], int]:
+        Count.calls = 0
+        with Count():
+            loss = unet(lat, torch.tensor([300]), emb).sample.square().mean()
+            grads = torch.autograd.grad(loss, params)
+        return grads, Count.calls
+
+    ref, attn_ref = run()
+    checkpoint_high_resolutions(unet, 2)
+    grads, attn = run()
+    for g, r in zip(grads, ref):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+    assert attn == attn_ref  # the forward kernels ran once: nothing recomputed them
+    unet.enable_gradient_checkpointing()  # diffusers' own: recomputes them
+    assert run()[1] > attn_ref
+
+
 def test_cpu_checkpointing_covers_the_highest_resolutions_only(small):
     from studio.loading import load_pipeline
     from studio.trainers.loop import checkpoint_high_resolutions

@@ -97,6 +97,7 @@ def _train(cfg: TrainConfig, out: Path, on_event: EventHandler | None, cancel: t
 
     from studio import adapters
     from studio.adapters import fast as fast_lora
+    from studio.adapters import frozen as frozen_layers
     from studio.loading import load_pipeline
     from studio.trainers.data import load_image_folder, precheck_image_folder, validate_output_dir
     from studio.trainers.recipes import get_recipe
@@ -199,6 +200,10 @@ def _train(cfg: TrainConfig, out: Path, on_event: EventHandler | None, cancel: t
             comp.requires_grad_(False)
     params = adapters.add_adapter(pipe, cfg.method, settings, "default")
     fast_layers = sum(fast_lora.speed_up(m) for m in adapters.core.adapted_models(pipe).values())
+    # the frozen denoiser's convolutions and GEGLUs keep less for the backward pass (same gradients; at real
+    # size 26% of the activations, docs/realsize.md); micro's activations are small and its steps short, so
+    # it keeps autograd's own layers (a Python autograd function per convolution costs it about 1%)
+    lean_layers = 0 if plan.micro else frozen_layers.keep_less(pipe.unet)
     trigger_params = adapters.add_trigger_embedding(pipe, cfg.token, "default", cfg.init_word) if plan.train_trigger else []
     if half is not None:  # PEFT builds the adapter in its base layer's dtype; the trained weights stay fp32
         for p in params + trigger_params:
@@ -332,6 +337,8 @@ def _train(cfg: TrainConfig, out: Path, on_event: EventHandler | None, cancel: t
         if fast_layers:  # PEFT's own layer classes again for whatever reads the pipeline next
             for m in adapters.core.adapted_models(pipe).values():
                 fast_lora.restore(m)
+        if lean_layers:
+            frozen_layers.restore(pipe.unet)
         meta = recipe.metadata(cfg, plan, pipe, data)
         meta["final_loss"] = f"{_mean_tail(losses):.6f}" if losses else ""
         result_file = adapters.save_adapter(pipe, out, "default", metadata=meta)
@@ -355,14 +362,41 @@ def _train(cfg: TrainConfig, out: Path, on_event: EventHandler | None, cancel: t
 CPU_CHECKPOINT_LEVELS = 2
 
 
+def _attention_ops() -> set[Any]:
+    """The fused attention kernels of this torch (CPU flash, CUDA flash / memory-efficient / cuDNN)."""
+    names = ("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
+             "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention")
+    return {getattr(torch.ops.aten, n).default for n in names if hasattr(torch.ops.aten, n)}
+
+
+def attention_keeping_checkpoint(module: Any, *args: Any) -> Any:
+    """diffusers' checkpointing function, except that attention's outputs are kept, not recomputed.
+
+    At SD 1.5's 64x64 latents one self-attention is about 21 GFLOP and its output (with the softmax
+    statistics) 5 MB: recomputing it in the backward pass cost most of what checkpointing the highest
+    level costs in time, for almost none of its memory (docs/realsize.md). Selective activation
+    checkpointing (torch.utils.checkpoint) keeps those kernels' outputs and recomputes the rest.
+    """
+    from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+    keep = _attention_ops()
+
+    def policy(ctx: Any, op: Any, *a: Any, **k: Any) -> Any:
+        return CheckpointPolicy.MUST_SAVE if op in keep else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return checkpoint(module.__call__, *args, use_reentrant=False,
+                      context_fn=lambda: create_selective_checkpoint_contexts(policy))
+
+
 def checkpoint_high_resolutions(unet: Any, levels: int) -> list[str]:
     """Gradient checkpointing on the blocks of the ``levels`` highest resolutions of ``unet`` only.
 
     diffusers' ``enable_gradient_checkpointing`` turns it on everywhere; here it is then turned off in
     the blocks of lower resolutions (a down block's level is its index, an up block's is counted from
-    the other end, the mid block is the lowest). Returns the names of the checkpointed modules.
+    the other end, the mid block is the lowest). Attention outputs are kept
+    (:func:`attention_keeping_checkpoint`). Returns the names of the checkpointed modules.
     """
-    unet.enable_gradient_checkpointing()
+    unet.enable_gradient_checkpointing(gradient_checkpointing_func=attention_keeping_checkpoint)
     n = len(unet.down_blocks)
     on = []
     for name, module in unet.named_modules():
