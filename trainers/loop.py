@@ -202,7 +202,7 @@ def _train(cfg: TrainConfig, out: Path, on_event: EventHandler | None, cancel: t
     fast_layers = sum(fast_lora.speed_up(m) for m in adapters.core.adapted_models(pipe).values())
     # the frozen denoiser's convolutions and GEGLUs keep less for the backward pass (same gradients; at real
     # size 26% of the activations, docs/realsize.md); micro's activations are small and its steps short, so
-    # it keeps autograd's own layers (a Python autograd function per convolution costs it about 1%)
+    # it keeps autograd's own layers (a Python autograd function per convolution would only add overhead)
     lean_layers = 0 if plan.micro else frozen_layers.keep_less(pipe.unet)
     trigger_params = adapters.add_trigger_embedding(pipe, cfg.token, "default", cfg.init_word) if plan.train_trigger else []
     if half is not None:  # PEFT builds the adapter in its base layer's dtype; the trained weights stay fp32
