@@ -304,6 +304,13 @@ def main() -> None:
                                          args.precision)))
         return
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():  # the GPU rows of docs/BENCHMARKS.md need a GPU machine
+            print(f"skipped: --device {args.device} asks for a GPU and this torch sees none "
+                  f"(torch {torch.__version__}, CUDA build: {torch.version.cuda is not None})")
+            return
     from studio.machine import describe
     from studio.realsize import make, upscaled_images
 
