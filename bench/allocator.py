@@ -60,9 +60,9 @@ def main() -> None:
     for r in range(args.rounds):
         for loop in ("studio", "plain"):
             for name, lib in libs.items():
-                env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", allocator.ACTIVE_MARK)}
+                env = allocator.system_environment(os.environ)
                 if lib:
-                    env["LD_PRELOAD"] = lib
+                    env["LD_PRELOAD"] = f"{lib} {env['LD_PRELOAD']}".strip()
                 out = subprocess.run([sys.executable, __file__, "--child", loop, "--base", args.base, "--images",
                                       args.images, "--steps", str(args.steps)], env=env, check=True,
                                      capture_output=True, text=True)

@@ -34,7 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from studio.allocator import ACTIVE_MARK, active, reexec_with_allocator
+from studio.allocator import active, reexec_with_allocator, system_environment
 
 log = logging.getLogger("bench.realsize")
 
@@ -231,9 +231,7 @@ def run_child(kind: str, base: str, images: str, steps: int, resolution: int, de
         if variant[2]:
             env["STUDIO_ALLOCATOR"] = variant[2]
     if kind == "plain":  # diffusers' script as users run it: glibc's malloc, whatever this shell preloads
-        env["LD_PRELOAD"] = " ".join(p for p in env.get("LD_PRELOAD", "").split()
-                                     if not any(n in p for n in ("tcmalloc", "jemalloc")))
-        env.pop(ACTIVE_MARK, None)
+        env = system_environment(env)
     log.info("running %s", " ".join(cmd))
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])

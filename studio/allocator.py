@@ -54,6 +54,19 @@ def find(choice: str = "auto", dirs: list[Path] | None = None) -> tuple[str, Pat
     return None
 
 
+def _ours(entry: str) -> bool:
+    """Whether an ``LD_PRELOAD`` entry is one of :data:`LIBRARIES`."""
+    return any(lib in entry for libs in LIBRARIES.values() for lib in libs)
+
+
+def system_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """``environ`` for a process on the system allocator: tcmalloc and jemalloc taken out of ``LD_PRELOAD``
+    (the user's other preloads kept) and the re-execution mark dropped (benches compare against it)."""
+    env = {k: v for k, v in environ.items() if k != ACTIVE_MARK}
+    env["LD_PRELOAD"] = " ".join(p for p in env.get("LD_PRELOAD", "").split() if not _ours(p))
+    return env
+
+
 def preload_environment(environ: Mapping[str, str], platform: str = sys.platform,
                         dirs: list[Path] | None = None) -> dict[str, str] | None:
     """The environment to re-execute with, or None when this process should go on as it is."""
@@ -61,7 +74,7 @@ def preload_environment(environ: Mapping[str, str], platform: str = sys.platform
         return None
     choice = environ.get("STUDIO_ALLOCATOR", "auto").strip().lower() or "auto"
     preload = environ.get("LD_PRELOAD", "")
-    if any(lib in preload for libs in LIBRARIES.values() for lib in libs):
+    if _ours(preload):
         return None  # the user preloads one already
     try:
         found = find(choice, dirs)

@@ -38,6 +38,8 @@ def test_preload_environment_decisions(tmp_path):
     assert allocator.preload_environment({"STUDIO_ALLOCATOR": "bogus"}, "linux", libs) is None
     assert allocator.preload_environment({"LD_PRELOAD": "/usr/lib/libjemalloc.so.2"}, "linux", libs) is None
     assert allocator.preload_environment({}, "darwin", libs) is None
+    system = allocator.system_environment(env)  # back to glibc, the user's own preload kept
+    assert system["LD_PRELOAD"] == "/x/libfoo.so" and allocator.ACTIVE_MARK not in system
 
 
 def _run(env_extra: dict[str, str]) -> str:
@@ -45,7 +47,7 @@ def _run(env_extra: dict[str, str]) -> str:
 
     code = ("from studio.allocator import reexec_with_allocator, active; reexec_with_allocator(); "
             "import torch; print(active())")
-    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", allocator.ACTIVE_MARK)} | env_extra
+    env = allocator.system_environment(os.environ) | env_extra
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
                           check=True).stdout.strip()
 

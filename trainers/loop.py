@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -362,11 +363,12 @@ def _train(cfg: TrainConfig, out: Path, on_event: EventHandler | None, cancel: t
 CPU_CHECKPOINT_LEVELS = 2
 
 
-def _attention_ops() -> set[Any]:
+@functools.lru_cache(maxsize=1)
+def _attention_ops() -> frozenset[Any]:
     """The fused attention kernels of this torch (CPU flash, CUDA flash / memory-efficient / cuDNN)."""
     names = ("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
              "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention")
-    return {getattr(torch.ops.aten, n).default for n in names if hasattr(torch.ops.aten, n)}
+    return frozenset(getattr(torch.ops.aten, n).default for n in names if hasattr(torch.ops.aten, n))
 
 
 def attention_keeping_checkpoint(module: Any, *args: Any) -> Any:
