@@ -18,14 +18,14 @@ def main() -> None:
     from studio.autolora.encoder import EncoderConfig, adapter_factors
     from studio.autolora.functional import cosine_scores, recall_at
     from studio.autolora.retrieval import DEFAULT_ZOO, TrainSettings, encode_texts, train_encoder
-    from studio.autolora.zoo import load_zoo
+    from studio.autolora.zoo import gallery, load_zoo
     from studio.loading import load_pipeline
 
     torch.set_num_threads(1)
     name, cfg = sys.argv[1], EncoderConfig(**json.loads(sys.argv[2]))
     steps = int(sys.argv[3]) if len(sys.argv) > 3 else TrainSettings.steps
     seeds = [int(s) for s in (sys.argv[4] if len(sys.argv) > 4 else "0").split(",")]
-    entries = [e for e in load_zoo(DEFAULT_ZOO)["adapters"] if not e["heldout"]]
+    entries = [e for e in gallery(load_zoo(DEFAULT_ZOO)["adapters"]) if not e["heldout"]]
     pipe = load_pipeline("micro")
     factors = [adapter_factors(pipe, e["file"], cfg.lowrank) for e in entries]
     queries = encode_texts(pipe, [e["prompt"] for e in entries])

@@ -26,10 +26,10 @@ def main() -> None:
     from studio.autolora.encoder import adapter_factors
     from studio.autolora.functional import cosine_scores
     from studio.autolora.retrieval import DEFAULT_ZOO, encode_texts, match_threshold, open_encoder, unknown_prompt_note
-    from studio.autolora.zoo import load_zoo
+    from studio.autolora.zoo import gallery, load_zoo
 
     enc, pipe, header = open_encoder()
-    entries = load_zoo(DEFAULT_ZOO)["adapters"]
+    entries = gallery(load_zoo(DEFAULT_ZOO)["adapters"])
     vecs = enc.encode([adapter_factors(pipe, e["file"], enc.config.lowrank) for e in entries])
     held = torch.tensor([e["heldout"] for e in entries])
     s_on = cosine_scores(enc.center(encode_texts(pipe, [e["prompt"] for e in entries])), vecs)

@@ -1,10 +1,11 @@
 """AutoLoRA retrieval across encoder training seeds, and seed ensembles, on the bundled zoo.
 
-    OMP_NUM_THREADS=1 python bench/autolora_seeds.py [--seeds 0,1,2,3,4,5] [--steps 600]
+    OMP_NUM_THREADS=1 python bench/autolora_seeds.py [--seeds 0,1,2,3,4,5] [--steps 600] [--zoo DIR]
 
 For each seed: the encoder trains as `studio eval retrieval --seed S` does (same config and
 settings) and prints recall@1/3 among the held-out adapters, recall@3 among the whole zoo and for
-caption queries. After each seed past the first, the ensemble of the seeds so far (the mean of
+caption queries (a zoo with replicas: they train the encoder, the whole-zoo gallery lists one
+adapter per concept). After each seed past the first, the ensemble of the seeds so far (the mean of
 their L2-normalized adapter vectors) is scored the same way.
 """
 
@@ -26,13 +27,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", default="0,1,2,3,4,5")
     ap.add_argument("--steps", type=int, default=TrainSettings.steps)
+    ap.add_argument("--zoo", default=None, help="zoo folder (default: the bundled one)")
     args = ap.parse_args()
-    entries = load_zoo(DEFAULT_ZOO)["adapters"]
+    entries = load_zoo(args.zoo or DEFAULT_ZOO)["adapters"]
     pipe = load_pipeline("micro")
     cfg = EncoderConfig()
     factors = [adapter_factors(pipe, e["file"], cfg.lowrank) for e in entries]
     train = [i for i, e in enumerate(entries) if not e["heldout"]]
     test = [i for i, e in enumerate(entries) if e["heldout"]]
+    full = [i for i, e in enumerate(entries) if not e.get("replica")]
     queries = encode_texts(pipe, [entries[i]["prompt"] for i in test])
     cap = [(t, c) for t, i in enumerate(test) for c in entries[i]["captions"][:3]]
     cap_q, cap_t = encode_texts(pipe, [c for _, c in cap]), torch.tensor([t for t, _ in cap])
@@ -41,7 +44,7 @@ def main() -> None:
     def scores(vecs: torch.Tensor, q: torch.Tensor) -> dict[str, float]:
         held = cosine_scores(q, vecs[test])
         return {"recall@1": recall_at(held, truth, 1), "recall@3": recall_at(held, truth, 3),
-                "full_zoo_r@3": recall_at(cosine_scores(q, vecs), torch.tensor(test), 3),
+                "full_zoo_r@3": recall_at(cosine_scores(q, vecs[full]), torch.tensor([full.index(i) for i in test]), 3),
                 "captions_r@3": round(recall_at(cosine_scores(cap_q, vecs[test]), cap_t, 3), 3)}
 
     members = []

@@ -32,6 +32,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     z.add_argument("--out", required=True, metavar="DIR", help="the zoo folder (re-running continues it)")
     z.add_argument("--steps", type=int, default=100, help="training steps per adapter (default 100)")
     z.add_argument("--rank", type=int, default=4, help="adapter rank (default 4)")
+    z.add_argument("--replicas", type=int, default=0,
+                   help="train each training concept this many more times (other renders and inits): more encoder "
+                        "training data; retrieval still lists one adapter per concept (default 0)")
     z.add_argument("--full-precision", action="store_true", help="keep fp32 files (default: fp16, the zoo is small)")
     z.add_argument("--cluster", default=None, metavar="ADDRESS", help="run the jobs on a Ray cluster (studio batch "
                                                                      "--cluster)")
@@ -135,13 +138,15 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def run_zoo(args: argparse.Namespace) -> int:
-    from studio.autolora.zoo import ZooSettings, build_zoo
+    from studio.autolora.zoo import ZooSettings, planned, build_zoo
 
     index = build_zoo(args.out, args.n, ZooSettings(steps=args.steps, rank=args.rank),
-                      half=not args.full_precision, cluster=args.cluster)
+                      half=not args.full_precision, cluster=args.cluster, replicas=args.replicas)
     held = sum(e["heldout"] for e in index["adapters"])
-    print(f"{args.out}: {len(index['adapters'])} adapters ({held} held out of encoder training)")
-    return 0 if len(index["adapters"]) == args.n else 1
+    extra = sum(bool(e.get("replica")) for e in index["adapters"])
+    print(f"{args.out}: {len(index['adapters'])} adapters ({held} held out of encoder training"
+          + (f", {extra} replicas" if extra else "") + ")")
+    return 0 if len(index["adapters"]) == len(planned(args.n, args.replicas)) else 1
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -194,13 +199,13 @@ def run_embed(args: argparse.Namespace) -> int:
 def run_gates(args: argparse.Namespace) -> int:
     from studio.autolora.gates import DEFAULT_GATES, GateConfig, GateTrainSettings, save_gates, train_gates
     from studio.autolora.retrieval import DEFAULT_ZOO
-    from studio.autolora.zoo import load_zoo
+    from studio.autolora.zoo import gallery, load_zoo
     from studio.generation import model_hash
     from studio.loading import load_pipeline
 
     index = load_zoo(args.zoo or DEFAULT_ZOO)
     pipe = load_pipeline(index.get("base", "micro"))
-    entries = [e for e in index["adapters"] if not e["heldout"]]
+    entries = [e for e in gallery(index["adapters"]) if not e["heldout"]]
     settings = GateTrainSettings(steps=args.steps, batch=args.batch, lr=args.lr, hinge_weight=args.hinge_weight,
                                  margin=args.margin, eval_every=args.eval_every, seed=args.seed,
                                  compose_share=args.compose_share)

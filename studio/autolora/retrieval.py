@@ -187,19 +187,20 @@ def retrieval_suite(zoo: str | os.PathLike | None = None, *, encoder: str | os.P
     raw_queries = encode_texts(pipe, [entries[i]["prompt"] for i in test])
     queries = enc.center(raw_queries)
     truth_test = torch.arange(len(test))
-    truth_full = torch.tensor(test)
+    full = [i for i, e in enumerate(entries) if not e.get("replica")]  # one adapter per concept (zoo.gallery)
+    truth_full = torch.tensor([full.index(i) for i in test])
     result: dict[str, Any] = {"suite": "retrieval", "n": len(test), "gallery": "held-out adapters"}
     s_test = cosine_scores(queries, vec[test])
     result.update(_recalls(s_test, truth_test))
     # each held-out adapter's rank among the held-out ones (0 = first): where the misses are
     true = s_test.gather(1, truth_test[:, None])
     result["rank_by_adapter"] = {entries[i]["name"]: int((s_test[q] > true[q]).sum()) for q, i in enumerate(test)}
-    s_full = cosine_scores(queries, vec)
-    result["full_zoo"] = {**_recalls(s_full, truth_full), "gallery": len(entries)}
+    s_full = cosine_scores(queries, vec[full])
+    result["full_zoo"] = {**_recalls(s_full, truth_full), "gallery": len(full)}
     for label, key in (("metadata_real_names", "name"), ("metadata_random_names", "random_name")):
         meta = encode_texts(pipe, [metadata_text(e[key], e.get("trigger", "")) for e in entries])
         result[label] = {**_recalls(cosine_scores(raw_queries, meta[test]), truth_test),
-                         "full_zoo": _recalls(cosine_scores(raw_queries, meta), truth_full)}
+                         "full_zoo": _recalls(cosine_scores(raw_queries, meta[full]), truth_full)}
     # longer queries: three renderer captions of each held-out adapter (backgrounds and all)
     cap_q = [(t, c) for t, i in enumerate(test) for c in entries[i]["captions"][:3]]
     if cap_q:
@@ -367,10 +368,10 @@ def retrieve(prompt: str, k: int = 3, *, library: bool = False, zoo: str | os.Pa
                               f"or search a zoo with --zoo DIR")
         log.warning("%s: searching the bundled adapter zoo %s (--library to insist)", why, DEFAULT_ZOO)
         zoo = DEFAULT_ZOO
-    from studio.autolora.zoo import load_zoo
+    from studio.autolora.zoo import gallery, load_zoo
 
     index = load_zoo(zoo)
-    entries = index["adapters"]
+    entries = gallery(index["adapters"])
     if not entries:
         raise StudioError(f"{zoo}: the zoo has no adapters")
     vecs = enc.encode([adapter_factors(pipe, e["file"], enc.config.lowrank) for e in entries],

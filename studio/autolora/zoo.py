@@ -10,6 +10,11 @@ words (shape, colour, texture) occur in training concepts too.
 
 The zoo is a folder: ``zoo.json`` (the concepts, their captions, which are held out) and one
 sub-folder per adapter with ``pytorch_lora_weights.safetensors`` (fp16 when ``--half``).
+
+*Replicas* (``--replicas R``) train each training concept R more times, from other renders and
+another random initialisation (``NAME-r1``, ...). They are encoder training data only: the
+encoder learns what a concept's adapters share across inits and image sets, and galleries
+(retrieval, the full-zoo recall, gate pairs) list one adapter per concept (:func:`gallery`).
 """
 
 from __future__ import annotations
@@ -105,6 +110,19 @@ class ZooSettings:
     seed: int = 0
 
 
+def gallery(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One adapter per concept: the entries that are not replicas (what retrieval answers with)."""
+    return [e for e in entries if not e.get("replica")]
+
+
+def planned(n: int, replicas: int) -> list[tuple[int, int, Concept, str]]:
+    """(concept index, replica, concept, adapter name) of every adapter of an ``n``-concept zoo."""
+    plan = [(i, 0, c, c.name) for i, c in enumerate(CONCEPTS[:n])]
+    plan += [(i, r, c, f"{c.name}-r{r}") for r in range(1, replicas + 1)
+             for i, c in enumerate(CONCEPTS[:n]) if not is_heldout(i)]
+    return plan
+
+
 def _render(concept: Concept, out: Path, n: int, seed: int) -> None:
     from studio.micro.cli import render_set
 
@@ -119,54 +137,70 @@ def _render(concept: Concept, out: Path, n: int, seed: int) -> None:
                    overwrite=True)
 
 
-def _job(concept: Concept, images: Path, out: Path, s: ZooSettings, seed: int) -> str:
+def _job(concept: Concept, name: str, images: Path, out: Path, s: ZooSettings, seed: int) -> str:
     kind = "style" if concept.kind == "style" else "subject"
     fields = {
-        "kind": kind, "images": str(images), "base": "micro", "out": str(out), "name": concept.name,
-        "rank": s.rank, "targets": s.targets, "steps": s.steps, "prior": False, "train_trigger": False,
+        "kind": kind, "images": str(images), "base": "micro", "out": str(out), "name": name,
+        "rank": s.rank, "targets": s.targets, "steps": s.steps, "prior": False, "train_trigger": False, "flip": 0.5,
         "sample_every": 0, "checkpoint_every": 0, "seed": seed, "register": False,
     }
     return "".join(f"{k} = {json.dumps(v)}\n" for k, v in fields.items())
 
 
 def build_zoo(out: str | os.PathLike, n: int, settings: ZooSettings = ZooSettings(), *, half: bool = True,
-              cluster: str | None = None) -> dict[str, Any]:
+              cluster: str | None = None, replicas: int = 0) -> dict[str, Any]:
     """Render, train (``studio batch``) and index ``n`` zoo adapters in ``out``; returns the index.
 
-    Re-running continues: adapters that finished earlier are skipped by the batch runner's resume.
+    ``replicas`` more adapters of each training concept (other renders and init seeds) are trained
+    too. Re-running continues: adapters that finished earlier (in the batch runner's work folder,
+    or already published in ``out`` and its index) are not trained again.
     """
     from studio.trainers.cli import run_batch
 
     if not 1 <= n <= len(CONCEPTS):
         raise StudioError(f"--n {n}: the zoo has {len(CONCEPTS)} concepts; choose 1 to {len(CONCEPTS)}")
+    if replicas < 0:
+        raise StudioError(f"--replicas {replicas}: must be 0 or more")
     root = Path(out)
     work = root / ".work"
+    done = {}
+    if (root / ZOO_FILE).is_file():  # published earlier: kept as they are (the committed zoo grows in place)
+        done = {e["name"]: e for e in json.loads((root / ZOO_FILE).read_text())["adapters"]
+                if (root / e["path"] / "pytorch_lora_weights.safetensors").is_file()}
+    plan = planned(n, replicas)
     jobs = []
-    for i, concept in enumerate(CONCEPTS[:n]):
-        images = work / "images" / concept.name
+    for i, r, concept, name in plan:
+        if name in done:
+            continue
+        images = work / "images" / name
         if not images.is_dir() or not any(images.glob("*.png")):
-            _render(concept, images, settings.images, settings.seed * 1000 + i)
-        job = work / "jobs" / f"{i:02d}-{concept.name}.toml"
+            _render(concept, images, settings.images, settings.seed * 1000 + i + 100_000 * r)
+        job = work / "jobs" / f"{i:02d}-{name}.toml"
         job.parent.mkdir(parents=True, exist_ok=True)
-        job.write_text(_job(concept, images, work / "adapters" / concept.name, settings, settings.seed + i))
+        job.write_text(_job(concept, name, images, work / "adapters" / name, settings, settings.seed + i + 1000 * r))
         jobs.append(str(job))
-    args = argparse.Namespace(jobs=jobs, logs=str(work / "logs"), resume=True, cluster=cluster, num_cpus=1,
-                              num_gpus=None, max_retries=3, unschedulable_timeout=60.0, connect_timeout=5.0)
-    status = run_batch(args)
+    status = 0
+    if jobs:
+        args = argparse.Namespace(jobs=jobs, logs=str(work / "logs"), resume=True, cluster=cluster, num_cpus=1,
+                                  num_gpus=None, max_retries=3, unschedulable_timeout=60.0, connect_timeout=5.0)
+        status = run_batch(args)
     entries = []
-    for i, concept in enumerate(CONCEPTS[:n]):
-        src = work / "adapters" / concept.name
-        images = work / "images" / concept.name
+    for i, r, concept, name in plan:
+        if name in done:
+            entries.append({**done[name], "replica": r} if r else done[name])
+            continue
+        src = work / "adapters" / name
+        images = work / "images" / name
         captions = [p.read_text().strip() for p in sorted(images.glob("*.txt"))]
         if not (src / "pytorch_lora_weights.safetensors").is_file():
-            log.warning("zoo adapter %s did not train (see %s); left out", concept.name, work / "logs")
+            log.warning("zoo adapter %s did not train (see %s); left out", name, work / "logs")
             continue
-        dst = root / concept.name
-        _copy_adapter(src, dst, half)
-        entries.append({"name": concept.name, "random_name": random_name(1000 + i), "kind": concept.kind,
-                        "shape": concept.shape, "color": concept.color, "texture": concept.texture,
-                        "prompt": concept.prompt(), "captions": captions, "heldout": is_heldout(i),
-                        "trigger": "sks", "path": concept.name})
+        _copy_adapter(src, root / name, half)
+        entry = {"name": name, "random_name": random_name(1000 + i + 100_000 * r), "kind": concept.kind,
+                 "shape": concept.shape, "color": concept.color, "texture": concept.texture,
+                 "prompt": concept.prompt(), "captions": captions, "heldout": is_heldout(i) and not r,
+                 "trigger": "sks", "path": name}
+        entries.append({**entry, "replica": r} if r else entry)
     index = {"base": "micro", "settings": dataclasses.asdict(settings), "adapters": entries}
     tmp = root / (ZOO_FILE + ".tmp")
     tmp.write_text(json.dumps(index, indent=1) + "\n")
