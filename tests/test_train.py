@@ -384,6 +384,12 @@ def test_micro_subject_defaults_and_overrides():
     assert (plan.lr, plan.prior_weight, plan.micro, plan.caption_dropout, plan.prior_uncond) == (1e-3, 1.0, False, 0.5, 0)
 
 
+def test_subjects_are_not_mirrored_by_default_styles_are():
+    """kohya's and diffusers' default: no flips for a subject (a mirrored crescent is another shape)."""
+    assert (_plan("subject").flip, _plan("subject", source="folder").flip) == (0.0, 0.0)
+    assert (_plan("style").flip, _plan("subject", flip=0.5).flip, _plan("style", flip=0).flip) == (0.5, 0.5, 0)
+
+
 def test_micro_style_defaults_train_the_trigger_with_output_preservation():
     plan = _plan("style")
     assert (plan.prior, plan.train_trigger, plan.prior_weight, plan.caption_dropout) == (True, True, 3.0, 0.0)

@@ -370,7 +370,7 @@ def _train(cfg: TrainConfig, out: Path, emit: EventHandler, cancel: threading.Ev
             lats, prompts, halves, weights = [], [], [], []
             for s in streams:
                 idx = torch.randint(0, len(s.latents), (s.batch,), generator=gen)
-                flips = torch.rand(s.batch, generator=gen) < cfg.flip
+                flips = torch.rand(s.batch, generator=gen) < (0.5 if cfg.flip is None else cfg.flip)
                 lats.append(torch.where(flips[:, None, None, None], s.latents_flip[idx], s.latents[idx]))
                 prompts += [loop._pick(s.prompts[i], plan.caption_dropout, gen) for i in idx.tolist()]
                 halves += [s.half] * s.batch

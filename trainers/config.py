@@ -62,7 +62,8 @@ class TrainConfig:
     grad_accum: int = _f(1, "gradient accumulation steps")
     resolution: int | None = _f(None, "training resolution in pixels (default: the base model's native size)")
     buckets: bool = _f(False, "aspect-ratio buckets instead of square center crops")
-    flip: float = _f(0.5, "probability of a horizontal flip")
+    flip: float | None = _f(None, "probability of a horizontal flip (default: 0 for subjects, as in kohya's and "
+                                  "diffusers' scripts, since a mirrored asymmetric subject is another one; 0.5 for styles)")
     prior: bool | None = _f(None, "prior preservation with generated class images (default: on for subjects, "
                                       "and for styles on micro)")
     prior_weight: float | None = _f(None, "weight of the prior-preservation loss (default: 3 on micro, else 1)")
@@ -193,7 +194,7 @@ class TrainConfig:
             raise bad("trigger_norm", f"{self.trigger_norm}: must be >= 0 (0: no cap)")
         if self.snr_gamma < 0:
             raise bad("snr_gamma", f"{self.snr_gamma}: must be >= 0 (0 turns the weighting off)")
-        if not 0 <= self.flip <= 1:
+        if self.flip is not None and not 0 <= self.flip <= 1:
             raise bad("flip", f"{self.flip}: a probability in [0, 1]")
         if self.tag_dropout is not None and not 0 <= self.tag_dropout <= 1:
             raise bad("tag_dropout", f"{self.tag_dropout}: a probability in [0, 1]")

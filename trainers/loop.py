@@ -171,7 +171,8 @@ def _train(cfg: TrainConfig, out: Path, on_event: EventHandler | None, cancel: t
     emit(Event("prepare", message="caching latents and text embeddings"))
     vae = pipe.vae
     latents = _encode_images(vae, [data.pixel_tensor(i) for i in range(len(data))], accelerator.device)
-    latents_flip = _encode_images(vae, [data.pixel_tensor(i, flip=True) for i in range(len(data))], accelerator.device)
+    latents_flip = (_encode_images(vae, [data.pixel_tensor(i, flip=True) for i in range(len(data))], accelerator.device)
+                    if plan.flip > 0 else latents)
     class_latents = None
     if plan.prior:
         emit(Event("prepare", message=f"class images for prior preservation ({cfg.class_images}, cached)"))
@@ -259,7 +260,7 @@ def _train(cfg: TrainConfig, out: Path, on_event: EventHandler | None, cancel: t
             raise Cancelled(f"training cancelled at step {step}/{plan.steps}; resume with --resume --out {out}")
         with accelerator.accumulate(unet):
             idx = torch.randint(0, len(data), (plan.batch,), generator=gen)
-            flips = torch.rand(plan.batch, generator=gen) < cfg.flip
+            flips = torch.rand(plan.batch, generator=gen) < plan.flip
             lat = torch.where(flips[:, None, None, None], latents_flip[idx], latents[idx])
             emb, pooled = text_cache.embed_pooled([_empty_or(_pick(prompts[i], plan.caption_dropout, gen,
                                                                    plan.tag_dropout, cfg.token), cfg.empty_prompt, gen)
