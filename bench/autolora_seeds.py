@@ -1,6 +1,6 @@
 """AutoLoRA retrieval across encoder training seeds, and seed ensembles, on the bundled zoo.
 
-    OMP_NUM_THREADS=1 python bench/autolora_seeds.py [--seeds 0,1,2,3,4,5] [--steps 600] [--zoo DIR]
+    OMP_NUM_THREADS=1 python bench/autolora_seeds.py [--seeds 0,1,2,3,4,5] [--steps N] [--zoo DIR]
 
 For each seed: the encoder trains as `studio eval retrieval --seed S` does (same config and
 settings) and prints recall@1/3 among the held-out adapters, recall@3 among the whole zoo and for

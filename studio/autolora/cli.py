@@ -138,7 +138,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def run_zoo(args: argparse.Namespace) -> int:
-    from studio.autolora.zoo import ZooSettings, planned, build_zoo
+    from studio.autolora.zoo import ZooSettings, build_zoo, planned
 
     index = build_zoo(args.out, args.n, ZooSettings(steps=args.steps, rank=args.rank),
                       half=not args.full_precision, cluster=args.cluster, replicas=args.replicas)
