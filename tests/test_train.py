@@ -374,7 +374,7 @@ def _plan(kind: str, source: str = "micro", **fields):
 
 def test_micro_subject_defaults_and_overrides():
     plan = _plan("subject")
-    assert (plan.lr, plan.trigger_lr, plan.prior_weight, plan.caption_dropout) == (2e-3, 1e-3, 3.0, 0.25)
+    assert (plan.lr, plan.trigger_lr, plan.prior_weight, plan.caption_dropout) == (2e-3, 1e-3, 4.0, 0.25)
     assert (plan.prior_uncond, plan.tag_dropout) == (0.2, 0.5)
     plan = _plan("subject", lr=1e-4, trigger_lr=2e-3, prior_weight=0.5, caption_dropout=0.1, prior_uncond=0,
                  tag_dropout=0)

@@ -66,7 +66,8 @@ class TrainConfig:
                                   "diffusers' scripts, since a mirrored asymmetric subject is another one; 0.5 for styles)")
     prior: bool | None = _f(None, "prior preservation with generated class images (default: on for subjects, "
                                       "and for styles on micro)")
-    prior_weight: float | None = _f(None, "weight of the prior-preservation loss (default: 3 on micro, else 1)")
+    prior_weight: float | None = _f(None, "weight of the prior-preservation loss (default: 4 for micro subjects, 3 for "
+                                          "micro styles, else 1)")
     prior_target: str = _f("base", "what the class images are trained towards: base (the base model's own "
                                    "prediction, an output-preservation distillation) or noise (DreamBooth's loss)")
     prior_uncond: float | None = _f(None, "fraction of class images trained on the empty prompt, which keeps the "
