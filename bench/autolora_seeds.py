@@ -21,7 +21,7 @@ def main() -> None:
     from studio.autolora.encoder import EncoderConfig, adapter_factors
     from studio.autolora.functional import cosine_scores, recall_at
     from studio.autolora.retrieval import DEFAULT_ZOO, TrainSettings, encode_texts, train_encoder
-    from studio.autolora.zoo import load_zoo
+    from studio.autolora.zoo import gallery_index, load_zoo
     from studio.loading import load_pipeline
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -35,7 +35,7 @@ def main() -> None:
     factors = [adapter_factors(pipe, e["file"], cfg.lowrank) for e in entries]
     train = [i for i, e in enumerate(entries) if not e["heldout"]]
     test = [i for i, e in enumerate(entries) if e["heldout"]]
-    full = [i for i, e in enumerate(entries) if not e.get("replica")]
+    full = gallery_index(entries)
     queries = encode_texts(pipe, [entries[i]["prompt"] for i in test])
     cap = [(t, c) for t, i in enumerate(test) for c in entries[i]["captions"][:3]]
     cap_q, cap_t = encode_texts(pipe, [c for _, c in cap]), torch.tensor([t for t, _ in cap])

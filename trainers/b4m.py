@@ -221,7 +221,7 @@ def _train(cfg: TrainConfig, out: Path, emit: EventHandler, cancel: threading.Ev
     from studio.loading import load_pipeline
     from studio.trainers import loop
     from studio.trainers.data import load_image_folder, validate_output_dir
-    from studio.trainers.recipes import get_recipe
+    from studio.trainers.recipes import Recipe, get_recipe
 
     t_start = time.time()
     cfg.validate()
@@ -240,6 +240,8 @@ def _train(cfg: TrainConfig, out: Path, emit: EventHandler, cancel: threading.Ev
     device = pipe.unet.device
     subj_cfg = dataclasses.replace(cfg, kind="subject", images=cfg.content, method="lora")
     plan = get_recipe("subject").plan(subj_cfg, pipe)  # family check, resolution, class prompts, sampling
+    # both halves' sets are mirrored at the generic recipe default, not the subject recipe's unmirrored one
+    flip = Recipe.default_flip if cfg.flip is None else cfg.flip
     if plan.family == "sdxl":  # its stages call the denoiser without SDXL's pooled embeddings and time ids
         raise StudioError(f"--base {cfg.base}: Break-for-Make does not train on SDXL yet; use an SD 1.x/2.x model "
                           f"or micro (plain LoRA, --method lora, trains on SDXL)")
@@ -370,7 +372,7 @@ def _train(cfg: TrainConfig, out: Path, emit: EventHandler, cancel: threading.Ev
             lats, prompts, halves, weights = [], [], [], []
             for s in streams:
                 idx = torch.randint(0, len(s.latents), (s.batch,), generator=gen)
-                flips = torch.rand(s.batch, generator=gen) < (0.5 if cfg.flip is None else cfg.flip)
+                flips = torch.rand(s.batch, generator=gen) < flip
                 lats.append(torch.where(flips[:, None, None, None], s.latents_flip[idx], s.latents[idx]))
                 prompts += [loop._pick(s.prompts[i], plan.caption_dropout, gen) for i in idx.tolist()]
                 halves += [s.half] * s.batch

@@ -163,7 +163,7 @@ def retrieval_suite(zoo: str | os.PathLike | None = None, *, encoder: str | os.P
     metadata baseline with real and with random names.
     """
     from studio.autolora.encoder import load_encoder
-    from studio.autolora.zoo import load_zoo
+    from studio.autolora.zoo import gallery_index, load_zoo
 
     zoo_dir = Path(zoo) if zoo else DEFAULT_ZOO
     index = load_zoo(zoo_dir)
@@ -189,7 +189,7 @@ def retrieval_suite(zoo: str | os.PathLike | None = None, *, encoder: str | os.P
     raw_queries = encode_texts(pipe, [entries[i]["prompt"] for i in test])
     queries = enc.center(raw_queries)
     truth_test = torch.arange(len(test))
-    full = [i for i, e in enumerate(entries) if not e.get("replica")]  # one adapter per concept (zoo.gallery)
+    full = gallery_index(entries)
     truth_full = torch.tensor([full.index(i) for i in test])
     result: dict[str, Any] = {"suite": "retrieval", "n": len(test), "gallery": "held-out adapters"}
     s_test = cosine_scores(queries, vec[test])

@@ -110,9 +110,14 @@ class ZooSettings:
     seed: int = 0
 
 
+def gallery_index(entries: list[dict[str, Any]]) -> list[int]:
+    """Positions of the entries that are not replicas: one adapter per concept."""
+    return [i for i, e in enumerate(entries) if not e.get("replica")]
+
+
 def gallery(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One adapter per concept: the entries that are not replicas (what retrieval answers with)."""
-    return [e for e in entries if not e.get("replica")]
+    return [entries[i] for i in gallery_index(entries)]
 
 
 def planned(n: int, replicas: int) -> list[tuple[int, int, Concept, str]]:
