@@ -31,8 +31,10 @@ def _run(m: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.
     return y.detach(), grads
 
 
+@pytest.mark.parametrize("merge_max", [0, fast.MERGE_MAX_IN], ids=["low-rank path", "weight path"])
 @pytest.mark.parametrize("lora", [{}, {"use_dora": True}, {"lora_dropout": 0.5}])
-def test_fast_forward_equals_peft(lora):
+def test_fast_forward_equals_peft(lora, merge_max, monkeypatch):
+    monkeypatch.setattr(fast, "MERGE_MAX_IN", merge_max)
     x = torch.randn(5, 3, 12)
     ref, fast_m = _model(**lora), _model(**lora)
     assert fast.speed_up(fast_m) == 2
@@ -41,8 +43,8 @@ def test_fast_forward_equals_peft(lora):
     torch.manual_seed(1)  # the same dropout draws where PEFT's forward runs (the fast path hands it back)
     y_fast, g_fast = _run(fast_m, x)
     torch.testing.assert_close(y_fast, y_ref, rtol=1e-6, atol=1e-6)
-    for a, b in zip(g_fast, g_ref):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for a, b in zip(g_fast, g_ref):  # the weight path sums its products in another order: float rounding
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_adapters_off_and_merged_fall_back_to_peft():

@@ -8,6 +8,14 @@ forward). While the trainer trains one vanilla LoRA adapter, the layer's output 
 with three ``F.linear`` calls and hands every other case (adapters off, merged, variants such as
 DoRA, lora_A/lora_B modules other than plain Linears, dropout, a dtype that PEFT would cast, extra arguments) back to PEFT's own forward.
 
+Small layers take the adapter through the weight instead: ``x (W + s B A)^T + b``, two ops
+(``addmm`` builds the r-rank update into a temporary copy of the weight, one ``linear`` applies
+it) where the low-rank path runs five, and autograd's backward does four matrix products where the
+low-rank one does six with their views. The weight path does more arithmetic (the gradient of the
+whole ``d_out x d_in`` update), so it pays only on narrow inputs: layers of at most
+:data:`MERGE_MAX_IN` input features, i.e. the micro model's (docs/training.md, "Session 13"). Both
+paths compute the same function and gradients (to float rounding).
+
 Parameters, names, state dicts and files are PEFT's: the subclass only overrides ``forward``,
 and :func:`restore` swaps the layers back (the trainer does so before saving).
 """
@@ -19,6 +27,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from peft.tuners.lora.layer import Linear as LoraLinear
+
+
+# Layers of at most this many input features train their LoRA through the weight (module docstring).
+# One layer's forward and backward, rank 8, 1 thread, 64-4096 tokens (docs/training.md, "Session 13"):
+# the weight path takes 0.49-0.93x the time at 64-128 inputs (any output width), 0.89-1.08x at 512,
+# 0.98-2.11x at 320-1280 (SD's layers). Micro's layers have 32-128 inputs, SD's at least 320.
+MERGE_MAX_IN = 128
 
 
 class FastLoraLinear(LoraLinear):
@@ -37,8 +52,11 @@ class FastLoraLinear(LoraLinear):
                 or not isinstance(self.lora_dropout[name], torch.nn.Identity)
                 or lora_a.weight.dtype != x.dtype or base.weight.dtype != x.dtype):
             return super().forward(x, *args, **kwargs)
+        lora_b, scale = self.lora_B[name].weight, self.scaling[name]
+        if base.in_features <= MERGE_MAX_IN:
+            return F.linear(x, torch.addmm(base.weight, lora_b, lora_a.weight, alpha=scale), base.bias)
         out = F.linear(x, base.weight, base.bias)
-        return out + F.linear(F.linear(x, lora_a.weight), self.lora_B[name].weight) * self.scaling[name]
+        return out + F.linear(F.linear(x, lora_a.weight), lora_b) * scale
 
 
 def _swap(model: torch.nn.Module, src: type, dst: type) -> int:
