@@ -28,6 +28,8 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2,3,4,5")
     ap.add_argument("--steps", type=int, default=TrainSettings.steps)
     ap.add_argument("--zoo", default=None, help="zoo folder (default: the bundled one)")
+    ap.add_argument("--mask-replicas", type=int, choices=(0, 1), default=int(TrainSettings.mask_replicas),
+                    help="1: a concept's replicas are not each other's InfoNCE negatives")
     args = ap.parse_args()
     entries = load_zoo(args.zoo or DEFAULT_ZOO)["adapters"]
     pipe = load_pipeline("micro")
@@ -51,7 +53,8 @@ def main() -> None:
     for seed in (int(s) for s in args.seeds.split(",")):
         enc, _ = train_encoder(pipe, [factors[i] for i in train],
                                [entries[i]["captions"] + [entries[i]["prompt"]] for i in train], cfg,
-                               TrainSettings(steps=args.steps, seed=seed), names=[entries[i]["name"] for i in train])
+                               TrainSettings(steps=args.steps, seed=seed, mask_replicas=bool(args.mask_replicas)),
+                               names=[entries[i]["name"] for i in train], concepts=[entries[i]["prompt"] for i in train])
         v = enc.encode(factors)
         members.append(v / v.norm(dim=1, keepdim=True))
         print(json.dumps({"seed": seed, **scores(v, enc.center(queries))}), flush=True)

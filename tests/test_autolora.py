@@ -156,6 +156,22 @@ def test_recall_does_not_reward_ties():
     assert AF.recall_at(ranked, torch.tensor([0, 1]), 4) == 1.0
 
 
+def test_info_nce_leaves_a_concepts_replicas_out_of_its_negatives():
+    g = torch.Generator().manual_seed(0)
+    a, t = torch.randn(5, 8, generator=g), torch.randn(5, 8, generator=g)
+    distinct = torch.arange(5)
+    assert torch.equal(AF.info_nce(a, t, 2.0, distinct), AF.info_nce(a, t, 2.0))  # nothing shared: plain InfoNCE
+    groups = torch.tensor([0, 0, 1, 2, 2])  # rows 0-1 and 3-4 are replicas of one concept each
+    norm = torch.nn.functional.normalize
+    logits = torch.tensor(2.0).exp() * norm(a, dim=-1) @ norm(t, dim=-1).t()
+    by_hand = []
+    for lg in (logits, logits.t()):
+        for i in range(5):
+            keep = [j for j in range(5) if j == i or groups[j] != groups[i]]
+            by_hand.append(torch.logsumexp(lg[i, keep], 0) - lg[i, i])
+    assert torch.allclose(AF.info_nce(a, t, 2.0, groups), torch.stack(by_hand).sum() / 10, atol=1e-6)
+
+
 # ----------------------------------------------------------------------------- gated fusion
 
 

@@ -59,15 +59,23 @@ def effective_lowrank(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, tor
     return (vh * root[:, None]).float(), (u * root).float()
 
 
-def info_nce(a: torch.Tensor, t: torch.Tensor, logit_scale: torch.Tensor | float) -> torch.Tensor:
+def info_nce(a: torch.Tensor, t: torch.Tensor, logit_scale: torch.Tensor | float,
+             groups: torch.Tensor | None = None) -> torch.Tensor:
     """Symmetric InfoNCE (CLIP's loss) of paired rows: adapter vectors ``a`` and text vectors ``t`` (N x D).
 
-    ``logit_scale`` is the log of the inverse temperature (learnable or fixed).
+    ``logit_scale`` is the log of the inverse temperature (learnable or fixed). ``groups`` (N ints):
+    rows of one group (adapters of one concept: a zoo's replicas) are left out of each other's
+    negatives; without it, two adapters of one concept, paired with two captions of that concept,
+    are pushed apart for being alike (false negatives).
     """
     a = F.normalize(a, dim=-1)
     t = F.normalize(t, dim=-1)
     scale = logit_scale.exp() if isinstance(logit_scale, torch.Tensor) else torch.tensor(logit_scale).exp()
     logits = scale * a @ t.t()
+    if groups is not None:
+        same = groups[:, None] == groups[None, :]
+        same.fill_diagonal_(False)  # the pair itself stays: it is the positive
+        logits = logits.masked_fill(same, float("-inf"))
     labels = torch.arange(a.shape[0], device=a.device)
     return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
 

@@ -82,6 +82,8 @@ class TrainSettings:
     lr: float = 2e-3
     weight_decay: float = 1e-2
     seed: int = 0
+    # adapters of one concept (replicas) are not each other's negatives in the InfoNCE batch
+    mask_replicas: bool = False
 
 
 @torch.no_grad()
@@ -103,10 +105,19 @@ def text_dim(pipe: Any) -> int:
 
 def train_encoder(pipe: Any, factors: Sequence[Factors], captions: Sequence[Sequence[str]],
                   config: EncoderConfig = EncoderConfig(), settings: TrainSettings = TrainSettings(),
-                  names: Sequence[str] | None = None) -> tuple[WeightEncoder, dict[str, Any]]:
-    """Fit a weight encoder to (adapter, caption) pairs; returns it (eval mode) and a report."""
+                  names: Sequence[str] | None = None,
+                  concepts: Sequence[str] | None = None) -> tuple[WeightEncoder, dict[str, Any]]:
+    """Fit a weight encoder to (adapter, caption) pairs; returns it (eval mode) and a report.
+
+    ``concepts`` (one key per adapter, e.g. its concept prompt) lets ``settings.mask_replicas`` keep
+    adapters of one concept out of each other's negatives.
+    """
     if len(factors) < 2:
         raise StudioError(f"AutoLoRA: {len(factors)} training adapter(s); contrastive training needs at least 2")
+    groups = None
+    if settings.mask_replicas and concepts is not None:
+        keys = sorted(set(concepts))
+        groups = torch.tensor([keys.index(c) for c in concepts])
     torch.manual_seed(settings.seed)
     gen = torch.Generator().manual_seed(settings.seed)
     enc = WeightEncoder(slots_of(pipe), text_dim(pipe), config)
@@ -126,7 +137,7 @@ def train_encoder(pipe: Any, factors: Sequence[Factors], captions: Sequence[Sequ
     losses = []
     for _ in range(settings.steps):
         idx = torch.stack([p[torch.randint(len(p), (1,), generator=gen)][0] for p in pick])
-        loss = info_nce(enc(batch, generator=gen), text[idx], enc.logit_scale)
+        loss = info_nce(enc(batch, generator=gen), text[idx], enc.logit_scale, groups)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -257,7 +268,7 @@ def train_on_zoo(zoo: str | os.PathLike, config: EncoderConfig = EncoderConfig()
     train = [e for e in index["adapters"] if not e["heldout"]]
     factors = [adapter_factors(pipe, e["file"], config.lowrank) for e in train]
     enc, report = train_encoder(pipe, factors, [e["captions"] + [e["prompt"]] for e in train], config, settings,
-                                names=[e["name"] for e in train])
+                                names=[e["name"] for e in train], concepts=[e["prompt"] for e in train])
     report.update(base=index.get("base", "micro"), zoo=str(zoo), heldout=[e["name"] for e in index["adapters"]
                                                                           if e["heldout"]])
     # what "matches" means for this encoder: half the mean cosine of a training adapter with its own concept
