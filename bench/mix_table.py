@@ -2,7 +2,7 @@
 
     python bench/mix_table.py --subject-adapter DIR --style-adapter DIR --subject heart --texture checkered \
         [--subject-weights 0.6,0.8,1] [--style-weights 0.6,0.8,1] [--alone 1] [--n N] [--drift-n 96] \
-        [--seed 0] [--json out.jsonl] [--threads 1] [--subject-scope both|unet]
+        [--seed 0] [--json out.jsonl] [--threads 1] [--subject-scope both|unet] [--subject-blocks up.1=0.5]
 
 Loads the micro model and the judge once, generates the drift set's base images once, and runs
 the compose suite (studio/evals/compose.py) for every (subject weight, style weight) pair, with
@@ -60,7 +60,10 @@ def main() -> None:
     ap.add_argument("--subject-scope", choices=["both", "unet"], default="both",
                     help="the subject adapter's scope in every pair: unet leaves out its text side (learned trigger "
                          "row, text-encoder LoRA), which carries its training images' texture and colour")
+    ap.add_argument("--subject-blocks", default="",
+                    help="per-block weights of the subject adapter in every pair, e.g. up.1=0.5 (docs/mixing.md)")
     args = ap.parse_args()
+    blocks = tuple((k.strip(), float(v)) for k, v in (kv.split("=") for kv in args.subject_blocks.split(",") if kv))
     setup_logging()
     torch.set_num_threads(args.threads)
     pipe, judge = load_pipeline(args.base, device="cpu"), load_judge()
@@ -77,7 +80,8 @@ def main() -> None:
         pairs = [(args.alone, 0.0), (0.0, args.alone)] + pairs
     for ws, wt in pairs:
         t1 = time.perf_counter()
-        pair = [AdapterSpec(args.subject_adapter, ws, scope=args.subject_scope), AdapterSpec(args.style_adapter, wt)]
+        pair = [AdapterSpec(args.subject_adapter, ws, scope=args.subject_scope, blocks=blocks),
+                AdapterSpec(args.style_adapter, wt)]
         r = compose.compose_suite(pipe, judge, pair, subject=args.subject, texture=args.texture,
                                   color=args.color, n=args.n, drift_n=args.drift_n, settings=settings,
                                   reference=ref, roles=roles)
@@ -91,7 +95,8 @@ def main() -> None:
         out.close()
     print(f"# {describe()}; {rows[0]['n']} images per pair, drift {args.drift_n}, seed {args.seed}, "
           f"{settings.steps} steps, guidance {settings.guidance}")
-    print(f"# subject {args.subject_adapter} ({roles.subject_token} {roles.class_word}, scope {args.subject_scope}), style "
+    print(f"# subject {args.subject_adapter} ({roles.subject_token} {roles.class_word}, scope {args.subject_scope}"
+          f"{', blocks ' + args.subject_blocks if blocks else ''}), style "
           f"{args.style_adapter} ({roles.style_token}); leakage content: {list(roles.style_shapes)} "
           f"{list(roles.style_colors)} from {roles.content_source or 'nowhere'}")
     print("| subject w | style w | both | subject | style | prompt | leakage | base drift |")
