@@ -30,9 +30,9 @@ from peft.tuners.lora.layer import Linear as LoraLinear
 
 
 # Layers of at most this many input features train their LoRA through the weight (module docstring).
-# One layer's forward and backward, rank 8, 1 thread, 64-4096 tokens (docs/training.md, "Session 13"):
-# the weight path takes 0.49-0.93x the time at 64-128 inputs (any output width), 0.89-1.08x at 512,
-# 0.98-2.11x at 320-1280 (SD's layers). Micro's layers have 32-128 inputs, SD's at least 320.
+# One layer's forward and backward, rank 8, 1 thread, 64-4096 tokens (`bench/lora_paths.py`, docs/training.md):
+# the weight path takes 0.49-0.93x the time at 64-128 inputs (any output width), 0.89-1.11x at 512,
+# 1.00-1.70x at 320-1280 (SD's layers). Micro's layers have 32-128 inputs, SD's at least 320.
 MERGE_MAX_IN = 128
 
 
