@@ -9,7 +9,11 @@ prior preservation off so both do the same work per step), in ``--rounds`` alter
 drifts, and alternating puts both sides under the same drift. The
 plain loop is what diffusers' train_dreambooth_lora.py does each step: VAE-encode the pixel
 batch and run the text encoder every step; the studio caches latents and prompt embeddings
-once. Prints images/s of each, the ratio, and each phase's peak resident memory above the
+once. Its images come the way the example's ``DreamBoothDataset.__getitem__`` gives them: each
+file opened, EXIF-rotated, converted to RGB, resized (shorter side, bilinear), centre-cropped and
+normalized at every step (PIL and numpy here, torchvision there); ``--plain-data cached`` gives
+the plain loop the studio's decoded, resized pictures instead (this bench's definition until
+session 13). Prints images/s of each, the ratio, and each phase's peak resident memory above the
 process's baseline (sampled every 5 ms).
 """
 
@@ -58,7 +62,30 @@ class PeakRSS:
         return (self.peak - self.start) / 2**20
 
 
-def plain_loop(base: str, images: str, steps: int, batch: int, rank: int, seed: int) -> float:
+def example_pixels(path: Path, size: int, flip: bool) -> torch.Tensor:
+    """One image as the diffusers example's dataset makes it at every step: CHW float32 in [-1, 1].
+
+    ``Image.open`` + ``exif_transpose`` + RGB, then ``Resize(size, BILINEAR)`` (shorter side),
+    ``CenterCrop(size)``, ``ToTensor()`` and ``Normalize([0.5], [0.5])``.
+    """
+    import numpy as np
+    from PIL import Image, ImageOps
+
+    img = ImageOps.exif_transpose(Image.open(path))
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    w, h = img.size
+    scale = size / min(w, h)
+    img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BILINEAR)
+    left, top = (img.width - size) // 2, (img.height - size) // 2
+    arr = np.asarray(img.crop((left, top, left + size, top + size)), dtype=np.float32) / 255.0
+    if flip:
+        arr = arr[:, ::-1]
+    return (torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1))) - 0.5) / 0.5
+
+
+def plain_loop(base: str, images: str, steps: int, batch: int, rank: int, seed: int,
+               data_path: str = "disk") -> float:
     """The diffusers-example loop, no caching: returns the seconds of the step loop."""
     from peft import LoraConfig
 
@@ -87,7 +114,11 @@ def plain_loop(base: str, images: str, steps: int, batch: int, rank: int, seed: 
             t0 = time.perf_counter()
         idx = torch.randint(0, len(data), (batch,), generator=g)
         flips = torch.rand(batch, generator=g) < 0.5
-        pixels = torch.stack([data.pixel_tensor(i, bool(f)) for i, f in zip(idx.tolist(), flips.tolist())])
+        if data_path == "disk":
+            pixels = torch.stack([example_pixels(data.items[i].path, res, bool(f))
+                                  for i, f in zip(idx.tolist(), flips.tolist())])
+        else:
+            pixels = torch.stack([data.pixel_tensor(i, bool(f)) for i, f in zip(idx.tolist(), flips.tolist())])
         with torch.no_grad():
             lat = vae.encode(pixels).latent_dist.sample(generator=g) * vae.config.scaling_factor
             ids = tok([prompt] * batch, padding="max_length", max_length=tok.model_max_length, truncation=True,
@@ -135,6 +166,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--plain-data", choices=["disk", "cached"], default="disk",
+                    help="the plain loop's images: read and transformed every step as the diffusers example does "
+                         "(disk), or the studio's decoded pictures (cached)")
     ap.add_argument("--rounds", type=int, default=3,
                     help="alternate plain and studio this many times, steps / rounds steps each")
     args = ap.parse_args()
@@ -145,7 +179,7 @@ def main() -> None:
     mem_plain = mem_studio = None
     for r, k in enumerate(per):  # peak memory from each side's first round (later ones reuse the allocator)
         with PeakRSS() as mem:
-            tp = plain_loop(args.base, args.images, k, args.batch, args.rank, args.seed + r)
+            tp = plain_loop(args.base, args.images, k, args.batch, args.rank, args.seed + r, args.plain_data)
         mem_plain = mem_plain or mem
         with PeakRSS() as mem:
             ts = studio_loop(args.base, args.images, k, args.batch, args.rank, args.seed + r)
@@ -155,7 +189,8 @@ def main() -> None:
               f"{k * args.batch / ts:.1f} images/s ({tp / ts:.2f}x), running ratio {t_plain / t_studio:.2f}", flush=True)
     n = args.steps * args.batch
     print(f"{args.base}, {args.steps} steps x batch {args.batch} in {rounds} alternating rounds, "
-          f"LoRA rank {args.rank} on attention, no prior, {torch.get_num_threads()} threads")
+          f"LoRA rank {args.rank} on attention, no prior, {torch.get_num_threads()} threads, "
+          f"plain loop's images: {args.plain_data}")
     print(f"  plain diffusers loop  {n / t_plain:8.1f} images/s   peak +{mem_plain.delta_mb:.0f} MB")
     print(f"  studio trainer        {n / t_studio:8.1f} images/s   peak +{mem_studio.delta_mb:.0f} MB")
     print(f"  ratio studio/plain = {t_plain / t_studio:.2f}")
