@@ -697,16 +697,25 @@ def mix_specs(slots: Sequence[Any]) -> list[str]:
     """Spec strings ``NAME:WEIGHT[@START-END]`` of the filled adapter rows.
 
     ``slots``: (name, weight, start, end) per row, flattened, as the Generate tab's rows hold them. A
-    name written ``gated:NAME`` (what the Auto search fills in) is fused with AutoLoRA's gates.
+    name written ``gated:NAME`` (what the Auto search fills in) is fused with AutoLoRA's gates. A
+    name may carry a scope and block weights (``heart:unet:up.1=0.5``, docs/mixing.md); the weight
+    and the window are the row's own controls.
     """
-    from studio.mixing import AdapterSpec
+    from studio.mixing import AdapterSpec, parse_spec
 
     specs = []
     for i in range(0, len(slots), 4):
         target, weight, start, end = slots[i:i + 4]
         target, gated = _row_target(target)
-        if target:
-            specs.append(str(AdapterSpec(target, float(weight), float(start), float(end), gated=gated)))
+        if not target:
+            continue
+        named = parse_spec(target)
+        if named.weight != 1.0 or named.windowed:
+            raise StudioError(f"adapter row {target!r}: set its weight and window with the row's slider and "
+                              f"fields, not in the name (the name takes a scope and block weights: "
+                              f"NAME:unet:up.1=0.5)")
+        specs.append(str(AdapterSpec(named.target, float(weight), float(start), float(end), scope=named.scope,
+                                     blocks=named.blocks, gated=gated)))
     return specs
 
 
@@ -833,7 +842,8 @@ def _generate_panel(ctx: UIContext) -> None:
                     with gr.Group(visible=False, elem_id=f"mix-row-{i}") as row:
                         with gr.Row(equal_height=True):
                             target = gr.Textbox(label="Adapter", scale=3, elem_id=f"mix-name-{i}",
-                                                info="a library name or a file path")
+                                                info="a library name or a file path; NAME:unet:up.1=0.5 adds "
+                                                     "a scope and block weights")
                             weight = gr.Slider(-1, 2, value=1.0, step=0.05, label="Weight", scale=4,
                                                elem_id=f"mix-weight-{i}")
                             drop = gr.Button("✕ Remove", scale=1, min_width=60, elem_id=f"mix-remove-{i}")

@@ -198,6 +198,11 @@ def test_mix_specs_and_sweep():
     assert ui.sweep_text(slots, "zig", "0,1") == "zig:0.5@0.4-1=0,1"
     with pytest.raises(StudioError, match="window"):
         ui.mix_specs(["heart", 1.0, 0.6, 0.2])
+    # a row's name may carry a scope and block weights; weight and window stay the row's
+    assert ui.mix_specs(["heart:unet:up.1=0.5", 1.25, 0.0, 1.0, "zig", 1.0, 0.0, 1.0]) == \
+        ["heart:1.25:unet:up.1=0.5", "zig:1"]
+    with pytest.raises(StudioError, match="slider"):
+        ui.mix_specs(["heart:0.5", 1.0, 0.0, 1.0])
     with pytest.raises(StudioError, match="add an adapter"):
         ui.sweep_text(["", 1, 0, 1], None, "0,1")
     with pytest.raises(StudioError, match="comma-separated"):
