@@ -165,11 +165,13 @@ def main() -> int:
                           "--aux-sets", aux, "--out", str(out / f"{tag}-b4m"), *common], out / f"{tag}-b4m.log")
         name = "(c) B4M, no multi-correspondence" if tag == "c" else "(d) Break-for-Make"
         res[name] = _eval(out, tag, [str(out / f"{tag}-b4m")], args.shape, args.texture, args.n)
+    # the results first: a table that fails to print must not lose forty minutes of training
+    (out / "compose.json").write_text(json.dumps({"budget": budget, "results": res, "train_seconds": secs}, indent=1))
     keys = ("both", "subject_fidelity", "style_fidelity", "leakage", "base_drift")
     print(f"budget {budget} steps per row; {args.shape} x {args.texture}; n = {next(iter(res.values()))['n']}")
     print(f"{'row':<36}" + "".join(f"{k:>17}" for k in keys))
     for name, d in res.items():
-        cells = "".join(f"{d.get(k) if d.get(k) is None else round(d[k], 3):>17}" for k in keys)
+        cells = "".join(f"{'n/a' if d.get(k) is None else round(d[k], 3):>17}" for k in keys)  # alone: no leakage
         print(f"{name:<36}{cells}" + (f"   weights {d['weights']}" if "weights" in d else ""))
     a, dd = res.get("(a) two LoRAs mixed"), res.get("(d) Break-for-Make")
     if a and dd:
@@ -179,7 +181,6 @@ def main() -> int:
         print(f"(d) - alone: subject {dd['subject_fidelity'] - res['subject alone']['subject_fidelity']:+.3f}, "
               f"style {dd['style_fidelity'] - res['style alone']['style_fidelity']:+.3f}")
     print("train seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in secs.items()))
-    (out / "compose.json").write_text(json.dumps({"budget": budget, "results": res, "train_seconds": secs}, indent=1))
     return 0
 
 
