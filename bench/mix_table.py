@@ -27,7 +27,7 @@ from studio.evals.suites import DEFAULT_N, GenSettings
 from studio.logs import setup_logging
 from studio.machine import describe
 from studio.micro.judge import load_judge
-from studio.mixing import AdapterSpec
+from studio.mixing import AdapterSpec, parse_spec
 
 log = logging.getLogger("bench.mix_table")
 FLOOR = 0.60  # issue 5: the judge sees shape and texture together in at least 60 % of images
@@ -63,7 +63,9 @@ def main() -> None:
     ap.add_argument("--subject-blocks", default="",
                     help="per-block weights of the subject adapter in every pair, e.g. up.1=0.5 (docs/mixing.md)")
     args = ap.parse_args()
-    blocks = tuple((k.strip(), float(v)) for k, v in (kv.split("=") for kv in args.subject_blocks.split(",") if kv))
+    # the mixer's own spec grammar reads (and checks) the block weights: NAME:KEY=W:KEY=W
+    blocks = parse_spec(":".join([args.subject_adapter, *args.subject_blocks.split(",")])).blocks \
+        if args.subject_blocks else ()
     setup_logging()
     torch.set_num_threads(args.threads)
     pipe, judge = load_pipeline(args.base, device="cpu"), load_judge()
