@@ -237,7 +237,7 @@ def form_defaults(base: str, kind: str, method: str) -> dict[str, Any]:
     return {"steps": recipe["steps"], "rank": recipe.get("rank", m.default_rank), "lr": recipe_lr(m, kind, micro)}
 
 
-_FLOAT_FIELDS = ("prior_weight", "prior_uncond", "trigger_lr", "snr_gamma", "caption_dropout", "tag_dropout")
+_FLOAT_FIELDS = ("prior_weight", "prior_uncond", "trigger_lr", "snr_gamma", "caption_dropout", "tag_dropout", "ema")
 _INT_FIELDS = ("batch", "resolution", "class_images", "sample_every", "checkpoint_every", "seed", "warmup",
                "transform_rank", "residual_rank")
 _ZERO_IS_DEFAULT = ("batch", "resolution", "transform_rank", "residual_rank")
@@ -380,6 +380,8 @@ def _train_panel(ctx: UIContext) -> None:
                                                 label="Learn the trigger's embedding", elem_id="train-trigger")
                     trigger_lr = gr.Textbox(label="Trigger learning rate", placeholder="recipe default")
                     snr_gamma = gr.Textbox(label="Min-SNR gamma (0: off)", placeholder="5")
+                    ema = gr.Textbox(label="Weight average decay (EMA; 0: off)", placeholder="0, e.g. 0.99",
+                                     elem_id="train-ema")
                 with gr.Row():
                     subject_word = gr.Textbox(label="Subject word in captions", elem_id="train-subject-word",
                                               placeholder="e.g. rex; replaced by TRIGGER CLASS (found on micro)")
@@ -467,7 +469,7 @@ def _train_panel(ctx: UIContext) -> None:
                 "sample_every": sample_every, "checkpoint_every": checkpoint_every, "sample_prompts": sample_prompts,
                 "prior_weight": prior_weight, "prior_target": prior_target, "prior_uncond": prior_uncond,
                 "class_prompt": class_prompt,
-                "train_trigger": train_trigger, "trigger_lr": trigger_lr, "snr_gamma": snr_gamma,
+                "train_trigger": train_trigger, "trigger_lr": trigger_lr, "snr_gamma": snr_gamma, "ema": ema,
                 "subject_word": subject_word, "caption_dropout": caption_dropout, "tag_dropout": tag_dropout,
                 "transform_rank": transform_rank, "residual": residual, "residual_rank": residual_rank}
 

@@ -474,3 +474,58 @@ def test_recipe_learning_rates():
     assert recipe_lr(get_method("tlora"), "subject", micro=True) == pytest.approx(1e-3)  # docs/tlora.md
     assert recipe_lr(get_method("tlora"), "style", micro=True) == pytest.approx(2e-3)
     assert recipe_lr(get_method("lora"), "subject", micro=False) == pytest.approx(1e-3)
+
+
+def test_weight_average_follows_its_schedule():
+    from studio.trainers.ema import WeightAverage
+
+    p = torch.nn.Parameter(torch.zeros(3))
+    avg = WeightAverage([p], 0.5)
+    expected = p.detach().clone()
+    for t, value in enumerate([1.0, 2.0, 4.0, 8.0, 16.0], start=1):
+        p.data.fill_(value)
+        avg.update()
+        d = 0.0 if t == 1 else min(0.5, t / (9 + t))  # (1 + (t-1)) / (10 + (t-1))
+        expected = d * expected + (1 - d) * p.detach()
+        torch.testing.assert_close(avg.shadow[0], expected)
+    assert avg.decay_at(1) == 0.0 and avg.decay_at(2) == 2 / 11 and avg.decay_at(1000) == 0.5
+    state = avg.state_dict()
+    other = WeightAverage([torch.nn.Parameter(torch.zeros(3))], 0.5)
+    other.load_state_dict(state)
+    assert other.updates == 5 and torch.equal(other.shadow[0], avg.shadow[0])
+    with pytest.raises(StudioError, match="does not match"):
+        WeightAverage([torch.nn.Parameter(torch.zeros(4))], 0.5).load_state_dict(state)
+    avg.copy_to()
+    assert torch.equal(p.detach(), avg.shadow[0])
+    with pytest.raises(StudioError, match="--ema"):
+        _cfg("x", "micro", "o", ema=1.0)
+
+
+def test_ema_saves_the_average_and_resumes_exactly(images, tiny_dirs, tmp_path):
+    import threading
+
+    from studio.trainers.loop import Cancelled
+
+    base = tiny_dirs["sd1"]
+    plain = load_file(str(train(_cfg(images, base, tmp_path / "plain", steps=8, prior=False, samples=False)).adapter_file))
+    ref = load_file(str(train(_cfg(images, base, tmp_path / "ref", steps=8, prior=False, samples=False, ema=0.9)).adapter_file))
+    # a decay of ~0 averages nothing: the last step's weights, as without --ema
+    last = load_file(str(train(_cfg(images, base, tmp_path / "last", steps=8, prior=False, samples=False, ema=1e-12)).adapter_file))
+    assert ref.keys() == plain.keys() == last.keys()
+    for k in plain:
+        torch.testing.assert_close(last[k], plain[k], atol=1e-6, rtol=1e-5)
+    assert any(not torch.allclose(ref[k], plain[k], atol=1e-6) for k in plain if "lora_B" in k)
+    stop = threading.Event()
+    with pytest.raises(Cancelled):
+        train(_cfg(images, base, tmp_path / "run", steps=8, prior=False, samples=False, ema=0.9),
+              on_event=lambda e: stop.set() if e.phase == "train" and e.step == 4 else None, cancel=stop)
+    assert json.loads((tmp_path / "run" / "checkpoints" / "step.json").read_text())["step"] == 4
+    stop2 = threading.Event()  # a run started without the average cannot resume into one with it
+    with pytest.raises(Cancelled):
+        train(_cfg(images, base, tmp_path / "run2", steps=8, prior=False, samples=False),
+              on_event=lambda e: stop2.set() if e.phase == "train" and e.step == 2 else None, cancel=stop2)
+    with pytest.raises(StudioError, match="without --ema"):
+        train(_cfg(images, base, tmp_path / "run2", steps=8, prior=False, samples=False, ema=0.9, resume=True))
+    resumed = load_file(str(train(_cfg(images, base, tmp_path / "run", steps=8, prior=False, samples=False, ema=0.9, resume=True)).adapter_file))
+    for k in ref:
+        torch.testing.assert_close(resumed[k], ref[k], atol=1e-6, rtol=1e-5)

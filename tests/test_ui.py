@@ -47,13 +47,16 @@ def test_train_form_advanced_recipe_fields():
     c, _ = ui.train_config(**_form(), advanced={
         "prior_weight": "0", "caption_dropout": " 0 ", "train_trigger": "off", "prior_target": "noise",
         "subject_word": "  heart ", "class_prompt": "", "trigger_lr": "", "snr_gamma": "0", "scheduler": "cosine",
-        "prior_uncond": "0.2", "tag_dropout": "0.5"})
+        "prior_uncond": "0.2", "tag_dropout": "0.5", "ema": "0.99"})
+    assert c.ema == 0.99
     assert (c.prior_weight, c.caption_dropout, c.train_trigger, c.prior_target) == (0, 0, False, "noise")
     assert (c.subject_word, c.class_prompt, c.trigger_lr, c.snr_gamma, c.scheduler) == ("heart", None, None, 0, "cosine")
     assert (c.prior_uncond, c.tag_dropout) == (0.2, 0.5)
     d, _ = ui.train_config(**_form(), advanced={"train_trigger": "recipe default", "prior_target": "recipe default",
                                                 "caption_dropout": "", "prior_weight": "  "})
-    assert (d.train_trigger, d.prior_target, d.caption_dropout, d.prior_weight) == (None, "base", None, None)
+    assert (d.train_trigger, d.prior_target, d.caption_dropout, d.prior_weight, d.ema) == (None, "base", None, None, 0)
+    with pytest.raises(StudioError, match="--ema"):
+        ui.train_config(**_form(), advanced={"ema": "1.5"})
     with pytest.raises(StudioError, match="--caption-dropout"):
         ui.train_config(**_form(), advanced={"caption_dropout": "2"})
     with pytest.raises(StudioError, match="prior weight: 'lots' is not a number"):

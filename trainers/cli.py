@@ -81,6 +81,7 @@ def _add_job_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, help=helps["steps"])
     p.add_argument("--lr", type=float, help=helps["lr"])
     p.add_argument("--scheduler", choices=["constant", "cosine", "linear"], help=helps["scheduler"])
+    p.add_argument("--ema", type=float, metavar="DECAY", help=helps["ema"])
     p.add_argument("--warmup", type=int, metavar="STEPS", help=helps["warmup"])
     p.add_argument("--batch", type=int, help=helps["batch"])
     p.add_argument("--grad-accum", dest="grad_accum", type=int, help=helps["grad_accum"])

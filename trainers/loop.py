@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from studio.errors import StudioError
 from studio.trainers.config import TrainConfig
+from studio.trainers.ema import WeightAverage
 
 log = logging.getLogger(__name__)
 
@@ -243,9 +244,11 @@ def _train(cfg: TrainConfig, out: Path, on_event: EventHandler | None, cancel: t
     t_range = (round(lo * n_t), max(round(hi * n_t), round(lo * n_t) + 1))
 
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)  # data order, flips, noise, timesteps
+    # the average starts from the initial weights; every process keeps the same one (its gradients are synced)
+    ema = WeightAverage(params + trigger_params, cfg.ema) if cfg.ema else None
     step = 0
     if cfg.resume:
-        step = _load_checkpoint(ckpt_dir, pipe, optimizer, lr_sched, gen, rank)
+        step = _load_checkpoint(ckpt_dir, pipe, optimizer, lr_sched, gen, rank, ema)
         if step:
             emit(Event("prepare", step=step, total=plan.steps, message=f"resumed at step {step}"))
     # ---- the loop -------------------------------------------------------------------------------
@@ -256,7 +259,7 @@ def _train(cfg: TrainConfig, out: Path, on_event: EventHandler | None, cancel: t
     first_step = step
     while step < plan.steps:
         if cancel is not None and cancel.is_set():
-            _save_checkpoint(ckpt_dir, pipe, optimizer, lr_sched, gen, step, rank, accelerator)
+            _save_checkpoint(ckpt_dir, pipe, optimizer, lr_sched, gen, step, rank, accelerator, ema)
             raise Cancelled(f"training cancelled at step {step}/{plan.steps}; resume with --resume --out {out}")
         with accelerator.accumulate(unet):
             idx = torch.randint(0, len(data), (plan.batch,), generator=gen)
@@ -312,6 +315,8 @@ def _train(cfg: TrainConfig, out: Path, on_event: EventHandler | None, cancel: t
             optimizer.step()
             if trig is not None:
                 trig.clamp_norms(trig_caps)
+            if ema is not None and accelerator.sync_gradients:
+                ema.update()
             lr_sched.step()
             optimizer.zero_grad(set_to_none=True)
         step += 1
@@ -320,7 +325,7 @@ def _train(cfg: TrainConfig, out: Path, on_event: EventHandler | None, cancel: t
         eta = elapsed / (step - first_step) * (plan.steps - step)
         emit(Event("train", step=step, total=plan.steps, loss=losses[-1], lr=lr_sched.get_last_lr()[0], eta_s=eta))
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < plan.steps:
-            _save_checkpoint(ckpt_dir, pipe, optimizer, lr_sched, gen, step, rank, accelerator)
+            _save_checkpoint(ckpt_dir, pipe, optimizer, lr_sched, gen, step, rank, accelerator, ema)
             emit(Event("checkpoint", step=step, total=plan.steps, message=f"checkpoint at step {step}"))
         if (cfg.samples and cfg.sample_every and step % cfg.sample_every == 0 and step < plan.steps
                 and accelerator.is_main_process):
@@ -341,6 +346,8 @@ def _train(cfg: TrainConfig, out: Path, on_event: EventHandler | None, cancel: t
                 fast_lora.restore(m)
         if lean_layers:
             frozen_layers.restore(pipe.unet)
+        if ema is not None:  # the saved adapter (and the final samples) are the average, not the last step
+            ema.copy_to()
         meta = recipe.metadata(cfg, plan, pipe, data)
         meta["final_loss"] = f"{_mean_tail(losses):.6f}" if losses else ""
         result_file = adapters.save_adapter(pipe, out, "default", metadata=meta)
@@ -763,13 +770,15 @@ def _rng_state(gen: torch.Generator) -> dict:
 
 
 def _save_checkpoint(folder: Path, pipe: Any, optimizer, lr_sched, gen: torch.Generator, step: int, rank: int,
-                     accelerator) -> None:
-    """Adapter weights, optimizer, LR schedule and RNG states of every process; written atomically."""
+                     accelerator, ema: WeightAverage | None = None) -> None:
+    """Adapter weights, optimizer, LR schedule, RNG states (and the weight average) of every process; atomic."""
     from studio.adapters import adapter_state_dict
 
     folder.mkdir(parents=True, exist_ok=True)
     state = {"step": step, "rng": _rng_state(gen), "optimizer": optimizer.state_dict(),
              "lr_sched": lr_sched.state_dict()}
+    if ema is not None:
+        state["ema"] = ema.state_dict()
     if rank == 0:
         state["adapter"] = adapter_state_dict(pipe, "default")
         trig = pipe._studio_adapters["default"].get("trigger")
@@ -784,7 +793,8 @@ def _save_checkpoint(folder: Path, pipe: Any, optimizer, lr_sched, gen: torch.Ge
         os.replace(folder / "step.json.tmp", folder / "step.json")
 
 
-def _load_checkpoint(folder: Path, pipe: Any, optimizer, lr_sched, gen: torch.Generator, rank: int) -> int:
+def _load_checkpoint(folder: Path, pipe: Any, optimizer, lr_sched, gen: torch.Generator, rank: int,
+                     ema: WeightAverage | None = None) -> int:
     from peft.utils import set_peft_model_state_dict
 
     from studio.adapters.core import adapted_models
@@ -805,6 +815,17 @@ def _load_checkpoint(folder: Path, pipe: Any, optimizer, lr_sched, gen: torch.Ge
         with torch.no_grad():
             for comp, rows in main.get("trigger", {}).items():
                 trig.vectors[comp].copy_(rows)
+    if ema is not None:
+        if "ema" not in mine:
+            raise StudioError(f"{folder}: this run was started without --ema, so its checkpoints hold no weight "
+                              f"average; resume it without --ema, or delete the checkpoints to start over")
+        if mine["ema"]["decay"] != ema.decay:
+            log.warning("--ema %g: the checkpoint's average was kept with decay %g; it goes on with %g",
+                        ema.decay, mine["ema"]["decay"], ema.decay)
+        ema.load_state_dict(mine["ema"], str(folder))
+    elif "ema" in mine:
+        log.warning("%s: the run was started with --ema %g; resumed without it, the last step's weights are saved",
+                    folder, mine["ema"]["decay"])
     optimizer.load_state_dict(mine["optimizer"])
     lr_sched.load_state_dict(mine["lr_sched"])
     gen.set_state(mine["rng"]["gen"])
