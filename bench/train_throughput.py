@@ -151,7 +151,7 @@ def studio_loop(base: str, images: str, steps: int, batch: int, rank: int, seed:
     with tempfile.TemporaryDirectory() as tmp:
         cfg = TrainConfig.from_dict(dict(kind="subject", images=images, base=base, out=str(Path(tmp) / "a"),
                                          steps=steps + 1, batch=batch, rank=rank, prior=False, seed=seed,
-                                         targets="attention", train_trigger=False, snr_gamma=0.0,  # the plain loop's work
+                                         targets="attention", train_trigger=False, snr_gamma=0.0, ema=0.0,  # the plain loop's work
                                          checkpoint_every=0, register=False, sample_prompts=["a sks shape"]))
         train(cfg, on_event=on_event)
     # from the end of step 1 to the end of the last: `steps` steps, set-up excluded as in the plain loop

@@ -380,7 +380,7 @@ def _train_panel(ctx: UIContext) -> None:
                                                 label="Learn the trigger's embedding", elem_id="train-trigger")
                     trigger_lr = gr.Textbox(label="Trigger learning rate", placeholder="recipe default")
                     snr_gamma = gr.Textbox(label="Min-SNR gamma (0: off)", placeholder="5")
-                    ema = gr.Textbox(label="Weight average decay (EMA; 0: off)", placeholder="0, e.g. 0.99",
+                    ema = gr.Textbox(label="Weight average decay (EMA; 0: off)", placeholder="recipe default",
                                      elem_id="train-ema")
                 with gr.Row():
                     subject_word = gr.Textbox(label="Subject word in captions", elem_id="train-subject-word",

@@ -375,13 +375,14 @@ def _plan(kind: str, source: str = "micro", **fields):
 def test_micro_subject_defaults_and_overrides():
     plan = _plan("subject")
     assert (plan.lr, plan.trigger_lr, plan.prior_weight, plan.caption_dropout) == (2e-3, 1e-3, 4.0, 0.25)
-    assert (plan.prior_uncond, plan.tag_dropout) == (0.2, 0.5)
+    assert (plan.prior_uncond, plan.tag_dropout, plan.ema) == (0.2, 0.5, 0.99)
     plan = _plan("subject", lr=1e-4, trigger_lr=2e-3, prior_weight=0.5, caption_dropout=0.1, prior_uncond=0,
-                 tag_dropout=0)
+                 tag_dropout=0, ema=0)
     assert (plan.lr, plan.trigger_lr, plan.prior_weight, plan.caption_dropout) == (1e-4, 2e-3, 0.5, 0.1)
-    assert (plan.prior_uncond, plan.tag_dropout) == (0, 0)
+    assert (plan.prior_uncond, plan.tag_dropout, plan.ema) == (0, 0, 0)
     plan = _plan("subject", source="folder")  # real-size bases: measured here only on micro, so off
     assert (plan.lr, plan.prior_weight, plan.micro, plan.caption_dropout, plan.prior_uncond) == (1e-3, 1.0, False, 0.5, 0)
+    assert (plan.ema, _plan("style").ema, _plan("subject", source="folder", ema=0.9).ema) == (0, 0, 0.9)
 
 
 def test_subjects_are_not_mirrored_by_default_styles_are():

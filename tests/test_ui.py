@@ -54,7 +54,7 @@ def test_train_form_advanced_recipe_fields():
     assert (c.prior_uncond, c.tag_dropout) == (0.2, 0.5)
     d, _ = ui.train_config(**_form(), advanced={"train_trigger": "recipe default", "prior_target": "recipe default",
                                                 "caption_dropout": "", "prior_weight": "  "})
-    assert (d.train_trigger, d.prior_target, d.caption_dropout, d.prior_weight, d.ema) == (None, "base", None, None, 0)
+    assert (d.train_trigger, d.prior_target, d.caption_dropout, d.prior_weight, d.ema) == (None, "base", None, None, None)
     with pytest.raises(StudioError, match="--ema"):
         ui.train_config(**_form(), advanced={"ema": "1.5"})
     with pytest.raises(StudioError, match="--caption-dropout"):

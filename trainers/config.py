@@ -95,9 +95,9 @@ class TrainConfig:
     decor: str = _f("", "DECOR: words projected out of the training prompts' embeddings, comma-separated (e.g. "
                         "the content words of a style set: \"circle, red\")")
     decor_alpha: float = _f(1.0, "DECOR strength in [0, 1]")
-    ema: float = _f(0.0, "save an exponential moving average of the trained weights instead of the last step's, "
-                         "with this decay (e.g. 0.99: about the last 100 steps; capped at (1+t)/(10+t) early on, "
-                         "as diffusers' EMAModel; 0: off)")
+    ema: float | None = _f(None, "save an exponential moving average of the trained weights instead of the last "
+                                 "step's, with this decay (e.g. 0.99: about the last 100 steps; capped at (1+t)/(10+t) "
+                                 "early on, as diffusers' EMAModel; default: 0.99 for micro subjects, else 0 = off)")
     warmup: int = _f(0, "learning-rate warm-up steps")
     scheduler: str = _f("constant", "learning-rate schedule: constant, cosine, linear")
     optimizer: str = _f("auto", "auto (8-bit AdamW on CUDA when bitsandbytes is installed), adamw, adamw8bit")
@@ -190,7 +190,8 @@ class TrainConfig:
             v = getattr(self, name)
             if v is not None and not (isinstance(v, (int, float)) and 0 < v < 1):
                 raise bad(name, f"{v}: must be a number between 0 and 1, e.g. 1e-3")
-        if isinstance(self.ema, bool) or not isinstance(self.ema, (int, float)) or not 0 <= self.ema < 1:
+        if self.ema is not None and (isinstance(self.ema, bool) or not isinstance(self.ema, (int, float))
+                                     or not 0 <= self.ema < 1):
             raise bad("ema", f"{self.ema}: a decay in [0, 1), e.g. 0.99 (0: off)")
         if self.ema and self.method == "b4m":
             raise bad("ema", "is not supported with --method b4m (its stages save their own weights)")

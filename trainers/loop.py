@@ -245,7 +245,7 @@ def _train(cfg: TrainConfig, out: Path, on_event: EventHandler | None, cancel: t
 
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)  # data order, flips, noise, timesteps
     # the average starts from the initial weights; every process keeps the same one (its gradients are synced)
-    ema = WeightAverage(params + trigger_params, cfg.ema) if cfg.ema else None
+    ema = WeightAverage(params + trigger_params, plan.ema) if plan.ema else None
     step = 0
     if cfg.resume:
         step = _load_checkpoint(ckpt_dir, pipe, optimizer, lr_sched, gen, rank, ema)

@@ -148,6 +148,7 @@ def _job(concept: Concept, name: str, images: Path, out: Path, s: ZooSettings, s
         "kind": kind, "images": str(images), "base": "micro", "out": str(out), "name": name,
         "rank": s.rank, "targets": s.targets, "steps": s.steps, "prior": False, "train_trigger": False,
         "flip": 0.5,  # the subject recipe's default until session 12: a rebuild reproduces the committed zoo
+        "ema": 0.0,  # likewise: micro subjects save a weight average since session 14
         "sample_every": 0, "checkpoint_every": 0, "seed": seed, "register": False,
     }
     return "".join(f"{k} = {json.dumps(v)}\n" for k, v in fields.items())
