@@ -130,6 +130,40 @@ def test_save_load_exact(micro, tmp_path):
     assert torch.equal(enc.encode(fac), back.encode(fac))
 
 
+def test_ensemble_is_the_mean_of_unit_vectors_and_saves_exactly(micro, tmp_path):
+    from studio.autolora.encoder import EncoderEnsemble
+    from studio.autolora.retrieval import TrainSettings, fit_encoder
+
+    slots = slots_of(micro)
+    members = []
+    for seed in (1, 2):
+        m = WeightEncoder(slots, 64)
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(seed * 1000 + p.numel())) * 0.05)
+        members.append(m)
+    ens = EncoderEnsemble(members)
+    fac = [_random_adapter(slots, 4), _random_adapter(slots, 5, rank=2)]
+    by_hand = sum(torch.nn.functional.normalize(m.encode(fac), dim=1) for m in members) / 2
+    torch.testing.assert_close(ens.encode(fac), by_hand)
+    rev = [dict(reversed(list(f.items()))) for f in fac]
+    assert torch.equal(ens.encode(fac), ens.encode(rev))
+    back, _ = load_encoder(save_encoder(ens, tmp_path / "ens.safetensors"))
+    assert isinstance(back, EncoderEnsemble) and len(back.members) == 2
+    assert torch.equal(back.encode(fac), ens.encode(fac))
+    with pytest.raises(StudioError, match="different"):
+        EncoderEnsemble([WeightEncoder(slots, 64), WeightEncoder(slots, 64, EncoderConfig(probes=2))])
+    with pytest.raises(StudioError, match="--members"):
+        TrainSettings(members=0)
+    # fit_encoder: members from consecutive seeds, each as train_encoder makes it alone
+    caps = [["a red heart"], ["a blue star"], ["a checkered square"]]
+    ens2, report = fit_encoder(micro, fac + [_random_adapter(slots, 6)], caps, settings=TrainSettings(steps=3, members=2))
+    alone, _ = fit_encoder(micro, fac + [_random_adapter(slots, 6)], caps, settings=TrainSettings(steps=3, seed=1))
+    assert report["members"] == 2 and report["seeds"] == [0, 1]
+    sa, sb = ens2.members[1].state_dict(), alone.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
 def test_training_and_retrieval_are_deterministic(micro):
     from studio.autolora.retrieval import TrainSettings, rank, train_encoder
 

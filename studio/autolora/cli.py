@@ -92,6 +92,9 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     d = TrainSettings()
     p.add_argument("--steps", type=int, default=d.steps, help=f"encoder training steps (default {d.steps})")
     p.add_argument("--seed", type=int, default=d.seed, help=f"training seed (default {d.seed})")
+    p.add_argument("--members", type=int, default=d.members,
+                   help=f"encoders to train, from seeds SEED, SEED+1, ...; more than one makes an ensemble whose adapter "
+                        f"vectors are the mean of the members' unit vectors (default {d.members})")
     p.add_argument("--fixed-temperature", action="store_true",
                    help="keep the InfoNCE temperature at the reference's fixed 1/0.07 instead of learning it")
     p.add_argument("--probes", type=int, default=None, help="probe vectors per layer (default 1, the paper's)")
@@ -112,7 +115,7 @@ def _config(args: argparse.Namespace):
         cfg = dataclasses.replace(cfg, probes=args.probes)
     if args.tokens:
         cfg = dataclasses.replace(cfg, tokens=args.tokens)
-    return cfg, TrainSettings(steps=args.steps, seed=args.seed)
+    return cfg, TrainSettings(steps=args.steps, seed=args.seed, members=args.members)
 
 
 def add_eval_parser(esub: argparse._SubParsersAction) -> None:

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from studio.autolora.functional import effective_lowrank, gram_tokens, probe_tokens, rms_normalize
@@ -294,6 +295,35 @@ class WeightEncoder(nn.Module):
             self.train(was)
 
 
+class EncoderEnsemble(nn.Module):
+    """Weight encoders trained alike from different seeds; an adapter's vector is the mean of their unit vectors.
+
+    A single encoder's held-out recall moves by a query or two with its training seed (the caption
+    draws and token dropout); the mean of a few members' normalized vectors does not (docs/autolora.md,
+    "Ensembles"). It answers like one :class:`WeightEncoder` (``encode``, ``center``, ``slots``,
+    ``config``), so vectors in the library, retrieval and the eval do not care which they hold.
+    """
+
+    def __init__(self, members: Sequence[WeightEncoder]) -> None:
+        super().__init__()
+        if not members:
+            raise StudioError("AutoLoRA encoder ensemble: no members")
+        first = members[0]
+        for m in members[1:]:
+            if m.slots != first.slots or m.text_dim != first.text_dim or m.config != first.config:
+                raise StudioError("AutoLoRA encoder ensemble: members of different slots, widths or configs")
+        self.members = nn.ModuleList(members)
+        self.slots, self.text_dim, self.config = first.slots, first.text_dim, first.config
+
+    def center(self, text: torch.Tensor) -> torch.Tensor:
+        """Text vectors minus the members' mean text center (zero unless ``center_text``)."""
+        return text - torch.stack([m.text_center for m in self.members]).mean(0)
+
+    def encode(self, adapters: Sequence[Factors], names: Sequence[str] | None = None) -> torch.Tensor:
+        """``(N, text_dim)``: the mean over members of each adapter's L2-normalized vector."""
+        return torch.stack([F.normalize(m.encode(adapters, names), dim=1) for m in self.members]).mean(0)
+
+
 def _is_norm_weight(block: nn.Module, p: torch.Tensor) -> bool:
     return any(p is m.weight for m in block.modules() if isinstance(m, nn.LayerNorm))
 
@@ -331,25 +361,32 @@ def read_module_file(path: str | os.PathLike, kind: str, name: str,
     return tensors, meta
 
 
-def save_encoder(enc: WeightEncoder, path: str | os.PathLike, *, base_hash: str = "",
+def save_encoder(enc: WeightEncoder | EncoderEnsemble, path: str | os.PathLike, *, base_hash: str = "",
                  extra: Mapping[str, Any] | None = None) -> Path:
-    """Write the encoder (fp32 weights, config and slots in the header) atomically."""
+    """Write the encoder or ensemble (fp32 weights, config, slots and member count in the header) atomically."""
     header = {
         "studio.kind": ENCODER_KIND, "studio.base_hash": base_hash, "text_dim": str(enc.text_dim),
         "config": json.dumps(dataclasses.asdict(enc.config)),
         "slots": json.dumps([dataclasses.astuple(s) for s in enc.slots]),
         "extra": json.dumps(dict(extra or {})),
     }
+    if isinstance(enc, EncoderEnsemble):
+        header["members"] = str(len(enc.members))
     return write_module_file(enc, path, header)
 
 
-def load_encoder(path: str | os.PathLike) -> tuple[WeightEncoder, dict[str, Any]]:
-    """The encoder of ``path`` and its header (``base_hash``, ``extra``); strict: leftover keys raise."""
+def load_encoder(path: str | os.PathLike) -> tuple[WeightEncoder | EncoderEnsemble, dict[str, Any]]:
+    """The encoder (or ensemble) of ``path`` and its header (``base_hash``, ``extra``); strict: leftover keys raise."""
     tensors, meta = read_module_file(path, ENCODER_KIND, "encoder file",
                                      "no AutoLoRA encoder file; train one with `studio autolora train`")
     config = EncoderConfig(**json.loads(meta["config"]))
     slots = [Slot(*s) for s in json.loads(meta["slots"])]
-    enc = WeightEncoder(slots, int(meta["text_dim"]), config)
+    members = int(meta.get("members", "0"))
+    enc: WeightEncoder | EncoderEnsemble
+    if members:
+        enc = EncoderEnsemble([WeightEncoder(slots, int(meta["text_dim"]), config) for _ in range(members)])
+    else:
+        enc = WeightEncoder(slots, int(meta["text_dim"]), config)
     enc.load_state_dict(tensors, strict=True)
     enc.eval()
     return enc, {"base_hash": meta.get("studio.base_hash", ""), "extra": json.loads(meta.get("extra", "{}"))}

@@ -22,7 +22,8 @@ from typing import Any
 
 import torch
 
-from studio.autolora.encoder import EncoderConfig, Factors, WeightEncoder, adapter_factors, slots_of, stack
+from studio.autolora.encoder import (EncoderConfig, EncoderEnsemble, Factors, WeightEncoder, adapter_factors,
+                                     slots_of, stack)
 from studio.autolora.functional import cosine_scores, info_nce, recall_at
 from studio.errors import StudioError
 
@@ -84,6 +85,12 @@ class TrainSettings:
     seed: int = 0
     # adapters of one concept (replicas) are not each other's negatives in the InfoNCE batch
     mask_replicas: bool = False
+    # encoders trained from seeds seed, seed+1, ...: more than one makes an ensemble (EncoderEnsemble)
+    members: int = 1
+
+    def __post_init__(self) -> None:
+        if isinstance(self.members, bool) or not isinstance(self.members, int) or self.members < 1:
+            raise StudioError(f"AutoLoRA encoder: --members {self.members}: must be a positive integer")
 
 
 @torch.no_grad()
@@ -153,6 +160,28 @@ def train_encoder(pipe: Any, factors: Sequence[Factors], captions: Sequence[Sequ
     return enc, report
 
 
+def fit_encoder(pipe: Any, factors: Sequence[Factors], captions: Sequence[Sequence[str]],
+                config: EncoderConfig = EncoderConfig(), settings: TrainSettings = TrainSettings(),
+                names: Sequence[str] | None = None, concepts: Sequence[str] | None = None,
+                ) -> tuple[WeightEncoder | EncoderEnsemble, dict[str, Any]]:
+    """:func:`train_encoder` ``settings.members`` times (seeds ``seed``, ``seed + 1``, ...); an ensemble of them
+    when more than one, with one report (seconds summed, each member's loss and temperature listed)."""
+    if settings.members == 1:
+        return train_encoder(pipe, factors, captions, config, settings, names, concepts)
+    members, reports = [], []
+    for i in range(settings.members):
+        enc, rep = train_encoder(pipe, factors, captions, config, dataclasses.replace(settings, seed=settings.seed + i),
+                                 names, concepts)
+        members.append(enc)
+        reports.append(rep)
+    report = {"steps": settings.steps, "members": len(members), "seeds": [settings.seed + i for i in range(len(members))],
+              "seconds": round(sum(r["seconds"] for r in reports), 1),
+              "final_loss": round(sum(r["final_loss"] for r in reports) / len(reports), 4),
+              "member_final_loss": [r["final_loss"] for r in reports],
+              "logit_scale": [r["logit_scale"] for r in reports], "adapters": len(factors)}
+    return EncoderEnsemble(members), report
+
+
 def metadata_text(name: str, trigger: str = "", description: str = "") -> str:
     """What a metadata-based tool embeds for an adapter: its name (words split), trigger and description."""
     words = name.replace("-", " ").replace("_", " ")
@@ -193,9 +222,10 @@ def retrieval_suite(zoo: str | os.PathLike | None = None, *, encoder: str | os.P
         enc, _ = load_encoder(encoder)
         report = {"loaded": str(encoder)}
     else:
-        enc, report = train_encoder(pipe, [factors[i] for i in train],
-                                    [e["captions"] + [e["prompt"]] for e in (entries[i] for i in train)],
-                                    config, settings, names=[entries[i]["name"] for i in train])
+        enc, report = fit_encoder(pipe, [factors[i] for i in train],
+                                  [e["captions"] + [e["prompt"]] for e in (entries[i] for i in train)],
+                                  config, settings, names=[entries[i]["name"] for i in train],
+                                  concepts=[entries[i]["prompt"] for i in train])
     vec = enc.encode(factors, [e["name"] for e in entries])
     raw_queries = encode_texts(pipe, [entries[i]["prompt"] for i in test])
     queries = enc.center(raw_queries)
@@ -267,8 +297,8 @@ def train_on_zoo(zoo: str | os.PathLike, config: EncoderConfig = EncoderConfig()
     pipe = load_pipeline(index.get("base", "micro"))
     train = [e for e in index["adapters"] if not e["heldout"]]
     factors = [adapter_factors(pipe, e["file"], config.lowrank) for e in train]
-    enc, report = train_encoder(pipe, factors, [e["captions"] + [e["prompt"]] for e in train], config, settings,
-                                names=[e["name"] for e in train], concepts=[e["prompt"] for e in train])
+    enc, report = fit_encoder(pipe, factors, [e["captions"] + [e["prompt"]] for e in train], config, settings,
+                              names=[e["name"] for e in train], concepts=[e["prompt"] for e in train])
     report.update(base=index.get("base", "micro"), zoo=str(zoo), heldout=[e["name"] for e in index["adapters"]
                                                                           if e["heldout"]])
     # what "matches" means for this encoder: half the mean cosine of a training adapter with its own concept
