@@ -861,8 +861,9 @@ class Library:
 
     # -- retrieval embeddings (AutoLoRA) ----------------------------------------------------------
     @_db_errors
-    def set_embedding(self, name: str, vector: Any) -> None:
-        """Store an adapter's retrieval vector (1-D, finite; kept as float32). ``None`` clears it."""
+    def set_embedding(self, name: str, vector: Any, source: str = "") -> None:
+        """Store an adapter's retrieval vector (1-D, finite; kept as float32) and what made it (``source``: the
+        encoder's id, so a vector of another encoder is recognised as stale). ``None`` clears it."""
         import numpy as np
 
         blob = None
@@ -875,7 +876,10 @@ class Library:
             if not np.isfinite(arr).all():
                 raise StudioError(f"embedding of {name!r}: has NaN or infinite values")
             buf = io.BytesIO()
-            np.save(buf, arr, allow_pickle=False)
+            if source:  # .npz: the vector and its source; plain .npy (no source) is what older versions wrote
+                np.savez(buf, vector=arr, source=np.array(source))
+            else:
+                np.save(buf, arr, allow_pickle=False)
             blob = buf.getvalue()
         with self._writing() as con:
             row = self._ready_row(con, name)
@@ -885,12 +889,21 @@ class Library:
     @_db_errors
     def embedding(self, name: str) -> Any:
         """An adapter's retrieval vector (float32 numpy array), or None when it has none yet."""
+        return self.embedding_with_source(name)[0]
+
+    @_db_errors
+    def embedding_with_source(self, name: str) -> tuple[Any, str]:
+        """(vector or None, the id of the encoder that made it; "" when unknown)."""
         import numpy as np
 
         row = self._read_row(name)
         if row["embedding"] is None:
-            return None
-        return np.load(io.BytesIO(row["embedding"]), allow_pickle=False)
+            return None, ""
+        loaded = np.load(io.BytesIO(row["embedding"]), allow_pickle=False)
+        if isinstance(loaded, np.ndarray):
+            return loaded, ""
+        with loaded:
+            return loaded["vector"], str(loaded["source"])
 
 
 @contextlib.contextmanager

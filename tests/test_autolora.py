@@ -434,3 +434,35 @@ def test_generation_records_each_gated_adapters_mean_gate(micro, tmp_path, monke
     plain = generate(micro, GenerationParams(prompt="a red circle", seed=3, num=1, steps=2,
                                              adapters=[f"{files[1]}:0.5"]))[0].info["parameters"]
     assert "Gates:" not in plain
+
+
+def test_library_vectors_of_another_encoder_are_recomputed(micro, tmp_path, monkeypatch):
+    """A vector stored by one encoder file is stale for another (an updated bundled encoder): recomputed."""
+    from studio.autolora.retrieval import DEFAULT_ZOO, embed_library
+    from studio.library import Library
+
+    monkeypatch.setenv("STUDIO_HOME", str(tmp_path / "home"))
+    lib = Library()
+    for name in ("combo-checkered-arrow", "combo-checkered-arrow-r1"):
+        lib.add(DEFAULT_ZOO / name, name=name)
+    slots = slots_of(micro)
+    files = []
+    for seed in (1, 2):
+        enc = WeightEncoder(slots, 64)
+        with torch.no_grad():
+            for p in enc.parameters():
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(seed + p.numel())) * 0.05)
+        files.append(save_encoder(enc, tmp_path / f"enc{seed}.safetensors", extra={"base": "micro"}))
+    assert embed_library(encoder=files[0])[0] == 2
+    assert embed_library(encoder=files[0])[0] == 0  # up to date: nothing to do
+    v1, src1 = lib.embedding_with_source("combo-checkered-arrow")
+    assert embed_library(encoder=files[1])[0] == 2  # another encoder: both recomputed without --force
+    v2, src2 = lib.embedding_with_source("combo-checkered-arrow")
+    assert src1 and src2 and src1 != src2 and not torch.allclose(torch.from_numpy(v1), torch.from_numpy(v2))
+    back, _ = load_encoder(files[1])
+    expect = back.encode([adapter_factors(micro, DEFAULT_ZOO / "combo-checkered-arrow" / "pytorch_lora_weights.safetensors",
+                                          back.config.lowrank)])[0]
+    torch.testing.assert_close(torch.from_numpy(v2), expect)
+    lib.set_embedding("combo-checkered-arrow", v2)  # a vector of unknown source (older versions wrote these)
+    assert lib.embedding_with_source("combo-checkered-arrow")[1] == ""
+    assert embed_library(encoder=files[1])[0] == 1

@@ -405,8 +405,12 @@ def test_embeddings(made):
     with pytest.raises(StudioError, match="no adapter named 'sub'"):
         lib.set_embedding("sub", [1.0])
     assert lib.embedding("subj").tolist() == [0.5, -1.0, 2.0]  # a refused vector changes nothing
+    assert lib.embedding_with_source("subj")[1] == ""
+    lib.set_embedding("subj", [1, 2], source="enc-abc")
+    vec, source = lib.embedding_with_source("subj")
+    assert vec.tolist() == [1.0, 2.0] and source == "enc-abc" and lib.embedding("subj").tolist() == [1.0, 2.0]
     lib.set_embedding("subj", None)
-    assert lib.embedding("subj") is None
+    assert lib.embedding("subj") is None and lib.embedding_with_source("subj") == (None, "")
 
 
 def test_resolve_adapter(made, tmp_path):

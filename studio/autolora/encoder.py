@@ -25,6 +25,7 @@ the order of an adapter's keys (tests/test_autolora.py checks it).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -389,4 +390,7 @@ def load_encoder(path: str | os.PathLike) -> tuple[WeightEncoder | EncoderEnsemb
         enc = WeightEncoder(slots, int(meta["text_dim"]), config)
     enc.load_state_dict(tensors, strict=True)
     enc.eval()
-    return enc, {"base_hash": meta.get("studio.base_hash", ""), "extra": json.loads(meta.get("extra", "{}"))}
+    # the encoder's identity: a library vector stored by another encoder file is stale
+    digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+    return enc, {"base_hash": meta.get("studio.base_hash", ""), "extra": json.loads(meta.get("extra", "{}")),
+                 "id": digest}

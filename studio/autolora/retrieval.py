@@ -349,10 +349,16 @@ def embed_library(*, encoder: str | os.PathLike | None = None, force: bool = Fal
 
     lib = Library()
     records = [r for r in lib.list() if names is None or r.name in names]
-    todo = [r for r in records if force or lib.embedding(r.name) is None]
+    if not records:
+        return 0, []
+    enc, pipe, header = opened or open_encoder(encoder)
+    source = header.get("id", "")
+    # missing, or made by another encoder (an older bundled one, another file): vectors of two encoders
+    # live in different spaces and would rank at random against each other
+    todo = [r for r in records if force or lib.embedding_with_source(r.name)[1] != source
+            or lib.embedding(r.name) is None]
     if not todo:
         return 0, []
-    enc, pipe, _ = opened or open_encoder(encoder)
     family = getattr(getattr(pipe, "studio_source", None), "family", None)
     done, skipped = 0, []
     for r in todo:
@@ -364,7 +370,7 @@ def embed_library(*, encoder: str | os.PathLike | None = None, force: bool = Fal
         except StudioError as exc:
             skipped.append((r.name, str(exc)))
             continue
-        lib.set_embedding(r.name, vec.numpy())
+        lib.set_embedding(r.name, vec.numpy(), source=source)
         done += 1
     for name, why in skipped:
         log.warning("AutoLoRA: %s has no retrieval vector: %s", name, why)
@@ -396,8 +402,8 @@ def retrieve(prompt: str, k: int = 3, *, library: bool = False, zoo: str | os.Pa
             embed_library(opened=opened)
             names, vecs, paths = [], [], []
             for r in lib.list():
-                v = lib.embedding(r.name)
-                if v is not None and v.shape == (enc.text_dim,):
+                v, made_by = lib.embedding_with_source(r.name)
+                if v is not None and v.shape == (enc.text_dim,) and made_by == header.get("id", ""):
                     names.append(r.name)
                     vecs.append(torch.from_numpy(np.asarray(v, dtype=np.float32)))
                     paths.append(str(lib.adapters_dir / r.name))
