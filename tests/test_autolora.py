@@ -158,7 +158,8 @@ def test_ensemble_is_the_mean_of_unit_vectors_and_saves_exactly(micro, tmp_path)
     # fit_encoder: members from consecutive seeds, each as train_encoder makes it alone
     caps = [["a red heart"], ["a blue star"], ["a checkered square"]]
     ens2, report = fit_encoder(micro, fac + [_random_adapter(slots, 6)], caps, settings=TrainSettings(steps=3, members=2))
-    alone, _ = fit_encoder(micro, fac + [_random_adapter(slots, 6)], caps, settings=TrainSettings(steps=3, seed=1))
+    alone, _ = fit_encoder(micro, fac + [_random_adapter(slots, 6)], caps,
+                           settings=TrainSettings(steps=3, seed=1, members=1))
     assert report["members"] == 2 and report["seeds"] == [0, 1]
     sa, sb = ens2.members[1].state_dict(), alone.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
