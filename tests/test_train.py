@@ -525,7 +525,7 @@ def test_ema_saves_the_average_and_resumes_exactly(images, tiny_dirs, tmp_path):
     with pytest.raises(Cancelled):
         train(_cfg(images, base, tmp_path / "run2", steps=8, prior=False, samples=False),
               on_event=lambda e: stop2.set() if e.phase == "train" and e.step == 2 else None, cancel=stop2)
-    with pytest.raises(StudioError, match="without --ema"):
+    with pytest.raises(StudioError, match="with --ema 0"):
         train(_cfg(images, base, tmp_path / "run2", steps=8, prior=False, samples=False, ema=0.9, resume=True))
     resumed = load_file(str(train(_cfg(images, base, tmp_path / "run", steps=8, prior=False, samples=False, ema=0.9, resume=True)).adapter_file))
     for k in ref:

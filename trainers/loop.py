@@ -817,8 +817,9 @@ def _load_checkpoint(folder: Path, pipe: Any, optimizer, lr_sched, gen: torch.Ge
                 trig.vectors[comp].copy_(rows)
     if ema is not None:
         if "ema" not in mine:
-            raise StudioError(f"{folder}: this run was started without --ema, so its checkpoints hold no weight "
-                              f"average; resume it without --ema, or delete the checkpoints to start over")
+            raise StudioError(f"{folder}: this run was started without a weight average (--ema; on by default for "
+                              f"micro subjects since session 14), so its checkpoints hold none; resume it with --ema 0, "
+                              f"or delete the checkpoints to start over")
         if mine["ema"]["decay"] != ema.decay:
             log.warning("--ema %g: the checkpoint's average was kept with decay %g; it goes on with %g",
                         ema.decay, mine["ema"]["decay"], ema.decay)

@@ -300,9 +300,9 @@ class EncoderEnsemble(nn.Module):
     """Weight encoders trained alike from different seeds; an adapter's vector is the mean of their unit vectors.
 
     A single encoder's held-out recall moves by a query or two with its training seed (the caption
-    draws and token dropout); the mean of a few members' normalized vectors does not (docs/autolora.md,
-    "Ensembles"). It answers like one :class:`WeightEncoder` (``encode``, ``center``, ``slots``,
-    ``config``), so vectors in the library, retrieval and the eval do not care which they hold.
+    draws and token dropout); the mean of two members' normalized vectors did not (docs/autolora.md,
+    "Session 14: two encoders, one vector"). It answers like one :class:`WeightEncoder` (``encode``,
+    ``center``, ``slots``, ``config``), so the library, retrieval and the eval do not care which they hold.
     """
 
     def __init__(self, members: Sequence[WeightEncoder]) -> None:

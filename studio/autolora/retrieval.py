@@ -356,8 +356,8 @@ def embed_library(*, encoder: str | os.PathLike | None = None, force: bool = Fal
     source = header.get("id", "")
     # missing, or made by another encoder (an older bundled one, another file): vectors of two encoders
     # live in different spaces and would rank at random against each other
-    todo = [r for r in records if force or lib.embedding_with_source(r.name)[1] != source
-            or lib.embedding(r.name) is None]
+    stored = {r.name: lib.embedding_with_source(r.name) for r in records}
+    todo = [r for r in records if force or stored[r.name][0] is None or stored[r.name][1] != source]
     if not todo:
         return 0, []
     family = getattr(getattr(pipe, "studio_source", None), "family", None)
