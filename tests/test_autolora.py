@@ -45,6 +45,15 @@ def _write(path, factors, order):
     return path
 
 
+def _perturbed(slots, seed: int, scale: float = 0.05, config: EncoderConfig = EncoderConfig()) -> WeightEncoder:
+    """An encoder whose weights are moved off the fixed init by seeded noise (so two seeds encode differently)."""
+    enc = WeightEncoder(slots, 64, config)
+    with torch.no_grad():
+        for p in enc.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(seed * 1000 + p.numel())) * scale)
+    return enc
+
+
 def test_key_order_does_not_change_the_vector(micro, tmp_path):
     slots = slots_of(micro)
     enc = WeightEncoder(slots, 64)
@@ -117,10 +126,7 @@ def test_adapter_without_known_layers_is_refused(micro):
 
 def test_save_load_exact(micro, tmp_path):
     slots = slots_of(micro)
-    enc = WeightEncoder(slots, 64, EncoderConfig(probes=2))
-    with torch.no_grad():
-        for p in enc.parameters():
-            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.01)
+    enc = _perturbed(slots, 0, 0.01, EncoderConfig(probes=2))
     path = save_encoder(enc, tmp_path / "enc.safetensors", base_hash="abc")
     back, header = load_encoder(path)
     assert header["base_hash"] == "abc" and back.config == enc.config and back.slots == enc.slots
@@ -135,13 +141,7 @@ def test_ensemble_is_the_mean_of_unit_vectors_and_saves_exactly(micro, tmp_path)
     from studio.autolora.retrieval import TrainSettings, fit_encoder
 
     slots = slots_of(micro)
-    members = []
-    for seed in (1, 2):
-        m = WeightEncoder(slots, 64)
-        with torch.no_grad():
-            for p in m.parameters():
-                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(seed * 1000 + p.numel())) * 0.05)
-        members.append(m)
+    members = [_perturbed(slots, 1), _perturbed(slots, 2)]
     ens = EncoderEnsemble(members)
     fac = [_random_adapter(slots, 4), _random_adapter(slots, 5, rank=2)]
     by_hand = sum(torch.nn.functional.normalize(m.encode(fac), dim=1) for m in members) / 2
@@ -447,13 +447,8 @@ def test_library_vectors_of_another_encoder_are_recomputed(micro, tmp_path, monk
     for name in ("combo-checkered-arrow", "combo-checkered-arrow-r1"):
         lib.add(DEFAULT_ZOO / name, name=name)
     slots = slots_of(micro)
-    files = []
-    for seed in (1, 2):
-        enc = WeightEncoder(slots, 64)
-        with torch.no_grad():
-            for p in enc.parameters():
-                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(seed + p.numel())) * 0.05)
-        files.append(save_encoder(enc, tmp_path / f"enc{seed}.safetensors", extra={"base": "micro"}))
+    files = [save_encoder(_perturbed(slots, seed), tmp_path / f"enc{seed}.safetensors", extra={"base": "micro"})
+             for seed in (1, 2)]
     assert embed_library(encoder=files[0])[0] == 2
     assert embed_library(encoder=files[0])[0] == 0  # up to date: nothing to do
     v1, src1 = lib.embedding_with_source("combo-checkered-arrow")
