@@ -122,8 +122,9 @@ def add_eval_parser(esub: argparse._SubParsersAction) -> None:
     """``studio eval retrieval`` (registered by :mod:`studio.evals.cli`)."""
     p = esub.add_parser("retrieval", help="AutoLoRA: recall@1/3 of held-out zoo adapters from their weights, beside "
                                           "the metadata baseline",
-                        description="Trains the weight encoder on the zoo's training adapters (seeded, about a "
-                                    "minute) and retrieves each held-out adapter for a prompt of its concept.")
+                        description="Trains the weight encoder(s) on the zoo's training adapters (seeded, about two "
+                                    "minutes per member on two cores) and retrieves each held-out adapter for a prompt "
+                                    "of its concept.")
     p.add_argument("--json", action="store_true", help="print one JSON object (the last line of stdout)")
     p.add_argument("--zoo", default=None, metavar="DIR", help="zoo folder (default: the bundled assets/autolora/zoo)")
     p.add_argument("--encoder", default=None, metavar="FILE",

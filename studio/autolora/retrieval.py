@@ -198,8 +198,8 @@ def retrieval_suite(zoo: str | os.PathLike | None = None, *, encoder: str | os.P
                     pipe: Any = None) -> dict[str, Any]:
     """``studio eval retrieval``: recall@1/3 of the held-out zoo adapters for prompts of their concepts.
 
-    The encoder trains on the zoo's training adapters (seeded, seconds) unless ``encoder`` names a
-    saved one. Queries are the held-out adapters' concept prompts; the gallery is the held-out
+    The encoder (``settings.members`` of them) trains on the zoo's training adapters (seeded, minutes)
+    unless ``encoder`` names a saved one. Queries are the held-out adapters' concept prompts; the gallery is the held-out
     adapters (``recall@k``) and, harder, the whole zoo (``full_zoo``). Printed beside: the
     metadata baseline with real and with random names.
     """
