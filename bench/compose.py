@@ -1,6 +1,6 @@
 """Break-for-Make against the usual ways of putting a subject and a style in one image (micro model, CPU).
 
-    python bench/compose.py [--budget 900] [--n 48] [--out out/bench-compose]
+    python bench/compose.py [--budget 1600] [--make N] [--n 48] [--out out/bench-compose]
 
 Every row trains on the same content set (a held-out shape) and style set (a held-out texture on
 shapes and colours of its own) with the same total step budget, then runs `studio eval compose`
@@ -114,8 +114,11 @@ def main() -> int:
     p.add_argument("--style", default="assets/samples/style-checkered")
     p.add_argument("--shape", default="heart")
     p.add_argument("--texture", default="checkered")
-    p.add_argument("--budget", type=int, default=900, help="total training steps of every row (default 900, "
-                                                            "the b4m micro default 400+400+100)")
+    p.add_argument("--budget", type=int, default=1600, help="total training steps of every row (default 1600, "
+                                                             "the b4m micro default 400+400+800; 900 until session 14)")
+    p.add_argument("--make", type=int, default=None,
+                   help="make-stage steps of rows (c) and (d) (default: half the budget, as the recipe's 800 of "
+                        "1600; --budget 900 --make 100 is the split of the session-13 table)")
     p.add_argument("--n", type=int, default=None, help="images per eval (default: the suite's)")
     p.add_argument("--weights", default="0.8,1.0", help="weight grid of (a), each adapter (default 0.8,1.0)")
     p.add_argument("--rows", default="a,b,c,d")
@@ -128,7 +131,7 @@ def main() -> int:
     rows = args.rows.split(",")
     budget = args.budget
     half = budget // 2
-    make = max(1, budget // 9)
+    make = args.make or max(1, budget // 2)  # the default recipe's share: 800 of 1600 (100 of 900 until session 14)
     stage = (budget - make) // 2
     res: dict[str, dict] = {}
     secs: dict[str, float] = {}

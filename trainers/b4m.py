@@ -50,8 +50,10 @@ AUX_TOKENS = ("xyz", "ohwx")  # rare words of the micro tokenizer for the auxili
 # prior_half: which half the prior rows train in each stage ("both": the kept half and the partner,
 # which keeps the partner from painting its set on every prompt while the kept half learns)
 BOTH_HALVES = {"content": "both", "style": "both"}
+# steps_make 800 since session 14: the joint make stage is what moves the pair (one seed per run: both 0.036 ->
+# 0.125 with these stages, 0.071 -> 0.214 after 1000/800-step stages; 0.125 at 2000 steps: docs/b4m.md)
 MICRO = dict(rank=16, targets="all", lr=2e-3, batch=4, aux_batch=2, steps_content=400, steps_style=400,
-             steps_make=100, aux_lr_scale=0.5, make_lr_scale=0.5, aux_images=8, prior_weight=3.0, trigger_lr=2e-3,
+             steps_make=800, aux_lr_scale=0.5, make_lr_scale=0.5, aux_images=8, prior_weight=3.0, trigger_lr=2e-3,
              disjoint=True, prior_half=BOTH_HALVES, aux_trigger=True, partner_drop=0.0)
 REAL = dict(rank=16, targets="attention", lr=1e-4, batch=1, aux_batch=1, steps_content=500, steps_style=500,
             steps_make=100, aux_lr_scale=0.5, make_lr_scale=0.5, aux_images=8, prior_weight=1.0, trigger_lr=5e-3,

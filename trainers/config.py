@@ -120,7 +120,7 @@ class TrainConfig:
     style_token: str = _f("zwx", "b4m: the style's trigger word (--token names the subject)")
     steps_content: int | None = _f(None, "b4m: steps of the content stage (default 400 on micro)")
     steps_style: int | None = _f(None, "b4m: steps of the style stage (default 400 on micro)")
-    steps_make: int | None = _f(None, "b4m: steps of the joint fine-tune after the make step (default 100 on micro; "
+    steps_make: int | None = _f(None, "b4m: steps of the joint fine-tune after the make step (default 800 on micro, 100 elsewhere; "
                                       "0: none)")
     aux_sets: int | None = _f(None, "b4m: auxiliary sets per stage for multi-correspondence learning, rendered by "
                                     "the micro world (default 2; 0: off)")
